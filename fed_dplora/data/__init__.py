@@ -1,0 +1,1 @@
+"""Data sources (generated demo, local files, hub), partitioning and tokenization."""

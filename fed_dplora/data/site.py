@@ -1,0 +1,37 @@
+"""One client's train/test records, from the run's data spec and where the client sits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fed_dplora.config import RunSpec
+from fed_dplora.data.demo import generate_site
+from fed_dplora.data.partition import partition
+from fed_dplora.data.sources import (TEST_FRACTION, LabelledText, Splits, load_hub,
+                                     load_local, split)
+
+
+@dataclass(frozen=True)
+class SitePlacement:
+    """Simulation: this client's partition. Deployment: its own data path, all of it."""
+
+    partition_id: int = 0
+    num_partitions: int = 1
+    data_path: str = ""  # a site's own file or folder (node config `data-path`)
+
+
+def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
+    data = spec.data
+    if placement.data_path:
+        return load_local(placement.data_path, data.text_column, data.label_column,
+                          spec.seed)
+    if data.is_demo:
+        texts, labels = generate_site(placement.partition_id, data.demo_records_per_site,
+                                      spec.seed)
+        return split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, spec.seed)
+    if data.path:
+        whole = load_local(data.path, data.text_column, data.label_column, spec.seed)
+    else:
+        whole = load_hub(data.name, data.text_column, data.label_column)
+    return Splits(*(partition(part, data, placement.partition_id, placement.num_partitions,
+                              spec.seed) for part in (whole.train, whole.test)))

@@ -1,0 +1,151 @@
+"""Labelled text from local files or the hub, as plain (texts, labels) pairs.
+
+Local data (`data.path`): a csv / tsv / jsonl / parquet file, or a folder holding a
+`train.*` file and a `test.*` (or `dev.*`) file. Delimited files may have a header row
+with the configured text and label columns, or no header and exactly two columns
+(text, label), as SST-2 and AG News ship. Labels may be integers or strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+TEST_FRACTION = 0.2
+
+
+class DataError(ValueError):
+    """A data file or dataset cannot be read as labelled text."""
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    texts: tuple[str, ...]
+    labels: tuple[str, ...]  # raw label values as strings; mapped to ids later
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: LabelledText
+    test: LabelledText
+
+
+def load_local(path: str | Path, text_column: str, label_column: str,
+               seed: int) -> Splits:
+    """Read `path` (file or train/test folder); a single file is split 80/20 by seed."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        train_file = _find(path, ("train",))
+        test_file = _find(path, ("test", "dev"))
+        return Splits(_read_file(train_file, text_column, label_column),
+                      _read_file(test_file, text_column, label_column))
+    if not path.is_file():
+        raise DataError(f"data.path={str(path)!r}: no such file or folder")
+    return split(_read_file(path, text_column, label_column), TEST_FRACTION, seed)
+
+
+def load_hub(name: str, text_column: str, label_column: str) -> Splits:
+    """A hub dataset with a train split and a test (or validation) split; needs network."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name)
+    except Exception as err:  # the hub raises many types; say which key failed and why
+        raise DataError(f"data.name={name!r}: cannot load from the hub ({err}); offline, "
+                        "use data.path with local files") from err
+    test_split = next((s for s in ("test", "validation") if s in dataset), None)
+    if "train" not in dataset or test_split is None:
+        raise DataError(f"data.name={name!r}: needs a train and a test/validation split, "
+                        f"has {list(dataset)}")
+    return Splits(*(_from_frame(dataset[s].to_pandas(), text_column, label_column, name)
+                    for s in ("train", test_split)))
+
+
+def split(data: LabelledText, test_fraction: float, seed: int) -> Splits:
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    cut = int(round(len(order) * (1 - test_fraction)))
+    pick = lambda idx: LabelledText(tuple(data.texts[i] for i in idx),  # noqa: E731
+                                    tuple(data.labels[i] for i in idx))
+    return Splits(pick(order[:cut]), pick(order[cut:]))
+
+
+def _find(folder: Path, stems: tuple[str, ...]) -> Path:
+    for stem in stems:
+        for suffix in SUFFIXES:
+            if (folder / f"{stem}{suffix}").is_file():
+                return folder / f"{stem}{suffix}"
+    raise DataError(f"data.path={str(folder)!r}: expected a file named "
+                    f"{' or '.join(stems)} with suffix {' / '.join(SUFFIXES)}")
+
+
+def _read_file(path: Path, text_column: str, label_column: str) -> LabelledText:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported suffix {suffix!r}; use {' / '.join(SUFFIXES)}")
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True)
+        else:
+            frame = _read_delimited(path, "\t" if suffix == ".tsv" else ",",
+                                    text_column, label_column)
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise DataError(f"{path}: cannot parse as {suffix[1:]}: {err}") from err
+    return _from_frame(frame, text_column, label_column, str(path))
+
+
+def _read_delimited(path: Path, sep: str, text_column: str,
+                    label_column: str) -> pd.DataFrame:
+    with path.open(newline="", encoding="utf-8") as handle:
+        first = next(csv.reader(handle, delimiter=sep, quoting=csv.QUOTE_NONE), [])
+    header = text_column in first and label_column in first
+    if not header and len(first) != 2:
+        raise DataError(
+            f"{path}: first row has columns {first[:5]}; set data.text-column and "
+            "data.label-column to names in a header row, or give a headerless file with "
+            "exactly two columns (text, label)")
+    if not header:
+        log.info("%s has no header row with %r/%r: reading it as two columns "
+                 "(text, label)", path, text_column, label_column)
+    # QUOTE_NONE: texts such as AG News contain bare quotes that are not CSV quoting.
+    return pd.read_csv(path, sep=sep, header=0 if header else None,
+                       names=None if header else [text_column, label_column],
+                       quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+                       dtype=str, keep_default_na=False)
+
+
+def _from_frame(frame: pd.DataFrame, text_column: str, label_column: str,
+                source: str) -> LabelledText:
+    missing = [c for c in (text_column, label_column) if c not in frame.columns]
+    if missing:
+        raise DataError(f"{source}: no column(s) {missing}; columns are "
+                        f"{list(frame.columns)} (set data.text-column / data.label-column)")
+    texts = frame[text_column].astype(str).tolist()
+    labels = frame[label_column].astype(str).str.strip().tolist()
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty or any(not lab for lab in labels):
+        raise DataError(f"{source}: empty text or label in row(s) "
+                        f"{empty[:5] or [i for i, v in enumerate(labels) if not v][:5]}")
+    if not texts:
+        raise DataError(f"{source}: no records")
+    return LabelledText(tuple(texts), tuple(labels))
+
+
+def sorted_label_names(labels: set[str]) -> tuple[str, ...]:
+    """Numeric labels in numeric order, others alphabetically."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return tuple(sorted(labels, key=int))
+    return tuple(sorted(labels))

@@ -1,0 +1,1 @@
+"""DP-SGD wiring on top of Opacus per-sample gradients, and the silent-failure guards."""

@@ -1,0 +1,131 @@
+"""Clipped, noised gradients of one logical batch, from Opacus per-sample gradients.
+
+Opacus's `GradSampleModule` (hooks) computes per-sample gradients; this module clips
+each to `max_grad_norm` over all trainable tensors jointly, sums over the physical
+batches of one Poisson-sampled logical batch (virtual batching), adds
+N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (also to an empty batch), and
+divides by the expected batch size. It reports the noise multiplier it actually used.
+
+Privacy (with `dp_sgd_steps` in `fed_dplora.privacy.events`): one record of this client,
+add/remove neighbouring, Poisson sampling done by the caller with the reported
+probability, sensitivity `max_grad_norm` of the clipped sum. A trainable tensor without a
+per-sample gradient raises, because it would train without DP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from torch import nn
+
+from fed_dplora.dp.guards import CoverageError, check_supported_by_opacus
+
+
+@dataclass(frozen=True)
+class DpSgdConfig:
+    noise_multiplier: float
+    max_grad_norm: float
+    expected_batch_size: int
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one logical step really did, before the optimizer applied it."""
+
+    examples: int
+    clipped: int
+    signal_norm: float  # ||sum of clipped per-sample grads|| / expected batch, pre-noise
+    noise_multiplier: float
+
+
+def wrap_for_per_sample_grads(model: nn.Module) -> GradSampleModule:
+    """Attach Opacus hooks to the already device-placed, PEFT-wrapped model."""
+    check_supported_by_opacus(model)
+    return GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+
+class DpSgdAccumulator:
+    """Accumulates clipped per-sample gradients over physical batches, then noises."""
+
+    def __init__(self, module: GradSampleModule, config: DpSgdConfig,
+                 generator: torch.Generator) -> None:
+        if config.noise_multiplier < 0 or config.max_grad_norm <= 0:
+            raise ValueError(f"invalid DP-SGD config {config}")
+        self.config = config
+        self.generator = generator
+        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._sums: list[torch.Tensor] = []
+        self._examples = self._clipped = 0
+
+    def begin(self) -> None:
+        self._sums = [torch.zeros_like(p) for _, p in self.named_params]
+        self._examples = self._clipped = 0
+        self._clear()
+
+    def add_physical_batch(self, batch_size: int) -> None:
+        """Clip and add the per-sample gradients of the backward pass just taken."""
+        grad_samples = []
+        for name, param in self.named_params:
+            grad_sample = getattr(param, "grad_sample", None)
+            if grad_sample is None:
+                raise CoverageError(
+                    f"{name} requires grad but got no per-sample gradient: it would train "
+                    "without clipping or noise. Freeze it, or use a layer Opacus supports.")
+            if grad_sample.shape[0] != batch_size:
+                raise CoverageError(f"{name}: {grad_sample.shape[0]} per-sample gradients "
+                                    f"for a batch of {batch_size}")
+            grad_samples.append(grad_sample)
+        norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1)
+                             for g in grad_samples], dim=1).norm(2, dim=1)
+        factors = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for total, grad_sample in zip(self._sums, grad_samples):
+            total.add_(torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample))
+        self._examples += int(norms.shape[0])
+        self._clipped += int((norms > self.config.max_grad_norm).sum())
+        self._clear()
+
+    def finish(self) -> StepStats:
+        """Set each `param.grad` to (clipped sum + noise) / expected batch size."""
+        std = self.config.noise_multiplier * self.config.max_grad_norm
+        signal_sq = 0.0
+        for (_, param), total in zip(self.named_params, self._sums):
+            signal_sq += float(total.double().pow(2).sum())
+            noise = torch.normal(0.0, std, size=total.shape, generator=self.generator,
+                                 device=self.generator.device).to(total.device, total.dtype)
+            param.grad = (total + noise) / self.config.expected_batch_size
+        return StepStats(self._examples, self._clipped,
+                         signal_sq ** 0.5 / self.config.expected_batch_size,
+                         self.config.noise_multiplier)
+
+    def _clear(self) -> None:
+        for _, param in self.named_params:
+            param.grad_sample = None
+            param.grad = None
+
+
+class PlainAccumulator:
+    """Non-private twin: the plain mean gradient over the logical batch."""
+
+    def __init__(self, model: nn.Module, expected_batch_size: int) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.expected_batch_size = expected_batch_size
+        self._examples = 0
+
+    def begin(self) -> None:
+        self._examples = 0
+        for param in self.params:
+            param.grad = None
+
+    def add_physical_batch(self, batch_size: int) -> None:
+        self._examples += batch_size
+
+    def finish(self) -> StepStats:
+        signal_sq = 0.0
+        for param in self.params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad /= self.expected_batch_size
+            signal_sq += float(param.grad.double().pow(2).sum())
+        return StepStats(self._examples, 0, signal_sq ** 0.5, 0.0)

@@ -1,0 +1,1 @@
+"""LoRA model factory and the adapter tensors that travel."""

@@ -1,0 +1,61 @@
+"""Adapter tensors <-> named float32 arrays: exactly what travels, and A's fingerprint.
+
+What travels is defined by what trains: every parameter with `requires_grad` (LoRA `B`,
+`A` under vanilla, the classifier head), never by attribute names. Under FFA `A` is
+frozen, so it stays home and only its fingerprint is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class AdapterMismatchError(ValueError):
+    """Received tensors do not match this model's trainable tensors."""
+
+
+def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's trainable tensors as float32 CPU arrays, by parameter name."""
+    return {name: param.detach().to("cpu", torch.float32).numpy().copy()
+            for name, param in model.named_parameters() if param.requires_grad}
+
+
+def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Copy received arrays into the model's trainable tensors; key sets must match."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"adapter keys differ from this model's trainable tensors: missing "
+            f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+            f"{extra[:3]}{'...' if len(extra) > 3 else ''} (same method, model, "
+            "lora.rank and lora.target-modules on both sides?)")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = torch.as_tensor(arrays[name])
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterMismatchError(f"{name}: received shape {tuple(value.shape)}, "
+                                           f"model has {tuple(param.shape)}")
+            param.copy_(value.to(param.device, param.dtype))
+
+
+def lora_a_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every `lora_A` tensor (names and float32 bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if ".lora_A." in name:
+            digest.update(name.encode())
+            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(A name, B name) for every LoRA module among `names` that carries both."""
+    present = set(names)
+    return [(a, a.replace(".lora_A.", ".lora_B."))
+            for a in sorted(present) if ".lora_A." in a
+            and a.replace(".lora_A.", ".lora_B.") in present]

@@ -1,0 +1,1 @@
+"""Privacy accounting over dp-accounting events. No torch here."""

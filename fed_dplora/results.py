@@ -1,0 +1,53 @@
+"""The run folder: config.json, metrics.jsonl (one line per round) and adapter/.
+
+Every file appears whole or not at all: written beside its target, then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+class RunFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, output_dir: str | Path, run_name: str, config: dict[str, Any]
+               ) -> "RunFolder":
+        path = Path(output_dir) / run_name
+        path.mkdir(parents=True, exist_ok=False)
+        folder = cls(path)
+        folder.write_json("config.json", config)
+        return folder
+
+    def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path / name)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_adapter(self, model: nn.Module) -> Path:
+        """PEFT `save_pretrained` into a temporary folder, then rename to adapter/."""
+        target, tmp = self.path / "adapter", self.path / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]

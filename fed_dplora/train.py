@@ -1,0 +1,165 @@
+"""Local DP-SGD training and evaluation of one client, reusing its model across rounds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fed_dplora.data.tokenize import TokenizedData
+from fed_dplora.dp import guards
+from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulator,
+                                  wrap_for_per_sample_grads)
+from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
+                                      trainable_arrays)
+from fed_dplora.lora.model import ModelRecipe, build_lora_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server asks of one client for one round."""
+
+    local_steps: int
+    batch_size: int  # expected (logical) Poisson batch
+    physical_batch_size: int
+    learning_rate: float
+    optimizer: str  # "sgd" (momentum 0.9) or "adam"
+    noise_multiplier: float | None  # None: non-private training
+    max_grad_norm: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What the client really did: the ledger charges these values."""
+
+    num_examples: int
+    steps: int
+    sampling_probability: float
+    noise_multiplier: float  # 0.0 when non-private
+    train_loss: float  # mean per-example loss over the sampled examples
+    clip_fraction: float
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+class LocalTrainer:
+    """A model (and its Opacus hooks), built once per worker process and reused.
+
+    Every round overwrites all trainable tensors from the server's arrays, so one
+    trainer serves every client that the process simulates; only the data differ.
+    """
+
+    def __init__(self, recipe: ModelRecipe, device: torch.device, private: bool) -> None:
+        self.device = device
+        self.model = build_lora_model(recipe, device)
+        guards.check_on_device(self.model, device)
+        self.private = private
+        self.forward_module = wrap_for_per_sample_grads(self.model) if private else self.model
+
+    def a_fingerprint(self) -> str:
+        return lora_a_fingerprint(self.model)
+
+    def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData
+              ) -> tuple[dict[str, np.ndarray], TrainReport]:
+        """Load the global tensors, take `plan.local_steps` DP-SGD steps, return ours."""
+        if len(data) == 0:
+            raise ValueError("this client has no training records")
+        start = time.perf_counter()
+        load_trainable_arrays(self.model, arrays)
+        self.model.train()
+        optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
+        guards.check_optimizer_holds_model_params(optimizer, self.model)
+        accumulator = self._accumulator(plan)
+        n = len(data)
+        q = min(1.0, plan.batch_size / n)
+        sampler = torch.Generator().manual_seed(plan.seed)
+        loss_sum, seen, clipped = 0.0, 0, 0
+        checked = False
+        for _ in range(plan.local_steps):
+            indices = torch.nonzero(torch.rand(n, generator=sampler) < q).flatten().tolist()
+            accumulator.begin()
+            for lo in range(0, len(indices), plan.physical_batch_size):
+                chunk = indices[lo:lo + plan.physical_batch_size]
+                ids, mask, labels = data.batch(chunk, self.device)
+                loss = F.cross_entropy(self.forward_module(ids, mask), labels,
+                                       reduction="sum")
+                loss.backward()
+                accumulator.add_physical_batch(len(chunk))
+                loss_sum += float(loss.detach())
+            stats = accumulator.finish()
+            seen += stats.examples
+            clipped += stats.clipped
+            if not checked and stats.examples > 0:
+                guards.check_signal(stats.signal_norm, stats.examples)
+                before = guards.snapshot_trainable(self.model)
+                frozen_before = guards.frozen_checksum(self.model)
+                optimizer.step()
+                guards.check_update_applied(self.model, before, frozen_before)
+                checked = True
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        report = TrainReport(
+            num_examples=n, steps=plan.local_steps, sampling_probability=q,
+            noise_multiplier=plan.noise_multiplier or 0.0,
+            train_loss=loss_sum / max(seen, 1), clip_fraction=clipped / max(seen, 1),
+            compute_s=time.perf_counter() - start)
+        return trainable_arrays(self.model), report
+
+    def _accumulator(self, plan: RoundPlan) -> DpSgdAccumulator | PlainAccumulator:
+        if plan.noise_multiplier is None:
+            if self.private:
+                raise ValueError("this client was built for DP but the round plan has no "
+                                 "noise multiplier: refusing to train without noise")
+            return PlainAccumulator(self.model, plan.batch_size)
+        if not self.private:
+            raise ValueError("the round plan asks for DP but this client was built "
+                             "without per-sample gradients")
+        noise = torch.Generator(device=self.device).manual_seed(plan.seed + 1)
+        return DpSgdAccumulator(self.forward_module, DpSgdConfig(
+            plan.noise_multiplier, plan.max_grad_norm, plan.batch_size), noise)
+
+    @torch.no_grad()
+    def evaluate(self, arrays: dict[str, np.ndarray], data: TokenizedData,
+                 batch_size: int) -> EvalReport:
+        load_trainable_arrays(self.model, arrays)
+        return evaluate_model(self.model, data, batch_size, self.device)
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
+    """A fresh optimizer over the model's own trainable parameter objects."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, data: TokenizedData, batch_size: int,
+                   device: torch.device) -> EvalReport:
+    """Mean loss and accuracy over `data` (dropout off; back to train mode after)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for lo in range(0, len(data), batch_size):
+        ids, mask, labels = data.batch(list(range(lo, min(lo + batch_size, len(data)))),
+                                       device)
+        logits = model(ids, mask)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    n = len(data)
+    return EvalReport(loss_sum / max(n, 1), correct / max(n, 1), n)
