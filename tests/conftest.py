@@ -1,0 +1,62 @@
+"""Tiny random-init models, saved as model folders with in-process tokenizers (offline)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model,
+                          PreTrainedTokenizerFast)
+
+from fed_dplora.data.demo import generate_site
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _vocab() -> dict[str, int]:
+    words = set()
+    for site in range(3):
+        for text in generate_site(site, 300, 0)[0]:
+            words.update(re.findall(r"\w+|[^\w\s]", text))
+    return {w: i for i, w in enumerate(SPECIALS + sorted(words))}
+
+
+def _tokenizer(vocab: dict[str, int], bert: bool) -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    if bert:
+        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
+                                       unk_token="[UNK]", cls_token="[CLS]",
+                                       sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
+                                   eos_token="[SEP]")  # GPT-2 style: no pad token
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with dropout off, as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = _vocab()
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    _tokenizer(vocab, bert=True).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random GPT-2 with dropout off, as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = _vocab()
+    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
+                        n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2Model(config).save_pretrained(folder)
+    _tokenizer(vocab, bert=False).save_pretrained(folder)
+    return str(folder)

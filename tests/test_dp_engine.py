@@ -1,0 +1,175 @@
+"""DP-SGD exactness against a hand computation, measured noise, and the guards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fed_dplora.dp import guards
+from fed_dplora.dp.engine import DpSgdAccumulator, DpSgdConfig, wrap_for_per_sample_grads
+from fed_dplora.lora.model import build_lora_model
+from test_model_factory import CPU, recipe
+
+BATCH = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18], [19, 20, 21], [22]]
+LABELS = torch.tensor([0, 1, 2, 1, 0, 2])
+
+
+def padded(rows):
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def model_with_nonzero_b(path, method, targets, pooling):
+    model = build_lora_model(recipe(path, method, targets=targets, pooling=pooling), CPU)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:  # B = 0 would give vanilla's A a zero gradient
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
+
+
+def hand_clipped_mean(model, clip):
+    """Per-sample gradients by autograd, one example at a time, clipped, averaged."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, mask = padded(BATCH)
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(BATCH)):
+        logits = model(ids[i:i + 1, :len(BATCH[i])], mask[i:i + 1, :len(BATCH[i])])
+        grads = torch.autograd.grad(F.cross_entropy(logits, LABELS[i:i + 1]), params)
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
+        factor = min(1.0, clip / float(norm))
+        for t, g in zip(total, grads):
+            t += g * factor
+    return [t / len(BATCH) for t in total]
+
+
+def engine_gradient(model, clip, physical=4):
+    gsm = wrap_for_per_sample_grads(model)
+    acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, clip, len(BATCH)),
+                           torch.Generator().manual_seed(0))
+    acc.begin()
+    for lo in range(0, len(BATCH), physical):  # two physical batches: virtual batching
+        ids, mask = padded(BATCH[lo:lo + physical])
+        loss = F.cross_entropy(gsm(ids, mask), LABELS[lo:lo + physical], reduction="sum")
+        loss.backward()
+        acc.add_physical_batch(ids.shape[0])
+    stats = acc.finish()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad], stats
+
+
+CASES = [("bert", "ffa", ("query", "value"), "mean"),
+         ("bert", "vanilla", ("query", "value"), "mean"),
+         ("gpt2", "ffa", ("c_attn",), "last"),
+         ("gpt2", "vanilla", ("c_attn",), "mean")]
+
+
+@pytest.mark.parametrize("arch,method,targets,pooling", CASES)
+@pytest.mark.parametrize("clip", [1e6, 1e-4], ids=["no-clipping", "all-clipped"])
+def test_noise_free_gradient_equals_clipped_per_sample_mean(
+        request, arch, method, targets, pooling, clip):
+    path = request.getfixturevalue(f"tiny_{arch}")
+    model = model_with_nonzero_b(path, method, targets, pooling)
+    expected = hand_clipped_mean(model, clip)
+    got, stats = engine_gradient(model, clip)
+    assert stats.examples == len(BATCH)
+    assert stats.clipped == (0 if clip > 1 else len(BATCH))
+    scale = max(float(e.abs().max()) for e in expected)
+    assert scale > 0
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_no_clipping_no_noise_equals_plain_mean_gradient(tiny_bert):
+    model = model_with_nonzero_b(tiny_bert, "vanilla", ("query", "value"), "mean")
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(
+        sum(F.cross_entropy(model(*padded([r])), LABELS[i:i + 1])
+            for i, r in enumerate(BATCH)) / len(BATCH), params)
+    got, _ = engine_gradient(model, 1e6)
+    for e, g in zip(plain, got):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert):
+    model = build_lora_model(recipe(tiny_bert, "vanilla"), CPU)
+    gsm = wrap_for_per_sample_grads(model)
+    sigma, clip, batch = 1.7, 0.5, 8
+    acc = DpSgdAccumulator(gsm, DpSgdConfig(sigma, clip, batch),
+                           torch.Generator().manual_seed(0))
+    draws = []
+    for _ in range(10):
+        acc.begin()  # Poisson drew nobody
+        stats = acc.finish()
+        assert stats.examples == 0
+        draws += [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+    noise = torch.cat(draws)
+    assert noise.numel() > 10000
+    assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.05)
+    assert abs(float(noise.mean())) < 0.05 * sigma * clip / batch
+
+
+def test_parameter_without_per_sample_gradient_is_an_error(tiny_bert):
+    model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
+    pooler = model.base_model.model.backbone.pooler.dense.weight
+    pooler.requires_grad_(True)  # trainable, but the mean-pooled loss never reaches it
+    with pytest.raises(guards.CoverageError, match="pooler.*no per-sample gradient"):
+        engine_gradient(model, 1.0)
+
+
+def test_trainable_module_opacus_cannot_privatize_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(guards.CoverageError, match="BatchNorm"):
+        wrap_for_per_sample_grads(model)
+    model[1].requires_grad_(False)
+    wrap_for_per_sample_grads(model)  # frozen BatchNorm is harmless
+
+
+def test_stale_parameter_copies_are_caught(tiny_bert):
+    """The published failure: the optimizer steps copies; the model never moves."""
+    model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
+    stale = copy.deepcopy(model)  # e.g. optimizer built before a re-wrap or .to()
+    optimizer = torch.optim.SGD([p for p in stale.parameters() if p.requires_grad], lr=0.5)
+    with pytest.raises(guards.GuardError, match="stale copies"):
+        guards.check_optimizer_holds_model_params(optimizer, model)
+    # Without that check, a step "works": loss and epsilon look normal, weights do not.
+    engine_gradient(model, 1.0)
+    for p, s in zip(model.parameters(), stale.parameters()):
+        s.grad = None if p.grad is None else p.grad.clone()
+    before, frozen = guards.snapshot_trainable(model), guards.frozen_checksum(model)
+    optimizer.step()
+    max_delta = max(float((p.detach() - before[n]).abs().max())
+                    for n, p in model.named_parameters() if n in before)
+    assert max_delta == 0.0
+    with pytest.raises(guards.GuardError, match="did not move"):
+        guards.check_update_applied(model, before, frozen)
+
+
+def test_frozen_tensor_that_moves_is_caught(tiny_bert):
+    model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
+    before, frozen = guards.snapshot_trainable(model), guards.frozen_checksum(model)
+    with torch.no_grad():
+        a = next(p for n, p in model.named_parameters() if ".lora_A." in n)
+        a.add_(1e-3)  # FFA's A must never move
+    with pytest.raises(guards.GuardError, match="frozen tensors changed"):
+        guards.check_update_applied(model, before, frozen)
+
+
+def test_zero_clipped_signal_is_caught_and_empty_batch_is_not():
+    with pytest.raises(guards.GuardError, match="signal"):
+        guards.check_signal(0.0, examples=12)
+    guards.check_signal(0.0, examples=0)
+    guards.check_signal(1e-3, examples=12)
+
+
+def test_parameter_off_device_is_caught(tiny_bert):
+    model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
+    guards.check_on_device(model, CPU)
+    model.base_model.model.classifier.modules_to_save.default.to("meta")
+    with pytest.raises(guards.GuardError, match="meta"):
+        guards.check_on_device(model, CPU)
