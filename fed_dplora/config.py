@@ -99,6 +99,16 @@ class RunSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunSpec":
+        """Inverse of `to_dict` (e.g. a run folder's config.json)."""
+        top = {k: v for k, v in values.items() if k not in _SECTIONS}
+        sections = {name: section(**values[name]) for name, section in _SECTIONS.items()}
+        lora = sections["lora"]
+        sections["lora"] = dataclasses.replace(
+            lora, target_modules=tuple(lora.target_modules))
+        return cls(**top, **sections)
+
 
 # flat key -> (section, field); section None is RunSpec itself.
 _KEYS: dict[str, tuple[str | None, str]] = {

@@ -11,7 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import PeftModel
 from torch import nn
+
+from fed_dplora.config import RunSpec
+from fed_dplora.lora.model import ModelRecipe, load_adapter
 
 
 class RunFolder:
@@ -51,3 +56,14 @@ class RunFolder:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def load_final_model(run_dir: str | Path, device: torch.device | None = None
+                     ) -> tuple[PeftModel, RunSpec, tuple[str, ...]]:
+    """The run's final global model (base + saved adapter), its spec and label names."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    labels = tuple(config.pop("label_names"))
+    spec = RunSpec.from_dict(config)
+    recipe = ModelRecipe(spec.model, spec.lora, spec.method, len(labels), spec.seed)
+    model = load_adapter(recipe, Path(run_dir) / "adapter", device or torch.device("cpu"))
+    return model, spec, labels

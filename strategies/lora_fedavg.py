@@ -33,8 +33,8 @@ class TrainRound:
 class LoraFedAvg:
     """Weighted FedAvg (weights: training-set sizes) over what travels."""
 
-    def __init__(self, a_fingerprint: str, shared: dict[str, np.ndarray]) -> None:
-        self.a_fingerprint = a_fingerprint
+    def __init__(self, a_fingerprint: str | None, shared: dict[str, np.ndarray]) -> None:
+        self.a_fingerprint = a_fingerprint  # FFA: the frozen A every reply must match
         self.shared = shared  # tensors that never travel (A under FFA)
 
     def train_messages(self, arrays: dict[str, np.ndarray],
@@ -57,7 +57,7 @@ class LoraFedAvg:
         for reply in replies:
             node = reply.metadata.src_node_id
             fingerprint = reply.content[p.CONFIG][p.A_FINGERPRINT]
-            if fingerprint != self.a_fingerprint:
+            if self.a_fingerprint is not None and fingerprint != self.a_fingerprint:
                 raise ClientFailure(
                     f"node {node} trained with a different LoRA A (fingerprint "
                     f"{fingerprint[:12]} vs the server's {self.a_fingerprint[:12]}): "

@@ -45,13 +45,16 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run folder: %s", run.path.resolve())
     nodes = _wait_for_nodes(grid, spec.clients_per_round)
     sizes, labels = _census(grid, nodes)
+    run.write_json("config.json", {**spec.to_dict(), "label_names": list(labels)})
     plan = _privacy_plan(spec, sizes)
     model = build_lora_model(
         ModelRecipe(spec.model, spec.lora, spec.method, len(labels), spec.seed),
         torch.device("cpu"))
     arrays = trainable_arrays(model)
     shared = {n: a for n, a in _lora_a_arrays(model).items() if n not in arrays}
-    strategy = LoraFedAvg(lora_a_fingerprint(model), shared)
+    # Under vanilla A trains and travels; only FFA's frozen A must match everywhere.
+    strategy = LoraFedAvg(lora_a_fingerprint(model) if spec.method == "ffa" else None,
+                          shared)
     ledger = SampleLevelLedger(plan.delta) if plan else None
     run.write_json("privacy_plan.json", _plan_summary(spec, plan, sizes))
     rng = random.Random(spec.seed)

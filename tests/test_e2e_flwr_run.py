@@ -1,0 +1,124 @@
+"""`flwr run .` end to end: a real local SuperLink, Ray simulation, run folder, adapter.
+
+Runs in a temporary FLWR_HOME on free ports and stops the SuperLink it started by pid.
+`flwr run --stream` exits 0 even when the ServerApp fails, so the run's own status is
+checked with `flwr ls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fed_dplora.data.site import SitePlacement, load_site
+from fed_dplora.data.tokenize import tokenize
+from fed_dplora.lora.model import load_tokenizer
+from fed_dplora.results import load_final_model, read_metrics
+from fed_dplora.train import evaluate_model
+
+REPO = Path(__file__).resolve().parents[1]
+SUPERNODES = 3
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def flwr_env(tmp_path):
+    home = tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    yield env
+    pids = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"],
+                          capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def flwr_run(env, run_config: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["flwr", "run", str(REPO), "--stream", "--run-config", run_config,
+         "--federation-config", f"num-supernodes={SUPERNODES} client-resources-num-cpus=1"],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def run_statuses(env, cwd: Path) -> list[str]:
+    out = subprocess.run(["flwr", "ls", "--format", "json"], env=env, cwd=cwd,
+                         capture_output=True, text=True, timeout=120).stdout
+    return [run["status"] for run in json.loads(out)["runs"]]
+
+
+def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env, tmp_path):
+    out = tmp_path / "runs"
+    config = (f'model.name="{tiny_bert}" output-dir="{out}" num-server-rounds=2 '
+              'clients-per-round=2 local-steps=2 batch-size=32 physical-batch-size=16 '
+              'data.demo-records-per-site=150 learning-rate=0.5')
+    proc = flwr_run(flwr_env, config, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert run_statuses(flwr_env, tmp_path) == ["finished:completed"], proc.stdout[-3000:]
+    (run_dir,) = out.iterdir()
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for key in ("eval_loss", "eval_accuracy", "train_loss", "epsilon_sample", "delta",
+                "bytes_up", "bytes_down", "clients", "aggregation_error", "wall_s"):
+        assert all(r[key] is not None for r in rows), key
+    assert all(r["epsilon_client"] is None for r in rows)
+    assert 0 < rows[0]["epsilon_sample"] < rows[1]["epsilon_sample"] <= 8.0
+    assert all(r["aggregation_error"] < 1e-9 and len(r["clients"]) == 2 for r in rows)
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    assert ledger["epsilon_sample_max"] == pytest.approx(rows[-1]["epsilon_sample"])
+    assert len(ledger["epsilon_per_client"]) <= SUPERNODES
+
+    # The saved adapter reproduces the final federated evaluation exactly.
+    model, spec, labels = load_final_model(run_dir)
+    # FFA ships exactly the trainable tensors (B and head), never A.
+    shipped = sum(p.numel() * 4 for n, p in model.named_parameters()
+                  if ".lora_B." in n or "modules_to_save" in n)
+    assert all(r["bytes_up"] == 2 * shipped for r in rows)
+    tokenizer = load_tokenizer(spec.model)
+    correct = total = 0
+    for site in range(SUPERNODES):
+        test = load_site(spec, SitePlacement(site, SUPERNODES)).test
+        report = evaluate_model(model, tokenize(test, tokenizer, spec.model.max_length,
+                                                labels), 128, torch.device("cpu"))
+        correct += report.accuracy * report.num_examples
+        total += report.num_examples
+    assert correct / total == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-9)
+
+
+def test_vanilla_reports_nonzero_aggregation_error_and_failures_are_visible(
+        tiny_bert, flwr_env, tmp_path):
+    out = tmp_path / "runs"
+    common = (f'model.name="{tiny_bert}" output-dir="{out}" num-server-rounds=2 '
+              'clients-per-round=3 local-steps=2 batch-size=32 physical-batch-size=16 '
+              'data.demo-records-per-site=150 learning-rate=0.5')
+    proc = flwr_run(flwr_env, common + ' method="vanilla"', tmp_path)
+    assert run_statuses(flwr_env, tmp_path) == ["finished:completed"], proc.stdout[-3000:]
+    (run_dir,) = out.iterdir()
+    rows = read_metrics(run_dir)
+    assert len(rows) == 2 and all(r["aggregation_error"] > 1e-6 for r in rows)
+    model, _, _ = load_final_model(run_dir)  # vanilla ships A as well as B and head
+    shipped = sum(p.numel() * 4 for n, p in model.named_parameters()
+                  if ".lora_A." in n or ".lora_B." in n or "modules_to_save" in n)
+    assert all(r["bytes_up"] == 3 * shipped for r in rows)
+
+    # A bad run config fails the run; --stream still exits 0, so read the status.
+    bad = flwr_run(flwr_env, common.replace("local-steps=2", "local-steps=0"), tmp_path)
+    statuses = run_statuses(flwr_env, tmp_path)
+    assert statuses.count("finished:failed") == 1, bad.stdout[-3000:] + bad.stderr[-2000:]
+    assert "local-steps=0: must be > 0" in bad.stdout + bad.stderr
