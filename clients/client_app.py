@@ -6,7 +6,6 @@ data of each simulated client once; rounds reuse both.
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 
 import numpy as np
@@ -21,7 +20,6 @@ from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
 from fed_dplora.train import LocalTrainer, RoundPlan
 
-log = logging.getLogger(__name__)
 app = ClientApp()
 EVAL_BATCH = 128
 

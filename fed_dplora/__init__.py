@@ -1,0 +1,1 @@
+"""fed-dplora: federated, differentially private LoRA fine-tuning (library core, no Flower)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,6 @@ from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class TrainReport:
     num_examples: int
     steps: int
     sampling_probability: float
-    noise_multiplier: float  # 0.0 when non-private
+    noise_multiplier: float  # as reported by the accumulator that added it; 0.0 if none
     train_loss: float  # mean per-example loss over the sampled examples
     clip_fraction: float
     compute_s: float
@@ -87,7 +85,7 @@ class LocalTrainer:
         q = min(1.0, plan.batch_size / n)
         sampler = torch.Generator().manual_seed(plan.seed)
         loss_sum, seen, clipped = 0.0, 0, 0
-        checked = False
+        checked, used_sigma = False, 0.0
         for _ in range(plan.local_steps):
             indices = torch.nonzero(torch.rand(n, generator=sampler) < q).flatten().tolist()
             accumulator.begin()
@@ -102,6 +100,7 @@ class LocalTrainer:
             stats = accumulator.finish()
             seen += stats.examples
             clipped += stats.clipped
+            used_sigma = stats.noise_multiplier
             if not checked and stats.examples > 0:
                 guards.check_signal(stats.signal_norm, stats.examples)
                 before = guards.snapshot_trainable(self.model)
@@ -114,7 +113,7 @@ class LocalTrainer:
             optimizer.zero_grad(set_to_none=True)
         report = TrainReport(
             num_examples=n, steps=plan.local_steps, sampling_probability=q,
-            noise_multiplier=plan.noise_multiplier or 0.0,
+            noise_multiplier=used_sigma,
             train_loss=loss_sum / max(seen, 1), clip_fraction=clipped / max(seen, 1),
             compute_s=time.perf_counter() - start)
         return trainable_arrays(self.model), report

@@ -1,0 +1,1 @@
+"""Flower server side of fed-dplora: LoRA FedAvg and the ServerApp."""

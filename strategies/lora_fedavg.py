@@ -6,7 +6,6 @@ from the server's is an error that stops the run, never a silently skipped clien
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
 
-log = logging.getLogger(__name__)
 
 
 class ClientFailure(RuntimeError):

@@ -14,6 +14,7 @@ per-sample gradient raises, because it would train without DP.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,10 @@ class StepStats:
 def wrap_for_per_sample_grads(model: nn.Module) -> GradSampleModule:
     """Attach Opacus hooks to the already device-placed, PEFT-wrapped model."""
     check_supported_by_opacus(model)
+    # Opacus hooks on the first LoRA layers see inputs that need no grad (frozen base);
+    # torch then warns once per process although the per-sample gradients are exact.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients "
+                            "are computed with respect to module outputs")
     return GradSampleModule(model, batch_first=True, loss_reduction="sum")
 
 

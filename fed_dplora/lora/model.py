@@ -9,7 +9,6 @@ leaves the optimizer or the hooks on stale parameter objects.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from fed_dplora.config import DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec
 
-log = logging.getLogger(__name__)
 
 HEAD = "classifier"
 _MINILM_ALIASES = (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
