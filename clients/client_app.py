@@ -83,7 +83,7 @@ def _placement(context: Context) -> SitePlacement:
 def _prepare(spec: RunSpec, context: Context, config: ConfigRecord
              ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData]]:
     labels = tuple(config[p.LABEL_NAMES])
-    recipe = ModelRecipe(spec.model, spec.lora, spec.method, len(labels), spec.seed)
+    recipe = ModelRecipe.from_spec(spec, len(labels))
     trainer = _trainer(recipe, spec.device, spec.privacy.enabled)
     return trainer, _tokenized(spec, _placement(context), labels)
 

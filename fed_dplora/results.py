@@ -64,6 +64,6 @@ def load_final_model(run_dir: str | Path, device: torch.device | None = None
     config = json.loads((Path(run_dir) / "config.json").read_text())
     labels = tuple(config.pop("label_names"))
     spec = RunSpec.from_dict(config)
-    recipe = ModelRecipe(spec.model, spec.lora, spec.method, len(labels), spec.seed)
+    recipe = ModelRecipe.from_spec(spec, len(labels))
     model = load_adapter(recipe, Path(run_dir) / "adapter", device or torch.device("cpu"))
     return model, spec, labels

@@ -47,9 +47,7 @@ def main(grid: Grid, context: Context) -> None:
     sizes, labels = _census(grid, nodes)
     run.write_json("config.json", {**spec.to_dict(), "label_names": list(labels)})
     plan = _privacy_plan(spec, sizes)
-    model = build_lora_model(
-        ModelRecipe(spec.model, spec.lora, spec.method, len(labels), spec.seed),
-        torch.device("cpu"))
+    model = build_lora_model(ModelRecipe.from_spec(spec, len(labels)), torch.device("cpu"))
     arrays = trainable_arrays(model)
     shared = {n: a for n, a in _lora_a_arrays(model).items() if n not in arrays}
     # Under vanilla A trains and travels; only FFA's frozen A must match everywhere.

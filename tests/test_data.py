@@ -10,7 +10,7 @@ from fed_dplora.config import DataSpec, RunSpec
 from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.data.partition import partition
 from fed_dplora.data.site import SitePlacement, load_site
-from fed_dplora.data.sources import DataError, load_local, sorted_label_names
+from fed_dplora.data.sources import DataError, LabelledText, load_local, sorted_label_names
 from conftest import SHARED_DATA
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(),
@@ -69,7 +69,6 @@ def test_demo_is_deterministic_skewed_per_site_and_synthetic():
 
 def test_partitions_cover_the_data_and_dirichlet_skews_more_with_small_alpha():
     texts, labels = generate_site(0, 900, 0)
-    from fed_dplora.data.sources import LabelledText
     data = LabelledText(tuple(texts), tuple(labels))
 
     def skew(alpha):

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from fed_dplora.config import DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec
+from fed_dplora.config import DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec, RunSpec
 
 
 HEAD = "classifier"
@@ -105,6 +105,11 @@ class ModelRecipe:
     method: Method
     num_labels: int
     seed: int
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, num_labels: int) -> "ModelRecipe":
+        """The recipe of a run: the server and every client build from this."""
+        return cls(spec.model, spec.lora, spec.method, num_labels, spec.seed)
 
 
 def build_base_model(recipe: ModelRecipe, device: torch.device) -> TextClassifier:
