@@ -18,11 +18,10 @@ Partitioner = Literal["iid", "dirichlet"]
 Pooling = Literal["mean", "cls", "last"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["sgd", "adam"]
+ClientSampling = Literal["fixed", "poisson"]
 
 DEMO_DATASET = "synthetic-triage"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-# Levels parsed and validated but not implemented yet: they fail closed at setup.
-UNIMPLEMENTED_PRIVACY_LEVELS = ("client", "both")
 
 
 class ConfigError(ValueError):
@@ -31,16 +30,37 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PrivacySpec:
-    """Sample-level DP-SGD settings (unit of privacy: one record of one client)."""
+    """Which DP guarantees a run gives, and their budgets.
+
+    Sample level (DP-SGD inside each client; unit: one record of one client) uses
+    `target_epsilon`, `delta`, `max_grad_norm`, `noise_multiplier`. Client level
+    (DP-FedAvg on the server; unit: all records of one client) uses the `client_*`
+    fields. "both" runs both mechanisms and keeps two ledgers.
+    """
 
     level: PrivacyLevel = "sample"
     target_epsilon: float = 8.0
     delta: float | None = None  # None: 1 / (10 * largest client dataset)
     max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None  # None: calibrated from the target
+    client_target_epsilon: float = 8.0
+    client_delta: float | None = None  # None: 1 / (10 * number of clients)
+    client_clip_norm: float = 1.0
+    client_noise_multiplier: float | None = None  # None: calibrated from the target
+    client_sampling: ClientSampling = "fixed"
+    secure_noise: bool | None = None  # None ("auto"): secure unless simulated
 
     @property
     def enabled(self) -> bool:
         return self.level != "none"
+
+    @property
+    def sample_level(self) -> bool:
+        return self.level in ("sample", "both")
+
+    @property
+    def client_level(self) -> bool:
+        return self.level in ("client", "both")
 
 
 @dataclass(frozen=True)
@@ -89,6 +109,8 @@ class RunSpec:
     clients_per_round: int = 2
     seed: int = 0
     output_dir: str = "runs"
+    run_name: str = ""  # "": a timestamped name
+    resume: bool = False  # continue the run folder's last checkpoint
     device: Device = "auto"
     privacy: PrivacySpec = PrivacySpec()
     model: ModelSpec = ModelSpec()
@@ -117,6 +139,8 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "clients-per-round": (None, "clients_per_round"),
     "seed": (None, "seed"),
     "output-dir": (None, "output_dir"),
+    "run-name": (None, "run_name"),
+    "resume": (None, "resume"),
     "device": (None, "device"),
     "local-steps": ("train", "local_steps"),
     "batch-size": ("train", "batch_size"),
@@ -127,6 +151,13 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "privacy.target-epsilon": ("privacy", "target_epsilon"),
     "privacy.delta": ("privacy", "delta"),
     "privacy.max-grad-norm": ("privacy", "max_grad_norm"),
+    "privacy.noise-multiplier": ("privacy", "noise_multiplier"),
+    "privacy.client-target-epsilon": ("privacy", "client_target_epsilon"),
+    "privacy.client-delta": ("privacy", "client_delta"),
+    "privacy.client-clip-norm": ("privacy", "client_clip_norm"),
+    "privacy.client-noise-multiplier": ("privacy", "client_noise_multiplier"),
+    "privacy.client-sampling": ("privacy", "client_sampling"),
+    "privacy.secure-noise": ("privacy", "secure_noise"),
     "model.name": ("model", "name"),
     "model.max-length": ("model", "max_length"),
     "model.pooling": ("model", "pooling"),
@@ -157,6 +188,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": get_args(Pooling),
     "device": get_args(Device),
     "optimizer": get_args(Optimizer),
+    "privacy.client-sampling": get_args(ClientSampling),
 }
 
 _POSITIVE_INT = (
@@ -166,19 +198,37 @@ _POSITIVE_INT = (
 )
 _POSITIVE_FLOAT = (
     "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
+    "privacy.client-target-epsilon", "privacy.client-clip-norm",
 )
+# "auto" or a number: key -> (upper bound exclusive or None, what "auto" means)
+_AUTO_OR_NUMBER = {
+    "privacy.delta": (1.0, "1 / (10 * largest client dataset)"),
+    "privacy.client-delta": (1.0, "1 / (10 * number of clients)"),
+    "privacy.noise-multiplier": (None, "calibrated from privacy.target-epsilon"),
+    "privacy.client-noise-multiplier": (
+        None, "calibrated from privacy.client-target-epsilon"),
+}
 
 
 def _convert(key: str, value: Any, default: Any) -> Any:
     """Convert one flat value to the type of its dataclass default, or raise."""
-    if key == "privacy.delta":
+    if key in _AUTO_OR_NUMBER:
+        upper, meaning = _AUTO_OR_NUMBER[key]
+        valid = "a number in (0, 1)" if upper else "a number > 0"
         if value == "auto":
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected \"auto\" or a number in (0, 1)")
-        if not 0.0 < float(value) < 1.0:
-            raise ConfigError(f"{key}={value!r}: delta must be in (0, 1), or \"auto\"")
+            raise ConfigError(f"{key}={value!r}: expected \"auto\" ({meaning}) or {valid}")
+        if not 0.0 < float(value) < (upper or float("inf")):
+            raise ConfigError(f"{key}={value!r}: must be {valid}, or \"auto\" ({meaning})")
         return float(value)
+    if key == "privacy.secure-noise":
+        if value == "auto":
+            return None
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true, false or \"auto\" "
+                              "(secure in deployment, seeded in simulation)")
+        return value
     if key == "lora.target-modules":
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r}: expected a comma-separated string, "
@@ -228,10 +278,14 @@ def _check_combinations(spec: RunSpec) -> None:
         raise ConfigError(
             f"physical-batch-size={train.physical_batch_size} exceeds batch-size="
             f"{train.batch_size}: the physical batch is a slice of the logical one")
-    if spec.privacy.level in UNIMPLEMENTED_PRIVACY_LEVELS:
+    if spec.run_name and (spec.run_name in (".", "..") or "/" in spec.run_name
+                          or "\\" in spec.run_name):
+        raise ConfigError(f"run-name={spec.run_name!r}: a folder name under output-dir, "
+                          "without path separators")
+    if spec.resume and not spec.run_name:
         raise ConfigError(
-            f"privacy.level={spec.privacy.level!r} (client-level DP-FedAvg) is not "
-            "implemented yet; valid today: \"sample\" (DP-SGD per client) or \"none\"")
+            "resume=true needs run-name: the run folder (under output-dir) whose last "
+            "checkpoint to continue; name runs with run-name=\"...\" to resume them")
     if data.path and data.name not in ("", DEMO_DATASET):
         raise ConfigError(
             f"data.path={data.path!r} and data.name={data.name!r} are both set: "

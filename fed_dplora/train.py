@@ -13,6 +13,7 @@ from fed_dplora.data.tokenize import TokenizedData
 from fed_dplora.dp import guards
 from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulator,
                                   wrap_for_per_sample_grads)
+from fed_dplora.dp.noise import random_source
 from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
@@ -30,7 +31,8 @@ class RoundPlan:
     optimizer: str  # "sgd" (momentum 0.9) or "adam"
     noise_multiplier: float | None  # None: non-private training
     max_grad_norm: float
-    seed: int
+    seed: int  # Poisson sampling and noise, unless secure_noise
+    secure_noise: bool = False  # draw sampling and noise from the OS CSPRNG instead
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,11 @@ class LocalTrainer:
         accumulator = self._accumulator(plan)
         n = len(data)
         q = min(1.0, plan.batch_size / n)
-        sampler = torch.Generator().manual_seed(plan.seed)
+        sampler = random_source(plan.secure_noise, plan.seed)
         loss_sum, seen, clipped = 0.0, 0, 0
         checked, used_sigma = False, 0.0
         for _ in range(plan.local_steps):
-            indices = torch.nonzero(torch.rand(n, generator=sampler) < q).flatten().tolist()
+            indices = torch.nonzero(sampler.uniform(n) < q).flatten().tolist()
             accumulator.begin()
             for lo in range(0, len(indices), plan.physical_batch_size):
                 chunk = indices[lo:lo + plan.physical_batch_size]
@@ -127,7 +129,7 @@ class LocalTrainer:
         if not self.private:
             raise ValueError("the round plan asks for DP but this client was built "
                              "without per-sample gradients")
-        noise = torch.Generator(device=self.device).manual_seed(plan.seed + 1)
+        noise = random_source(plan.secure_noise, plan.seed + 1, self.device)
         return DpSgdAccumulator(self.forward_module, DpSgdConfig(
             plan.noise_multiplier, plan.max_grad_norm, plan.batch_size), noise)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from fed_dplora.dp import guards
 from fed_dplora.dp.engine import DpSgdAccumulator, DpSgdConfig, wrap_for_per_sample_grads
+from fed_dplora.dp.noise import SecureRandom, SeededRandom
 from fed_dplora.lora.model import build_lora_model
 from test_model_factory import CPU, recipe
 
@@ -51,8 +52,7 @@ def hand_clipped_mean(model, clip):
 
 def engine_gradient(model, clip, physical=4):
     gsm = wrap_for_per_sample_grads(model)
-    acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, clip, len(BATCH)),
-                           torch.Generator().manual_seed(0))
+    acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, clip, len(BATCH)), SeededRandom(0))
     acc.begin()
     for lo in range(0, len(BATCH), physical):  # two physical batches: virtual batching
         ids, mask = padded(BATCH[lo:lo + physical])
@@ -96,12 +96,13 @@ def test_no_clipping_no_noise_equals_plain_mean_gradient(tiny_bert):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert):
+@pytest.mark.parametrize("source", [SeededRandom(0), SecureRandom()],
+                         ids=["seeded", "secure"])
+def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert, source):
     model = build_lora_model(recipe(tiny_bert, "vanilla"), CPU)
     gsm = wrap_for_per_sample_grads(model)
     sigma, clip, batch = 1.7, 0.5, 8
-    acc = DpSgdAccumulator(gsm, DpSgdConfig(sigma, clip, batch),
-                           torch.Generator().manual_seed(0))
+    acc = DpSgdAccumulator(gsm, DpSgdConfig(sigma, clip, batch), source)
     draws = []
     for _ in range(10):
         acc.begin()  # Poisson drew nobody
@@ -112,6 +113,22 @@ def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert):
     assert noise.numel() > 10000
     assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.05)
     assert abs(float(noise.mean())) < 0.05 * sigma * clip / batch
+
+
+def test_secure_source_is_gaussian_uniform_and_unpredictable():
+    source = SecureRandom()
+    u = source.uniform(200_000)
+    assert 0 < float(u.min()) and float(u.max()) <= 1
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005)
+    z = source.normal((200_000,), 2.0, CPU, torch.float64) / 2.0
+    assert float(z.std()) == pytest.approx(1.0, rel=0.01)
+    # Gaussian shape, not just its variance: mass within 1 and 2 standard deviations.
+    assert float((z.abs() < 1).double().mean()) == pytest.approx(0.6827, abs=0.005)
+    assert float((z.abs() < 2).double().mean()) == pytest.approx(0.9545, abs=0.003)
+    again = SecureRandom().normal((1000,), 1.0, CPU, torch.float64)
+    assert not torch.equal(again, source.normal((1000,), 1.0, CPU, torch.float64))
+    seeded = [SeededRandom(7).normal((5,), 1.0, CPU, torch.float32) for _ in range(2)]
+    assert torch.equal(*seeded)
 
 
 def test_parameter_without_per_sample_gradient_is_an_error(tiny_bert):

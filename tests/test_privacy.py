@@ -1,4 +1,4 @@
-"""The sample-level ledger and calibration, against independent computations."""
+"""The ledgers, calibration, plans and report, against independent computations."""
 
 from __future__ import annotations
 
@@ -7,23 +7,26 @@ import pytest
 from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
 
-from fed_dplora.privacy.calibrate import calibrate_dp_sgd_noise
-from fed_dplora.privacy.ledger import SampleLevelLedger
-from fed_dplora.privacy.plan import PrivacyPlanError, auto_delta, plan_sample_level
+from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
+from fed_dplora.privacy.ledger import FEDERATION, client_level_ledger, sample_level_ledger
+from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_level,
+                                     plan_sample_level)
+from fed_dplora.privacy.report import ledger_report
 
 DELTA = 1e-5
+REPLACE_ONE = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
 # (q, sigma, steps per round) of three rounds one client took part in
 ROUNDS = [(0.08, 0.9, 10), (0.08, 0.9, 10), (0.05, 1.3, 20)]
 
 
-def ledger_with(rounds, client="k") -> SampleLevelLedger:
-    ledger = SampleLevelLedger(DELTA)
+def ledger_with(rounds, client="k"):
+    ledger = sample_level_ledger(DELTA)
     for q, sigma, steps in rounds:
-        ledger.record(client, q, sigma, steps)
+        ledger.record(client, (q, sigma), steps)
     return ledger
 
 
-def test_ledger_matches_step_by_step_dp_accounting():
+def test_sample_ledger_matches_step_by_step_dp_accounting():
     accountant = rdp.RdpAccountant()  # dp-accounting's own default orders
     for q, sigma, steps in ROUNDS:
         for _ in range(steps):  # one event per step, no self-composition shortcut
@@ -32,70 +35,169 @@ def test_ledger_matches_step_by_step_dp_accounting():
     assert ledger_with(ROUNDS).epsilon("k") == pytest.approx(independent, rel=0.01)
 
 
-def test_ledger_matches_opacus_rdp_accountant():
+def test_sample_ledger_matches_opacus_rdp_accountant():
     opacus = RDPAccountant()
     opacus.history = [(sigma, q, steps) for q, sigma, steps in ROUNDS]
     reference = opacus.get_epsilon(DELTA)
     assert ledger_with(ROUNDS).epsilon("k") == pytest.approx(reference, rel=0.01)
 
 
-def test_ledger_is_an_upper_bound_on_the_tighter_pld_accountant():
+# (clients N, expected per round m, z, rounds) as a DP-FedAvg run would charge them
+CLIENT_ROUNDS = [(100, 10, 1.1, 30), (100, 10, 1.4, 20)]
+
+
+def test_client_ledger_poisson_matches_step_by_step_dp_accounting_and_opacus():
+    ledger = client_level_ledger(DELTA, "poisson")
+    accountant = rdp.RdpAccountant()
+    opacus = RDPAccountant()
+    for n, m, z, rounds in CLIENT_ROUNDS:
+        ledger.record(FEDERATION, ("poisson", n, m, z), rounds)
+        accountant.compose(dpa.PoissonSampledDpEvent(m / n, dpa.GaussianDpEvent(z)), rounds)
+        opacus.history.append((z, m / n, rounds))
+    assert ledger.epsilon(FEDERATION) == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
+    assert ledger.epsilon(FEDERATION) == pytest.approx(opacus.get_epsilon(DELTA), rel=0.01)
+
+
+def test_client_ledger_fixed_size_uses_replace_one_with_sensitivity_two_s():
+    ledger = client_level_ledger(DELTA, "fixed")
+    accountant = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+    for n, m, z, rounds in CLIENT_ROUNDS:
+        ledger.record(FEDERATION, ("fixed", n, m, z), rounds)
+        # replacing one clipped update moves the sum by up to 2S: multiplier z / 2
+        accountant.compose(dpa.SampledWithoutReplacementDpEvent(
+            n, m, dpa.GaussianDpEvent(z / 2)), rounds)
+    assert ledger.relation == REPLACE_ONE
+    assert ledger.epsilon(FEDERATION) == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
+    poisson = client_level_ledger(DELTA, "poisson")
+    for n, m, z, rounds in CLIENT_ROUNDS:
+        poisson.record(FEDERATION, ("poisson", n, m, z), rounds)
+    assert ledger.epsilon(FEDERATION) > poisson.epsilon(FEDERATION)
+
+
+def test_both_levels_keep_separate_ledgers_with_their_own_delta():
+    sample, client = ledger_with(ROUNDS), client_level_ledger(1e-3, "poisson")
+    client.record(FEDERATION, ("poisson", 100, 10, 1.1), 30)
+    independent = rdp.RdpAccountant()
+    independent.compose(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.1)), 30)
+    assert client.epsilon(FEDERATION) == pytest.approx(independent.get_epsilon(1e-3), rel=0.01)
+    assert sample.epsilon("k") == pytest.approx(ledger_with(ROUNDS).epsilon("k"))
+    assert sample.kind == "sample" and client.kind == "client-poisson"
+
+
+def test_pld_report_is_tighter_and_matches_an_independent_pld():
+    ledger = ledger_with(ROUNDS, "a")
+    ledger.record("b", (0.08, 0.9), 10)  # dominated by "a": same mechanism, fewer steps
     accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
     for q, sigma, steps in ROUNDS:
         accountant.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
-    assert accountant.get_epsilon(DELTA) <= ledger_with(ROUNDS).epsilon("k")
+    report = ledger_report(ledger, ["a", "b", "never"], 8.0)
+    assert report["epsilon_pld_max"] == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
+    assert report["epsilon_pld_max"] <= report["epsilon_rdp_max"] == ledger.epsilon("a")
+    assert report["epsilon_rdp"]["never"] == 0.0 and report["events"]["never"] == []
+    fixed = client_level_ledger(DELTA, "fixed")
+    fixed.record(FEDERATION, ("fixed", 100, 10, 1.1), 5)
+    unsupported = ledger_report(fixed, [FEDERATION], 8.0)
+    assert unsupported["epsilon_pld_max"] is None and "RDP" in unsupported["pld_note"]
 
 
 def test_federation_epsilon_is_the_max_over_clients_and_absent_client_is_zero():
     ledger = ledger_with(ROUNDS[:1], "a")
     for q, sigma, steps in ROUNDS:
-        ledger.record("b", q, sigma, steps)
+        ledger.record("b", (q, sigma), steps)
     assert ledger.epsilon("never-selected") == 0.0
     assert ledger.max_epsilon() == ledger.epsilon("b") > ledger.epsilon("a") > 0
+    assert ledger.mean_epsilon(["a", "b", "never-selected"]) == pytest.approx(
+        (ledger.epsilon("a") + ledger.epsilon("b")) / 3)
 
 
-def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
-    eps = [ledger_with([(0.08, 1.0, 10)] * r).epsilon("k") for r in range(1, 6)]
-    assert all(a < b for a, b in zip(eps, eps[1:]))
-    by_noise = [ledger_with([(0.08, s, 50)]).epsilon("k") for s in (0.6, 0.9, 1.5, 3.0)]
+@pytest.mark.parametrize("kind", ["sample", "poisson", "fixed"])
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise(kind):
+    def eps(noise, rounds):
+        if kind == "sample":
+            return ledger_with([(0.08, noise, 10)] * rounds).epsilon("k")
+        ledger = client_level_ledger(DELTA, kind)
+        ledger.record(FEDERATION, (kind, 50, 5, noise), rounds)
+        return ledger.epsilon(FEDERATION)
+    by_rounds = [eps(1.0, r) for r in range(1, 6)]
+    assert all(a < b for a, b in zip(by_rounds, by_rounds[1:]))
+    by_noise = [eps(s, 5) for s in (0.6, 0.9, 1.5, 3.0)]
     assert all(a > b for a, b in zip(by_noise, by_noise[1:]))
+
+
+def test_state_round_trip_and_mismatch():
+    ledger = ledger_with(ROUNDS, "a")
+    ledger.record("b", (0.08, 0.9), 10)
+    copy = sample_level_ledger(DELTA)
+    copy.restore(ledger.state())
+    assert copy.per_account() == ledger.per_account()
+    with pytest.raises(ValueError, match="does not match"):
+        sample_level_ledger(2e-5).restore(ledger.state())
 
 
 @pytest.mark.parametrize("target,q,steps", [(8.0, 0.08, 50), (3.0, 0.02, 300),
                                             (1.0, 0.1, 20)])
-def test_calibrated_noise_lands_within_two_percent_below_target(target, q, steps):
+def test_calibrated_dp_sgd_noise_lands_within_two_percent_below_target(target, q, steps):
     sigma = calibrate_dp_sgd_noise(target, DELTA, q, steps)
     spent = ledger_with([(q, sigma, steps)]).epsilon("k")
     assert target * 0.98 <= spent <= target
 
 
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+@pytest.mark.parametrize("target,n,m,rounds", [(8.0, 10, 3, 20), (1.0, 100, 10, 50),
+                                               (3.0, 3, 3, 5)])
+def test_calibrated_dp_fedavg_noise_lands_within_two_percent_below_target(
+        sampling, target, n, m, rounds):
+    delta = 1 / (10 * n)
+    z = calibrate_dp_fedavg_noise(target, delta, sampling, n, m, rounds)
+    ledger = client_level_ledger(delta, sampling)
+    ledger.record(FEDERATION, (sampling, n, m, z), rounds)
+    assert target * 0.98 <= ledger.epsilon(FEDERATION) <= target
+
+
 def test_invalid_mechanism_is_refused_before_any_state_changes():
-    ledger = SampleLevelLedger(DELTA)
+    ledger = sample_level_ledger(DELTA)
     with pytest.raises(ValueError, match="noise multiplier"):
-        ledger.record("k", 0.1, 0.0, 10)  # "no noise, no charge" is not an option
-    assert ledger.steps == {} and ledger.max_epsilon() == 0.0
+        ledger.record("k", (0.1, 0.0), 10)  # "no noise, no charge" is not an option
+    assert ledger.counts == {} and ledger.max_epsilon() == 0.0
+    client = client_level_ledger(DELTA, "fixed")
+    with pytest.raises(ValueError, match="expected clients"):
+        client.record(FEDERATION, ("fixed", 5, 6, 1.0), 1)
+    assert client.counts == {}
 
 
-def test_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_over_n():
+def test_sample_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_over_n():
     plan = plan_sample_level(8.0, None, 64, {"small": 640, "large": 6400}, 50)
-    assert plan.delta == auto_delta({"small": 640, "large": 6400}) == 1 / 64000
+    assert plan.delta == auto_delta([640, 6400]) == 1 / 64000
     assert plan.sampling_probability == {"small": 0.1, "large": 0.01}
     assert plan.noise_multiplier["small"] > plan.noise_multiplier["large"]
     for client in ("small", "large"):
-        ledger = SampleLevelLedger(plan.delta)
-        ledger.record(client, plan.sampling_probability[client],
-                      plan.noise_multiplier[client], 50)
+        ledger = sample_level_ledger(plan.delta)
+        ledger.record(client, plan.key(client), 50)
         assert 8.0 * 0.98 <= ledger.epsilon(client) <= 8.0
     with pytest.raises(PrivacyPlanError, match="privacy.delta.*small"):
         plan_sample_level(8.0, 1 / 640, 64, {"small": 640, "large": 6400}, 50)
+    fixed = plan_sample_level(8.0, None, 64, {"a": 640}, 50, noise_multiplier=0.5)
+    assert fixed.noise_multiplier == {"a": 0.5}
+
+
+def test_client_plan_calibrates_z_and_refuses_delta_at_or_above_one_over_clients():
+    plan = plan_client_level(8.0, None, "poisson", 20, 5, 10, clip_norm=0.5)
+    assert plan.delta == 1 / 200
+    assert plan.noise_std == pytest.approx(plan.noise_multiplier * 0.5 / 5)
+    ledger = client_level_ledger(plan.delta, "poisson")
+    ledger.record(FEDERATION, plan.key, 10)
+    assert 8.0 * 0.98 <= ledger.epsilon(FEDERATION) <= 8.0
+    with pytest.raises(PrivacyPlanError, match="client-delta.*1/20"):
+        plan_client_level(8.0, 0.05, "poisson", 20, 5, 10, clip_norm=0.5)
+    with pytest.raises(PrivacyPlanError, match="clients-per-round=30"):
+        plan_client_level(8.0, None, "fixed", 20, 30, 10, clip_norm=0.5)
 
 
 def test_budget_check_sees_the_round_that_would_overspend():
     plan = plan_sample_level(4.0, 1e-5, 64, {"k": 1000}, 30)
-    ledger = SampleLevelLedger(plan.delta)
-    q, sigma = plan.sampling_probability["k"], plan.noise_multiplier["k"]
+    ledger = sample_level_ledger(plan.delta)
     for _ in range(3):  # the three planned rounds of 10 steps fit
-        assert ledger.epsilon_if("k", q, sigma, 10) <= 4.0
-        ledger.record("k", q, sigma, 10)
-    assert ledger.epsilon_if("k", q, sigma, 10) > 4.0  # a fourth would not
+        assert ledger.epsilon_if("k", plan.key("k"), 10) <= 4.0
+        ledger.record("k", plan.key("k"), 10)
+    assert ledger.epsilon_if("k", plan.key("k"), 10) > 4.0  # a fourth would not
     assert ledger.epsilon("k") <= 4.0

@@ -22,6 +22,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fed_dplora.dp.guards import CoverageError, check_supported_by_opacus
+from fed_dplora.dp.noise import RandomSource
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,11 @@ class DpSgdAccumulator:
     """Accumulates clipped per-sample gradients over physical batches, then noises."""
 
     def __init__(self, module: GradSampleModule, config: DpSgdConfig,
-                 generator: torch.Generator) -> None:
+                 noise: RandomSource) -> None:
         if config.noise_multiplier < 0 or config.max_grad_norm <= 0:
             raise ValueError(f"invalid DP-SGD config {config}")
         self.config = config
-        self.generator = generator
+        self.noise = noise
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._sums: list[torch.Tensor] = []
         self._examples = self._clipped = 0
@@ -97,8 +98,7 @@ class DpSgdAccumulator:
         signal_sq = 0.0
         for (_, param), total in zip(self.named_params, self._sums):
             signal_sq += float(total.double().pow(2).sum())
-            noise = torch.normal(0.0, std, size=total.shape, generator=self.generator,
-                                 device=self.generator.device).to(total.device, total.dtype)
+            noise = self.noise.normal(tuple(total.shape), std, total.device, total.dtype)
             param.grad = (total + noise) / self.config.expected_batch_size
         return StepStats(self._examples, self._clipped,
                          signal_sq ** 0.5 / self.config.expected_batch_size,

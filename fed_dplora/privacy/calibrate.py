@@ -1,28 +1,45 @@
-"""Noise calibration from a target (epsilon, delta), through the ledger's own events."""
+"""Noise calibration from a target (epsilon, delta), through the ledgers' own events."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import dp_accounting as dpa
 
 from fed_dplora.privacy.accountants import make_rdp_accountant
-from fed_dplora.privacy.events import dp_sgd_steps
+from fed_dplora.privacy.events import (SAMPLE_LEVEL_RELATION, ClientSampling, NeighborRel,
+                                       client_level_relation, dp_fedavg_round, dp_sgd_step)
 
 
-def calibrate_dp_sgd_noise(target_epsilon: float, delta: float,
-                           sampling_probability: float, steps: int) -> float:
-    """Smallest noise multiplier whose `steps` DP-SGD steps spend <= target_epsilon.
-
-    Uses the same event builder and accountant as the live ledger, so a client that takes
-    exactly `steps` steps ends within its target.
-    """
+def calibrate_noise(event_for: Callable[[float], dpa.DpEvent], relation: NeighborRel,
+                    target_epsilon: float, delta: float) -> float:
+    """Smallest noise multiplier whose event spends <= target_epsilon at `delta` (RDP)."""
     if target_epsilon <= 0 or not 0 < delta < 1:
         raise ValueError(f"need target_epsilon > 0 and delta in (0, 1), got "
                          f"{target_epsilon}, {delta}")
     return float(dpa.calibrate_dp_mechanism(
-        make_rdp_accountant,
-        lambda sigma: dp_sgd_steps(sampling_probability, sigma, steps),
-        target_epsilon,
-        delta,
-        bracket_interval=dpa.LowerEndpointAndGuess(0.05, 1.0),
-        tol=1e-4,
-    ))
+        lambda: make_rdp_accountant(relation), event_for, target_epsilon, delta,
+        bracket_interval=dpa.LowerEndpointAndGuess(0.05, 1.0), tol=1e-4))
+
+
+def calibrate_dp_sgd_noise(target_epsilon: float, delta: float,
+                           sampling_probability: float, steps: int) -> float:
+    """Sigma such that `steps` DP-SGD steps stay within the target.
+
+    Same event builder and accountant as the live ledger, so a client that takes
+    exactly `steps` steps ends within its target.
+    """
+    return calibrate_noise(
+        lambda sigma: dpa.SelfComposedDpEvent(dp_sgd_step(sampling_probability, sigma),
+                                              steps),
+        SAMPLE_LEVEL_RELATION, target_epsilon, delta)
+
+
+def calibrate_dp_fedavg_noise(target_epsilon: float, delta: float,
+                              sampling: ClientSampling, num_clients: int,
+                              expected_clients: int, rounds: int) -> float:
+    """z such that `rounds` DP-FedAvg rounds stay within the client-level target."""
+    return calibrate_noise(
+        lambda z: dpa.SelfComposedDpEvent(
+            dp_fedavg_round(sampling, num_clients, expected_clients, z), rounds),
+        client_level_relation(sampling), target_epsilon, delta)

@@ -1,10 +1,11 @@
-"""Sample-level privacy plan: delta and a calibrated noise multiplier per client."""
+"""Privacy plans: delta and noise per mechanism, fixed before the first round."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fed_dplora.privacy.calibrate import calibrate_dp_sgd_noise
+from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
+from fed_dplora.privacy.events import ClientSampling
 
 
 class PrivacyPlanError(ValueError):
@@ -14,24 +15,54 @@ class PrivacyPlanError(ValueError):
 @dataclass(frozen=True)
 class SampleLevelPlan:
     """Per client: q_k = batch / n_k and sigma_k such that client k stays within
-    (target_epsilon, delta) after every planned step, even if selected every round."""
+    (target_epsilon, delta) after every planned step, even if selected every round
+    (unless sigma was set by hand: then the budget check stops the run instead)."""
 
     target_epsilon: float
     delta: float
     sampling_probability: dict[str, float]
     noise_multiplier: dict[str, float]
 
+    def key(self, client: str) -> tuple[float, float]:
+        """The ledger key of one DP-SGD step of `client`."""
+        return (self.sampling_probability[client], self.noise_multiplier[client])
 
-def auto_delta(client_sizes: dict[str, int]) -> float:
-    """1 / (10 * largest client dataset): below 1/n_k for every client."""
-    return 1.0 / (10 * max(client_sizes.values()))
+
+@dataclass(frozen=True)
+class ClientLevelPlan:
+    """DP-FedAvg: clip norm S, noise multiplier z, m expected of N clients per round."""
+
+    target_epsilon: float
+    delta: float
+    sampling: ClientSampling
+    num_clients: int
+    expected_clients: int
+    clip_norm: float
+    noise_multiplier: float
+
+    @property
+    def key(self) -> tuple[str, int, int, float]:
+        """The ledger key of one DP-FedAvg round."""
+        return (self.sampling, self.num_clients, self.expected_clients,
+                self.noise_multiplier)
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation per coordinate of the noise on the mean: z S / m."""
+        return self.noise_multiplier * self.clip_norm / self.expected_clients
+
+
+def auto_delta(sizes: list[int]) -> float:
+    """1 / (10 * largest unit count): below 1/n for every population."""
+    return 1.0 / (10 * max(sizes))
 
 
 def plan_sample_level(target_epsilon: float, delta: float | None, batch_size: int,
-                      client_sizes: dict[str, int], planned_steps: int) -> SampleLevelPlan:
+                      client_sizes: dict[str, int], planned_steps: int,
+                      noise_multiplier: float | None = None) -> SampleLevelPlan:
     if not client_sizes:
         raise PrivacyPlanError("no clients to plan for")
-    delta = auto_delta(client_sizes) if delta is None else delta
+    delta = auto_delta(list(client_sizes.values())) if delta is None else delta
     too_small = {c: n for c, n in client_sizes.items() if delta >= 1.0 / n}
     if too_small:
         raise PrivacyPlanError(
@@ -39,6 +70,28 @@ def plan_sample_level(target_epsilon: float, delta: float | None, batch_size: in
             "that large allows releasing a record outright. Use a smaller delta, or "
             "\"auto\" (1 / (10 * largest n)).")
     q = {c: min(1.0, batch_size / n) for c, n in client_sizes.items()}
+    if noise_multiplier is not None:
+        return SampleLevelPlan(target_epsilon, delta, q, {c: noise_multiplier for c in q})
     sigma_by_q = {qk: calibrate_dp_sgd_noise(target_epsilon, delta, qk, planned_steps)
                   for qk in sorted(set(q.values()))}
     return SampleLevelPlan(target_epsilon, delta, q, {c: sigma_by_q[qk] for c, qk in q.items()})
+
+
+def plan_client_level(target_epsilon: float, delta: float | None, sampling: ClientSampling,
+                      num_clients: int, expected_clients: int, planned_rounds: int,
+                      clip_norm: float, noise_multiplier: float | None = None
+                      ) -> ClientLevelPlan:
+    if not 0 < expected_clients <= num_clients:
+        raise PrivacyPlanError(f"clients-per-round={expected_clients} must be between 1 "
+                               f"and the number of clients, {num_clients}")
+    delta = auto_delta([num_clients]) if delta is None else delta
+    if delta >= 1.0 / num_clients:
+        raise PrivacyPlanError(
+            f"privacy.client-delta={delta:g} is not below 1/{num_clients} (one over the "
+            "number of clients): a delta that large allows releasing a client's data "
+            "outright. Use a smaller delta, or \"auto\" (1 / (10 * clients)).")
+    if noise_multiplier is None:
+        noise_multiplier = calibrate_dp_fedavg_noise(
+            target_epsilon, delta, sampling, num_clients, expected_clients, planned_rounds)
+    return ClientLevelPlan(target_epsilon, delta, sampling, num_clients, expected_clients,
+                           clip_norm, noise_multiplier)
