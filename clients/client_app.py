@@ -26,10 +26,12 @@ EVAL_BATCH = 128
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Round 0: the size of this client's training set and its label values."""
-    splits = _site(parse_run_config(context.run_config), _placement(context))
+    """Round 0: this client's stable site id, training-set size and label values."""
+    placement = _placement(context)
+    splits = _site(parse_run_config(context.run_config), placement)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
-    reply = ConfigRecord({p.NUM_TRAIN_EXAMPLES: len(splits.train),
+    site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
+    reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
                           p.LABEL_NAMES: list(labels)})
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)
 
@@ -44,7 +46,10 @@ def train(msg: Message, context: Context) -> Message:
         physical_batch_size=spec.train.physical_batch_size,
         learning_rate=spec.train.learning_rate, optimizer=spec.train.optimizer,
         noise_multiplier=config.get(p.NOISE_MULTIPLIER),
-        max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]))
+        max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]),
+        # A site may insist on secure noise whatever the server asks.
+        secure_noise=bool(config.get(p.SECURE_NOISE, False))
+        or bool(context.node_config.get("secure-noise", False)))
     arrays, report = trainer.train(_to_numpy(msg.content[p.ARRAYS]), plan, train_data)
     metrics = MetricRecord({
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
@@ -84,7 +89,7 @@ def _prepare(spec: RunSpec, context: Context, config: ConfigRecord
              ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData]]:
     labels = tuple(config[p.LABEL_NAMES])
     recipe = ModelRecipe.from_spec(spec, len(labels))
-    trainer = _trainer(recipe, spec.device, spec.privacy.enabled)
+    trainer = _trainer(recipe, spec.device, spec.privacy.sample_level)
     return trainer, _tokenized(spec, _placement(context), labels)
 
 

@@ -10,12 +10,14 @@ METRICS = "metrics"
 # Query (round 0): what the server needs before it can calibrate and build the model.
 NUM_TRAIN_EXAMPLES = "num-train-examples"
 LABEL_NAMES = "label-names"
+SITE_ID = "site-id"  # stable across runs: the ledger's account for this client
 
 # Config sent with every train / evaluate message
 WIRE = "wire-version"
 ROUND = "server-round"
 ROUND_SEED = "round-seed"
-NOISE_MULTIPLIER = "noise-multiplier"  # absent: non-private round
+NOISE_MULTIPLIER = "noise-multiplier"  # absent: no sample-level DP this round
+SECURE_NOISE = "secure-noise"  # draw DP-SGD sampling and noise from the OS CSPRNG
 # Reply metrics (train)
 NUM_EXAMPLES = "num-examples"
 STEPS = "steps"

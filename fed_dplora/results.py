@@ -1,4 +1,4 @@
-"""The run folder: config.json, metrics.jsonl (one line per round) and adapter/.
+"""The run folder: config.json, metrics.jsonl (one line per round), adapter/, reports.
 
 Every file appears whole or not at all: written beside its target, then renamed.
 """
@@ -26,15 +26,45 @@ class RunFolder:
     @classmethod
     def create(cls, output_dir: str | Path, run_name: str, config: dict[str, Any]
                ) -> "RunFolder":
+        """A new run folder with its config.json, created whole (tmp folder, rename)."""
         path = Path(output_dir) / run_name
-        path.mkdir(parents=True, exist_ok=False)
-        folder = cls(path)
-        folder.write_json("config.json", config)
-        return folder
+        if path.exists():
+            raise FileExistsError(f"run folder {path} exists: set resume=true to continue "
+                                  "it, or choose another run-name")
+        tmp = Path(output_dir) / f".{run_name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cls(tmp).write_json("config.json", config)
+        os.replace(tmp, path)
+        return cls(path)
+
+    @classmethod
+    def open(cls, output_dir: str | Path, run_name: str) -> "RunFolder":
+        path = Path(output_dir) / run_name
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"resume: {path} is not a run folder (no config.json); "
+                                    "check output-dir and run-name")
+        return cls(path)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path / name).read_text())
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep metrics rows up to `last_round` (rows of a round a crash left uncommitted
+        are dropped before that round runs again)."""
+        if not (self.path / "metrics.jsonl").exists():
+            return
+        rows = [r for r in read_metrics(self.path) if r["round"] <= last_round]
+        tmp = self.path / ".metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        os.replace(tmp, self.path / "metrics.jsonl")
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, self.path / name)
 
     def append_metrics(self, row: dict[str, Any]) -> None:

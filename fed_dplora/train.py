@@ -78,6 +78,8 @@ class LocalTrainer:
         if len(data) == 0:
             raise ValueError("this client has no training records")
         start = time.perf_counter()
+        if not plan.secure_noise:
+            torch.manual_seed(plan.seed + 2)  # dropout: a seeded round replays exactly
         load_trainable_arrays(self.model, arrays)
         self.model.train()
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)

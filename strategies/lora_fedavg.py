@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
-
+from fed_dplora.dp.noise import RandomSource
 
 
 class ClientFailure(RuntimeError):
@@ -26,6 +26,7 @@ class TrainRound:
     client_metrics: dict[int, dict[str, float]]  # node id -> reply metrics
     aggregation_error: float
     bytes_up: int
+    update_clip_fraction: float | None = None  # client-level DP only
 
 
 class LoraFedAvg:
@@ -49,7 +50,20 @@ class LoraFedAvg:
                         dst_node_id=node, message_type=MessageType.EVALUATE)
                 for node in nodes]
 
-    def aggregate_train(self, replies: list[Message], expected: list[int]) -> TrainRound:
+    def aggregate_train(self, replies: list[Message], expected: list[int],
+                        global_arrays: dict[str, np.ndarray], rng: RandomSource
+                        ) -> TrainRound:
+        """Weighted mean of the replies (no replies: the global tensors unchanged)."""
+        updates, weights, metrics, bytes_up = self.collect(replies, expected)
+        if not updates:
+            return TrainRound(global_arrays, {}, 0.0, 0)
+        return TrainRound(weighted_mean(updates, weights), metrics,
+                          aggregation_error(updates, weights, self.shared), bytes_up)
+
+    def collect(self, replies: list[Message], expected: list[int]
+                ) -> tuple[list[dict[str, np.ndarray]], list[float],
+                           dict[int, dict[str, float]], int]:
+        """Checked replies -> (tensors, example counts, metrics by node, bytes up)."""
         replies = checked_replies(replies, expected, "train")
         updates, weights, metrics, bytes_up = [], [], {}, 0
         for reply in replies:
@@ -66,8 +80,7 @@ class LoraFedAvg:
             updates.append(update)
             metrics[node] = dict(reply.content[p.METRICS])
             weights.append(float(metrics[node][p.NUM_EXAMPLES]))
-        return TrainRound(weighted_mean(updates, weights), metrics,
-                          aggregation_error(updates, weights, self.shared), bytes_up)
+        return updates, weights, metrics, bytes_up
 
     @staticmethod
     def aggregate_evaluate(replies: list[Message], expected: list[int]

@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
+from fed_dplora.dp.noise import SeededRandom
 from strategies.lora_fedavg import ClientFailure, LoraFedAvg, to_record
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -60,20 +61,23 @@ def reply(node: int, fingerprint: str, update: dict) -> Message:
 def test_strategy_refuses_a_reply_trained_with_a_different_a():
     strategy = LoraFedAvg("aaaa", {})
     ok = reply(1, "aaaa", client())
-    assert strategy.aggregate_train([ok], [ok.metadata.src_node_id]).bytes_up == 6 * 2 * 4
+    assert strategy.aggregate_train([ok], [ok.metadata.src_node_id], {},
+                                    SeededRandom(0)).bytes_up == 6 * 2 * 4
     bad = reply(2, "bbbb", client())
     with pytest.raises(ClientFailure, match="different LoRA A"):
         strategy.aggregate_train([ok, bad], [ok.metadata.src_node_id,
-                                             bad.metadata.src_node_id])
+                                             bad.metadata.src_node_id], {}, SeededRandom(0))
 
 
 def test_vanilla_strategy_accepts_trained_a():
     first, second = reply(1, "aaaa", client()), reply(2, "cccc", client())
     nodes = [first.metadata.src_node_id, second.metadata.src_node_id]
-    assert LoraFedAvg(None, {}).aggregate_train([first, second], nodes).bytes_up == 96
+    assert LoraFedAvg(None, {}).aggregate_train([first, second], nodes, {},
+                                                SeededRandom(0)).bytes_up == 96
 
 
 def test_strategy_refuses_missing_replies():
     ok = reply(1, "aaaa", client())
     with pytest.raises(ClientFailure, match="no reply from node"):
-        LoraFedAvg("aaaa", {}).aggregate_train([ok], [ok.metadata.src_node_id, 99])
+        LoraFedAvg("aaaa", {}).aggregate_train([ok], [ok.metadata.src_node_id, 99], {},
+                                               SeededRandom(0))

@@ -26,6 +26,21 @@ def test_overrides_reach_their_sections():
     assert spec.data.partitioner == "dirichlet" and not spec.data.is_demo
 
 
+def test_privacy_levels_and_client_level_keys():
+    spec = parse_run_config({"privacy.level": "both", "privacy.client-sampling": "poisson",
+                             "privacy.client-noise-multiplier": 1.1,
+                             "privacy.client-clip-norm": 0.3, "privacy.secure-noise": True,
+                             "privacy.noise-multiplier": "auto"})
+    privacy = spec.privacy
+    assert privacy.sample_level and privacy.client_level and privacy.enabled
+    assert privacy.client_sampling == "poisson" and privacy.client_noise_multiplier == 1.1
+    assert privacy.client_clip_norm == 0.3 and privacy.secure_noise is True
+    assert privacy.noise_multiplier is None
+    client = parse_run_config({"privacy.level": "client"}).privacy
+    assert client.client_level and not client.sample_level
+    assert parse_run_config({}).privacy.secure_noise is None  # auto
+
+
 @pytest.mark.parametrize("flat,pattern", [
     ({"privacy.epsilon": 3.0}, r"unknown run-config key.*privacy.epsilon.*privacy.target-epsilon"),
     ({"method": "fedprox"}, r"method='fedprox'.*\['ffa', 'vanilla'\]"),
@@ -35,8 +50,14 @@ def test_overrides_reach_their_sections():
     ({"privacy.delta": 2.0}, r"privacy.delta=2.0"),
     ({"privacy.delta": "tiny"}, r"privacy.delta='tiny'.*auto"),
     ({"batch-size": 32, "physical-batch-size": 64}, r"physical-batch-size=64 exceeds"),
-    ({"privacy.level": "client"}, r"privacy.level='client'.*not implemented yet"),
-    ({"privacy.level": "both"}, r"privacy.level='both'.*not implemented yet"),
+    ({"privacy.level": "all"}, r"privacy.level='all'.*\['none', 'sample', 'client', 'both'\]"),
+    ({"privacy.client-sampling": "random"}, r"client-sampling='random'.*\['fixed', 'poisson'\]"),
+    ({"privacy.secure-noise": "yes"}, r"secure-noise='yes'.*true, false or \"auto\""),
+    ({"privacy.noise-multiplier": -1.0}, r"noise-multiplier=-1.0: must be a number > 0"),
+    ({"privacy.client-delta": 1.5}, r"client-delta=1.5.*\(0, 1\)"),
+    ({"privacy.client-clip-norm": 0.0}, r"client-clip-norm=0.0: must be > 0"),
+    ({"resume": True}, r"resume=true needs run-name"),
+    ({"run-name": "../elsewhere"}, r"run-name='../elsewhere'.*without path separators"),
     ({"data.partitioner": "dirichlet"}, r"data.partitioner='dirichlet' applies to data.path"),
     ({"data.path": "a.csv", "data.name": "org/ds"}, r"both set"),
     ({"lora.target-modules": " , "}, r"lora.target-modules"),

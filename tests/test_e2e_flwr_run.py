@@ -80,9 +80,13 @@ def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env,
     assert all(r["epsilon_client"] is None for r in rows)
     assert 0 < rows[0]["epsilon_sample"] < rows[1]["epsilon_sample"] <= 8.0
     assert all(r["aggregation_error"] < 1e-9 and len(r["clients"]) == 2 for r in rows)
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
-    assert ledger["epsilon_sample_max"] == pytest.approx(rows[-1]["epsilon_sample"])
-    assert len(ledger["epsilon_per_client"]) <= SUPERNODES
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["sample"]["epsilon_rdp_max"] == pytest.approx(rows[-1]["epsilon_sample"])
+    assert sorted(report["sample"]["epsilon_rdp"]) == [f"partition-{i}"
+                                                        for i in range(SUPERNODES)]
+    assert report["sample"]["epsilon_pld_max"] <= report["sample"]["epsilon_rdp_max"]
+    # `flwr run` is a simulation: "auto" noise is seeded (reproducible), not secure
+    assert report["secure_noise"] is False and report["lost_rounds"] == []
 
     # The saved adapter reproduces the final federated evaluation exactly.
     model, spec, labels = load_final_model(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dp_accounting as dpa
+import numpy as np
 import pytest
 from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
@@ -201,3 +202,18 @@ def test_budget_check_sees_the_round_that_would_overspend():
         ledger.record("k", plan.key("k"), 10)
     assert ledger.epsilon_if("k", plan.key("k"), 10) > 4.0  # a fourth would not
     assert ledger.epsilon("k") <= 4.0
+
+
+def test_vectorized_rdp_conversion_equals_dp_accounting_value_for_value():
+    from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
+
+    from fed_dplora.privacy.accountants import RDP_ORDERS
+    from fed_dplora.privacy.ledger import epsilons
+    ledger = sample_level_ledger(DELTA)
+    rows = [count * ledger._curve(key) for key, count in
+            [((0.01, 0.6), 1), ((0.08, 0.9), 50), ((0.5, 2.0), 1000), ((1.0, 0.3), 10),
+             ((1e-4, 5.0), 1)]]
+    rows.append(np.zeros(len(RDP_ORDERS)))
+    for delta in (1e-3, 1e-5, 1e-9):
+        expected = [compute_epsilon(RDP_ORDERS, r, delta)[0] for r in rows]
+        np.testing.assert_allclose(epsilons(np.stack(rows), delta), expected, rtol=1e-12)

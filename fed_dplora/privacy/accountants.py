@@ -12,6 +12,7 @@ from fed_dplora.privacy.events import NeighborRel
 # them eps = 8 reads ~5% high) plus a few more between 64 and 1024 for large epsilon.
 RDP_ORDERS = sorted({1 + x / 10 for x in range(1, 100)} | set(range(11, 64))
                     | {64, 72, 80, 96, 112, 128, 160, 192, 256, 384, 512, 1024})
+assert min(RDP_ORDERS) > 1.01  # the vectorized conversion in ledger.py relies on it
 PLD_DISCRETIZATION = 1e-4
 
 

@@ -1,10 +1,12 @@
 """Privacy ledgers: how often each account (a client, or the federation) ran each mechanism.
 
 A ledger stores counts, not event lists: `{account: {mechanism parameters: count}}`.
-The RDP curve of one event is computed once per distinct mechanism and cached; an
-account's epsilon is the RDP conversion of `sum(count * curve)`. Composing is therefore
-a few vector additions, however long the run. The same counts feed the final PLD report
-(`fed_dplora.privacy.report`) and serialize to JSON for checkpoints.
+The RDP curve of one event is computed once per distinct mechanism (by dp-accounting)
+and cached; an account's RDP is `sum(count * curve)`, recomputed from its counts so it
+does not depend on the order of charges; epsilon is dp-accounting's RDP-to-(eps, delta)
+conversion, vectorized over accounts. Composing is a few vector operations however long
+the run. The same counts feed the final PLD report (`fed_dplora.privacy.report`) and
+serialize to JSON for checkpoints.
 
 Two ledgers exist (see `sample_level_ledger` and `client_level_ledger`); a run with
 `privacy.level = "both"` keeps both and reports each under its own name.
@@ -18,7 +20,6 @@ from typing import Any
 
 import dp_accounting as dpa
 import numpy as np
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
 
 from fed_dplora.privacy.accountants import RDP_ORDERS, make_rdp_accountant
 from fed_dplora.privacy.events import (SAMPLE_LEVEL_RELATION, ClientSampling, NeighborRel,
@@ -45,29 +46,64 @@ class Ledger:
         self.build_event = build_event
         self.counts: dict[str, Counter[Key]] = {}
         self._curves: dict[Key, np.ndarray] = {}
+        self._rdp: dict[str, np.ndarray] = {}  # account -> sum(count * curve)
+
+    def prepare(self, keys: list[Key]) -> None:
+        """Compute the RDP curves of the planned mechanisms now (one-off, before round 1)."""
+        for key in keys:
+            self._curve(tuple(key))
 
     def event(self, key: Key) -> dpa.DpEvent:
         return self.build_event(*key)
 
     def record(self, account: str, key: Key, count: int) -> None:
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
-        self._curve(tuple(key))  # validates the mechanism before any state changes
-        self.counts.setdefault(account, Counter())[tuple(key)] += count
+        self.record_many({account: (key, count)})
+
+    def record_many(self, charges: dict[str, tuple[Key, int]]) -> None:
+        """Charge several accounts: {account: (key, count)}; all valid or none charged."""
+        for key, count in charges.values():
+            if count < 0:
+                raise ValueError(f"count must be >= 0, got {count}")
+            self._curve(tuple(key))  # validates the mechanism before any state changes
+        for account, (key, count) in charges.items():
+            self.counts.setdefault(account, Counter())[tuple(key)] += count
+        self._rdp.update(zip(charges, self._sums([self.counts[a] for a in charges])))
 
     def epsilon(self, account: str) -> float:
         """Epsilon of one account at the ledger's delta (0.0 if it never ran)."""
-        return self._epsilon(self.counts.get(account, Counter()))
+        if account not in self._rdp:
+            return 0.0
+        return float(epsilons(self._rdp[account][None, :], self.delta)[0])
 
     def epsilon_if(self, account: str, key: Key, count: int) -> float:
         """Epsilon the account would have after `count` more occurrences of `key`."""
-        trial = Counter(self.counts.get(account, Counter()))
-        self._curve(tuple(key))
-        trial[tuple(key)] += count
-        return self._epsilon(trial)
+        return self.epsilons_if({account: (key, count)})[account]
+
+    def epsilons_if(self, charges: dict[str, tuple[Key, int]]) -> dict[str, float]:
+        """`epsilon_if` for several accounts at once: {account: (key, count)}."""
+        accounts = sorted(charges)
+        if not accounts:
+            return {}
+        trials = []
+        for account in accounts:
+            key, count = tuple(charges[account][0]), charges[account][1]
+            self._curve(key)
+            held = self.counts.get(account)
+            if not held or (len(held) == 1 and key in held):  # fast path, same sum
+                trials.append(Counter({key: count + (held[key] if held else 0)}))
+            else:
+                trial = Counter(held)
+                trial[key] += count
+                trials.append(trial)
+        rdp = np.stack(self._sums(trials))
+        return dict(zip(accounts, map(float, epsilons(rdp, self.delta))))
 
     def per_account(self) -> dict[str, float]:
-        return {a: self.epsilon(a) for a in sorted(self.counts)}
+        accounts = sorted(self._rdp)
+        if not accounts:
+            return {}
+        values = epsilons(np.stack([self._rdp[a] for a in accounts]), self.delta)
+        return dict(zip(accounts, map(float, values)))
 
     def max_epsilon(self) -> float:
         return max(self.per_account().values(), default=0.0)
@@ -87,7 +123,7 @@ class Ledger:
         if state["kind"] != self.kind or state["delta"] != self.delta:
             raise ValueError(f"saved {state['kind']} ledger at delta {state['delta']} "
                              f"does not match this {self.kind} ledger at {self.delta}")
-        self.counts = {}
+        self.counts, self._rdp = {}, {}
         for account, rows in state["counts"].items():
             for *key, count in rows:
                 self.record(account, tuple(key), int(count))
@@ -99,11 +135,34 @@ class Ledger:
             self._curves[key] = accountant.rdp
         return self._curves[key]
 
-    def _epsilon(self, counts: Counter) -> float:
-        if not any(counts.values()):
-            return 0.0
-        rdp = sum(n * self._curve(k) for k, n in counts.items())
-        return float(compute_epsilon(RDP_ORDERS, rdp, self.delta)[0])
+    def _sums(self, all_counts: list[Counter]) -> list[np.ndarray]:
+        """sum(count * curve) per Counter, keys in a fixed order (history-independent)."""
+        if all(len(c) == 1 for c in all_counts):  # the common case, vectorized
+            keys, ns = zip(*(next(iter(c.items())) for c in all_counts))
+            return list(np.asarray(ns, dtype=np.float64)[:, None]
+                        * np.stack([self._curves[k] for k in keys]))
+        return [self._sum(c) for c in all_counts]
+
+    def _sum(self, counts: Counter) -> np.ndarray:
+        keys = sorted(counts)
+        total = counts[keys[0]] * self._curve(keys[0])
+        for key in keys[1:]:
+            total = total + counts[key] * self._curve(key)
+        return total
+
+
+def epsilons(rdp: np.ndarray, delta: float) -> np.ndarray:
+    """Epsilon at `delta` for each row of RDP values over `RDP_ORDERS`.
+
+    dp-accounting's `compute_epsilon` (the bound of Canonne, Kamath and Steinke 2020,
+    Prop. 12 of arXiv:2004.00010, with its zero and negative-RDP cases), vectorized
+    over rows; tests check it against dp-accounting value for value.
+    """
+    orders = np.asarray(RDP_ORDERS, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        eps = rdp + np.log1p(-1.0 / orders) - np.log(delta * orders) / (orders - 1.0)
+        eps = np.where((rdp < 0) | (delta ** 2 + np.expm1(-rdp) > 0), 0.0, eps)
+    return np.maximum(0.0, eps.min(axis=1))
 
 
 def sample_level_ledger(delta: float) -> Ledger:

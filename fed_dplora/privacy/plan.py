@@ -95,3 +95,15 @@ def plan_client_level(target_epsilon: float, delta: float | None, sampling: Clie
             target_epsilon, delta, sampling, num_clients, expected_clients, planned_rounds)
     return ClientLevelPlan(target_epsilon, delta, sampling, num_clients, expected_clients,
                            clip_norm, noise_multiplier)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Everything fixed before round 1: which levels run, with what noise."""
+
+    sample: SampleLevelPlan | None
+    client: ClientLevelPlan | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample is not None or self.client is not None

@@ -1,10 +1,12 @@
 """The final privacy report: every ledger's events, epsilon under RDP and under PLD.
 
 RDP is what the run tracked and stopped on; PLD (dp-accounting's privacy loss
-distributions) is tighter and is computed once, here. Accounts whose counts are
-dominated by another account's (same mechanisms, no more of any) cannot have a larger
-epsilon, so PLD is computed only for the undominated ones: a handful even for large
-federations, where one PLD costs a fraction of a second.
+distributions) is tighter and is computed once, here, for the federation's maximum.
+One PLD costs a fraction of a second, so most accounts are skipped with two exact
+arguments: an account whose counts another account dominates (same mechanisms, no
+fewer of any) cannot have a larger epsilon; and since PLD epsilon <= RDP epsilon, an
+account whose RDP epsilon is below the largest PLD epsilon found so far cannot raise
+the maximum. Accounts are visited in decreasing RDP epsilon.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
 
 def max_pld_epsilon(ledger: Ledger) -> float | None:
     """Largest PLD epsilon over the ledger's accounts (None: PLD unsupported)."""
+    rdp = ledger.per_account()
+    by_rdp = [(rdp[a], ledger.counts[a]) for a in sorted(rdp, key=rdp.get, reverse=True)]
     best = 0.0
-    for counts in _undominated(list(ledger.counts.values())):
+    for rdp_epsilon, counts in _undominated(by_rdp):
+        if rdp_epsilon <= best:
+            break  # PLD epsilon <= RDP epsilon, and the rest have smaller RDP epsilon
         accountant = make_pld_accountant(ledger.relation)
         try:
             for key, count in sorted(counts.items(), key=repr):
@@ -56,11 +62,13 @@ def max_pld_epsilon(ledger: Ledger) -> float | None:
     return best
 
 
-def _undominated(signatures: list[Counter]) -> list[Counter]:
-    unique = {tuple(sorted(s.items(), key=repr)): s for s in signatures if any(s.values())}
+def _undominated(accounts: list[tuple[float, Counter]]) -> list[tuple[float, Counter]]:
+    """(epsilon, counts) pairs whose counts no other pair dominates, in the given order."""
+    unique = {tuple(sorted(c.items(), key=repr)): (e, c) for e, c in accounts
+              if any(c.values())}
     kept = list(unique.values())
-    return [s for s in kept
-            if not any(o is not s and _dominates(o, s) for o in kept)]
+    return [(e, c) for e, c in kept
+            if not any(o is not c and _dominates(o, c) for _, o in kept)]
 
 
 def _dominates(big: Counter, small: Counter) -> bool:
