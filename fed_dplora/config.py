@@ -47,7 +47,7 @@ class PrivacySpec:
     client_delta: float | None = None  # None: 1 / (10 * number of clients)
     client_clip_norm: float = 1.0
     client_noise_multiplier: float | None = None  # None: calibrated from the target
-    client_sampling: ClientSampling = "fixed"
+    client_sampling: ClientSampling = "poisson"
     secure_noise: bool | None = None  # None ("auto"): secure unless simulated
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +97,9 @@ class LocalTrainer:
             for lo in range(0, len(indices), plan.physical_batch_size):
                 chunk = indices[lo:lo + plan.physical_batch_size]
                 ids, mask, labels = data.batch(chunk, self.device)
-                loss = F.cross_entropy(self.forward_module(ids, mask), labels,
-                                       reduction="sum")
+                with mixed_precision(self.device):
+                    logits = self.forward_module(ids, mask)
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
                 loss.backward()
                 accumulator.add_physical_batch(len(chunk))
                 loss_sum += float(loss.detach())
@@ -142,6 +144,17 @@ class LocalTrainer:
         return evaluate_model(self.model, data, batch_size, self.device)
 
 
+def mixed_precision(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for forward passes on CUDA; full fp32 everywhere else.
+
+    Parameters, per-sample gradients' clipping and sums, noise and the optimizer stay in
+    fp32 (the accumulator casts per-sample gradients up before their norms).
+    """
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.Optimizer:
     """A fresh optimizer over the model's own trainable parameter objects."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -160,7 +173,8 @@ def evaluate_model(model: torch.nn.Module, data: TokenizedData, batch_size: int,
     for lo in range(0, len(data), batch_size):
         ids, mask, labels = data.batch(list(range(lo, min(lo + batch_size, len(data)))),
                                        device)
-        logits = model(ids, mask)
+        with mixed_precision(device):
+            logits = model(ids, mask).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())
     model.train(was_training)

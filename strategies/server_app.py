@@ -227,10 +227,11 @@ def _census(grid: Grid, nodes: list[int]) -> Census:
 
 
 def _sample_sites(spec: RunSpec, sites: list[str], rnd: int) -> list[str]:
-    """This round's sites, from a generator derived from (seed, round)."""
+    """This round's sites, from a generator derived from (seed, round): m of them, or
+    under client-level DP with Poisson sampling each with probability m / N."""
     rng = random.Random(_derived_seed(spec.seed, rnd, "sites"))
     m = spec.clients_per_round
-    if spec.privacy.client_sampling == "poisson":
+    if spec.privacy.client_level and spec.privacy.client_sampling == "poisson":
         return [s for s in sites if rng.random() < m / len(sites)]
     return sorted(rng.sample(sites, m))
 

@@ -50,8 +50,8 @@ def hand_clipped_mean(model, clip):
     return [t / len(BATCH) for t in total]
 
 
-def engine_gradient(model, clip, physical=4):
-    gsm = wrap_for_per_sample_grads(model)
+def engine_gradient(model, clip, physical=4, functorch=False):
+    gsm = wrap_for_per_sample_grads(model, functorch)
     acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, clip, len(BATCH)), SeededRandom(0))
     acc.begin()
     for lo in range(0, len(BATCH), physical):  # two physical batches: virtual batching
@@ -71,12 +71,13 @@ CASES = [("bert", "ffa", ("query", "value"), "mean"),
 
 @pytest.mark.parametrize("arch,method,targets,pooling", CASES)
 @pytest.mark.parametrize("clip", [1e6, 1e-4], ids=["no-clipping", "all-clipped"])
+@pytest.mark.parametrize("functorch", [False, True], ids=["hooks", "functorch"])
 def test_noise_free_gradient_equals_clipped_per_sample_mean(
-        request, arch, method, targets, pooling, clip):
+        request, arch, method, targets, pooling, clip, functorch):
     path = request.getfixturevalue(f"tiny_{arch}")
     model = model_with_nonzero_b(path, method, targets, pooling)
     expected = hand_clipped_mean(model, clip)
-    got, stats = engine_gradient(model, clip)
+    got, stats = engine_gradient(model, clip, functorch=functorch)
     assert stats.examples == len(BATCH)
     assert stats.clipped == (0 if clip > 1 else len(BATCH))
     scale = max(float(e.abs().max()) for e in expected)

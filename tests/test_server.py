@@ -98,7 +98,8 @@ def test_sample_budget_stops_at_the_round_dp_accounting_predicts(config):
 
 
 def test_client_budget_stops_mid_way(config):
-    config.update({"privacy.level": "client", "num-server-rounds": 10,
+    config.update({"privacy.level": "client", "privacy.client-sampling": "fixed",
+                   "num-server-rounds": 10,
                    "privacy.client-noise-multiplier": 2.0, "privacy.client-delta": 0.01,
                    "privacy.client-target-epsilon": 6.0})
     fits = max(r for r in range(1, 11) if rdp_epsilon(dpa.SampledWithoutReplacementDpEvent(

@@ -81,3 +81,13 @@ def test_evaluate_reports_loss_and_accuracy_over_all_records(tiny_bert, data):
     assert report.num_examples == 120 and 0.0 <= report.accuracy <= 1.0
     assert report.loss == pytest.approx(np.log(3), rel=0.3)
     assert trainer.model.training  # back in train mode for the next round
+
+
+def test_bf16_autocast_is_used_on_cuda_only():
+    from contextlib import nullcontext
+
+    from fed_dplora.train import mixed_precision
+    assert isinstance(mixed_precision(torch.device("cpu")), nullcontext)
+    cuda = mixed_precision(torch.device("cuda"))
+    assert isinstance(cuda, torch.autocast)
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16

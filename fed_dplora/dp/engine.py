@@ -42,14 +42,21 @@ class StepStats:
     noise_multiplier: float
 
 
-def wrap_for_per_sample_grads(model: nn.Module) -> GradSampleModule:
-    """Attach Opacus hooks to the already device-placed, PEFT-wrapped model."""
+def wrap_for_per_sample_grads(model: nn.Module, functorch: bool = False
+                              ) -> GradSampleModule:
+    """Attach Opacus hooks to the already device-placed, PEFT-wrapped model.
+
+    `functorch=True` computes every per-sample gradient with torch.func instead of
+    Opacus' per-layer formulas (compared in experiments/bench_dp_step.py; both pass
+    the exactness tests).
+    """
     check_supported_by_opacus(model)
     # Opacus hooks on the first LoRA layers see inputs that need no grad (frozen base);
     # torch then warns once per process although the per-sample gradients are exact.
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients "
                             "are computed with respect to module outputs")
-    return GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    return GradSampleModule(model, batch_first=True, loss_reduction="sum",
+                            force_functorch=functorch)
 
 
 class DpSgdAccumulator:
@@ -82,7 +89,8 @@ class DpSgdAccumulator:
             if grad_sample.shape[0] != batch_size:
                 raise CoverageError(f"{name}: {grad_sample.shape[0]} per-sample gradients "
                                     f"for a batch of {batch_size}")
-            grad_samples.append(grad_sample)
+            # bf16 under CUDA autocast: clip and sum in the parameter's precision
+            grad_samples.append(grad_sample.to(param.dtype))
         norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1)
                              for g in grad_samples], dim=1).norm(2, dim=1)
         factors = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)

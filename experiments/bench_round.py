@@ -1,0 +1,182 @@
+"""Simulation overhead and the common Flower+Opacus pattern, measured side by side.
+
+Three ways to run the same rounds (4 clients, FFA, sample-level DP, the demo data):
+
+1. `flwr run` (ours): a real local SuperLink and Ray simulation, through
+   `experiments.flwr_job`. Round wall times come from metrics.jsonl; start-up is the time
+   from launching `flwr run` to the first round's start.
+2. Pure compute (the baseline): the same clients' train + evaluate back to back in this
+   process with one reused `LocalTrainer`, no Flower.
+3. The common pattern (Flower's Opacus example): every round and client, load the model,
+   tokenize the data, build a new `PrivacyEngine` (DP optimizer and Poisson loader), train
+   the same steps, evaluate.
+
+Prints median seconds per round and the ratios: simulated / pure compute (overhead),
+common pattern / ours (speed-up).
+
+    python -m experiments.bench_round [--clients 4] [--rounds 4] [--local-steps 5]
+        [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from experiments.flwr_job import LocalFederation
+from fed_dplora.config import RunSpec, parse_run_config
+from fed_dplora.data.site import SitePlacement, load_site
+from fed_dplora.data.sources import sorted_label_names
+from fed_dplora.data.tokenize import tokenize
+from fed_dplora.lora.adapters import trainable_arrays
+from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
+from fed_dplora.privacy.plan import plan_sample_level
+from fed_dplora.results import read_metrics
+from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
+
+log = logging.getLogger("fed_dplora.bench_round")
+CPU = torch.device("cpu")
+
+
+def run_config(args, out: Path) -> dict:
+    return {"num-server-rounds": args.rounds, "clients-per-round": args.clients,
+            "local-steps": args.local_steps, "batch-size": args.batch,
+            "physical-batch-size": args.batch, "output-dir": str(out), "run-name": "bench",
+            "data.demo-records-per-site": args.records}
+
+
+def simulated(args, out: Path) -> tuple[float, list[float]]:
+    """(start-up s, per-round wall s) of a real `flwr run` with `args.clients` SuperNodes."""
+    config = run_config(args, out)
+    with LocalFederation(args.clients) as federation:
+        start = time.perf_counter()
+        first_row_at, errors = None, []
+
+        def run_job() -> None:
+            try:
+                federation.run(config)
+            except Exception as exc:  # re-raised below, in the main thread
+                errors.append(exc)
+        job = threading.Thread(target=run_job)
+        job.start()
+        metrics = out / "bench" / "metrics.jsonl"
+        while job.is_alive():
+            if first_row_at is None and metrics.exists() and metrics.stat().st_size:
+                first_row_at = time.perf_counter()
+            time.sleep(0.05)
+        job.join()
+    if errors:
+        raise errors[0]
+    rows = read_metrics(out / "bench")
+    startup = first_row_at - start - rows[0]["wall_s"]
+    return startup, [r["wall_s"] for r in rows]
+
+
+def sites(spec: RunSpec, clients: int):
+    splits = [load_site(spec, SitePlacement(i, clients)) for i in range(clients)]
+    labels = sorted_label_names({y for s in splits for y in s.train.labels + s.test.labels})
+    return splits, labels
+
+
+def pure_compute(args, spec: RunSpec) -> list[float]:
+    """Per-round seconds: every client's train + evaluate, back to back, one trainer."""
+    splits, labels = sites(spec, args.clients)
+    tokenizer = load_tokenizer(spec.model)
+    data = [(tokenize(s.train, tokenizer, spec.model.max_length, labels),
+             tokenize(s.test, tokenizer, spec.model.max_length, labels)) for s in splits]
+    trainer = LocalTrainer(ModelRecipe.from_spec(spec, len(labels)), CPU, private=True)
+    plan = plan_sample_level(spec.privacy.target_epsilon, None, args.batch,
+                             {str(i): len(s.train) for i, s in enumerate(splits)},
+                             args.rounds * args.local_steps)
+    arrays = trainable_arrays(trainer.model)
+    times = []
+    for rnd in range(args.rounds):
+        start = time.perf_counter()
+        for i, (train, test) in enumerate(data):
+            round_plan = RoundPlan(args.local_steps, args.batch, args.batch,
+                                   spec.train.learning_rate, spec.train.optimizer,
+                                   plan.noise_multiplier[str(i)],
+                                   spec.privacy.max_grad_norm, seed=rnd * 100 + i)
+            trainer.train(arrays, round_plan, train)
+            trainer.evaluate(arrays, test, 128)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def common_pattern(args, spec: RunSpec) -> list[float]:
+    """Per-round seconds of the Flower+Opacus example habit: rebuild everything."""
+    splits, labels = sites(spec, args.clients)
+    sizes = {str(i): len(s.train) for i, s in enumerate(splits)}
+    sigma = plan_sample_level(spec.privacy.target_epsilon, None, args.batch, sizes,
+                              args.rounds * args.local_steps).noise_multiplier
+    times = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        for i, split in enumerate(splits):
+            model = build_lora_model(ModelRecipe.from_spec(spec, len(labels)), CPU)
+            tokenizer = load_tokenizer(spec.model)
+            train = tokenize(split.train, tokenizer, spec.model.max_length, labels)
+            test = tokenize(split.test, tokenizer, spec.model.max_length, labels)
+            ids, mask, y = train.batch(list(range(len(train))), CPU)
+            loader = DataLoader(TensorDataset(ids, mask, y), batch_size=args.batch)
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                        lr=spec.train.learning_rate, momentum=0.9)
+            model, optimizer, loader = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=sigma[str(i)], max_grad_norm=spec.privacy.max_grad_norm)
+            steps = 0
+            while steps < args.local_steps:
+                for batch_ids, batch_mask, batch_y in loader:
+                    optimizer.zero_grad()
+                    F.cross_entropy(model(batch_ids, batch_mask), batch_y).backward()
+                    optimizer.step()
+                    steps += 1
+                    if steps == args.local_steps:
+                        break
+            evaluate_model(model._module, test, 128, CPU)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--records", type=int, default=500)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    out = Path(tempfile.mkdtemp(prefix="fed-dplora-bench-round-"))
+    spec = parse_run_config(run_config(args, out))
+    log.info("%d clients x %d rounds x %d DP-SGD steps (batch %d), %d demo records/site, "
+             "MiniLM FFA, %d torch threads", args.clients, args.rounds, args.local_steps,
+             args.batch, args.records, torch.get_num_threads())
+    startup, sim = simulated(args, out)
+    pure = pure_compute(args, spec)
+    common = common_pattern(args, spec)
+    steady = statistics.median(sim[1:]) if len(sim) > 1 else sim[0]
+    pure_round, common_round = statistics.median(pure[1:]), statistics.median(common[1:])
+    log.info("%-44s %10s", "", "s/round")
+    log.info("%-44s %10.2f", "flwr run simulation, rounds 2+ (median)", steady)
+    log.info("%-44s %10.2f", "flwr run simulation, round 1 (cold clients)", sim[0])
+    log.info("%-44s %10.2f", "pure compute, one process (median)", pure_round)
+    log.info("%-44s %10.2f", "common pattern: rebuild every round (median)", common_round)
+    log.info("start-up, `flwr run` to round 1 start: %.1f s", startup)
+    log.info("simulation overhead: simulated / pure compute = %.3f", steady / pure_round)
+    log.info("common pattern / ours (pure) = %.2fx; common pattern / ours (simulated) "
+             "= %.2fx", common_round / pure_round, common_round / steady)
+
+
+if __name__ == "__main__":
+    main()

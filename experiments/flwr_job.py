@@ -1,0 +1,89 @@
+"""Run `flwr run .` jobs the way a user does, in a private FLWR_HOME on free ports.
+
+Experiments train through this (never through a second training loop): the same
+ServerApp and ClientApp, a real local SuperLink and Ray simulation. `flwr run --stream`
+exits 0 even when the ServerApp fails, so each job's status is read back with
+`flwr ls`; a failed job raises with the end of its output. The SuperLink this starts is
+stopped by pid on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("fed_dplora.experiments")
+
+
+class JobFailed(RuntimeError):
+    """A `flwr run` job did not finish with status finished:completed."""
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+class LocalFederation:
+    """`with LocalFederation(4) as fed: fed.run({...})`: one SuperLink, many jobs."""
+
+    def __init__(self, num_supernodes: int, cpus_per_client: int = 1,
+                 gpus_per_client: float = 0.0, timeout_s: int = 6 * 3600) -> None:
+        self.federation_config = (f"num-supernodes={num_supernodes} "
+                                  f"client-resources-num-cpus={cpus_per_client} "
+                                  f"client-resources-num-gpus={gpus_per_client}")
+        self.timeout_s = timeout_s
+        self.home = Path(tempfile.mkdtemp(prefix="fed-dplora-flwr-"))
+        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+                    "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+    def __enter__(self) -> "LocalFederation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pids = subprocess.run(["pgrep", "-f", f"flower-superlink.*{self.home}"],
+                              capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            os.kill(int(pid), signal.SIGTERM)
+
+    def run(self, run_config: dict[str, Any]) -> Path:
+        """Run one job; returns its run folder (`output-dir`/`run-name`, both required)."""
+        output = Path(run_config["output-dir"]) / run_config["run-name"]
+        config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        before = set(self._statuses())
+        proc = subprocess.run(
+            ["flwr", "run", str(REPO), "--stream", "--run-config", config,
+             "--federation-config", self.federation_config],
+            env=self.env, cwd=REPO, capture_output=True, text=True, timeout=self.timeout_s)
+        new = {run_id: status for run_id, status in self._statuses().items()
+               if run_id not in before}
+        if list(new.values()) != ["finished:completed"]:
+            raise JobFailed(f"flwr run {output.name}: status {new or 'missing'}\n"
+                            + proc.stdout[-4000:] + proc.stderr[-2000:])
+        return output
+
+    def _statuses(self) -> dict[str, str]:
+        out = subprocess.run(["flwr", "ls", "--format", "json"], env=self.env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300).stdout
+        return {run["run-id"]: run["status"] for run in json.loads(out)["runs"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
