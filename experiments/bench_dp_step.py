@@ -72,7 +72,7 @@ class Stepper:
                                                 SeededRandom(0, device))
         self.optimizer = make_optimizer(self.model, "sgd", 0.1)
         gen = torch.Generator().manual_seed(0)
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self.model.base_model.model.backbone.get_input_embeddings().num_embeddings
         self.ids = torch.randint(5, vocab, (batch, seq), generator=gen).to(device)
         self.mask = torch.ones_like(self.ids)
         self.labels = torch.randint(0, 2, (batch,), generator=gen).to(device)

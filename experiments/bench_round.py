@@ -4,9 +4,10 @@ Three ways to run the same rounds (4 clients, FFA, sample-level DP, the demo dat
 
 1. `flwr run` (ours): a real local SuperLink and Ray simulation, through
    `experiments.flwr_job`. Round wall times come from metrics.jsonl; start-up is the time
-   from launching `flwr run` to the first round's start.
+   from launching `flwr run` to the first round's start, on a SuperLink that a first
+   small job already started (as in a sweep).
 2. Pure compute (the baseline): the same clients' train + evaluate back to back in this
-   process with one reused `LocalTrainer`, no Flower.
+   process with one reused `LocalTrainer`, no Flower. Its rounds alternate with 3's.
 3. The common pattern (Flower's Opacus example): every round and client, load the model,
    tokenize the data, build a new `PrivacyEngine` (DP optimizer and Poisson loader), train
    the same steps, evaluate.
@@ -59,6 +60,9 @@ def simulated(args, out: Path) -> tuple[float, list[float]]:
     """(start-up s, per-round wall s) of a real `flwr run` with `args.clients` SuperNodes."""
     config = run_config(args, out)
     with LocalFederation(args.clients) as federation:
+        # A first small job starts the SuperLink (once per federation, as in a sweep).
+        federation.run({**config, "num-server-rounds": 1, "local-steps": 1,
+                        "run-name": "warm-up"})
         start = time.perf_counter()
         first_row_at, errors = None, []
 
@@ -88,52 +92,60 @@ def sites(spec: RunSpec, clients: int):
     return splits, labels
 
 
-def pure_compute(args, spec: RunSpec) -> list[float]:
-    """Per-round seconds: every client's train + evaluate, back to back, one trainer."""
-    splits, labels = sites(spec, args.clients)
-    tokenizer = load_tokenizer(spec.model)
-    data = [(tokenize(s.train, tokenizer, spec.model.max_length, labels),
-             tokenize(s.test, tokenizer, spec.model.max_length, labels)) for s in splits]
-    trainer = LocalTrainer(ModelRecipe.from_spec(spec, len(labels)), CPU, private=True)
-    plan = plan_sample_level(spec.privacy.target_epsilon, None, args.batch,
-                             {str(i): len(s.train) for i, s in enumerate(splits)},
-                             args.rounds * args.local_steps)
-    arrays = trainable_arrays(trainer.model)
-    times = []
-    for rnd in range(args.rounds):
+class PureCompute:
+    """Every client's train + evaluate, back to back, with one reused trainer."""
+
+    def __init__(self, args, spec: RunSpec) -> None:
+        splits, labels = sites(spec, args.clients)
+        tokenizer = load_tokenizer(spec.model)
+        self.data = [(tokenize(s.train, tokenizer, spec.model.max_length, labels),
+                      tokenize(s.test, tokenizer, spec.model.max_length, labels))
+                     for s in splits]
+        self.trainer = LocalTrainer(ModelRecipe.from_spec(spec, len(labels)), CPU, True)
+        self.sigma = plan_sample_level(spec.privacy.target_epsilon, None, args.batch,
+                                       {str(i): len(s.train) for i, s in enumerate(splits)},
+                                       args.rounds * args.local_steps).noise_multiplier
+        self.arrays = trainable_arrays(self.trainer.model)
+        self.args, self.spec = args, spec
+
+    def round(self, rnd: int) -> float:
         start = time.perf_counter()
-        for i, (train, test) in enumerate(data):
-            round_plan = RoundPlan(args.local_steps, args.batch, args.batch,
-                                   spec.train.learning_rate, spec.train.optimizer,
-                                   plan.noise_multiplier[str(i)],
-                                   spec.privacy.max_grad_norm, seed=rnd * 100 + i)
-            trainer.train(arrays, round_plan, train)
-            trainer.evaluate(arrays, test, 128)
-        times.append(time.perf_counter() - start)
-    return times
+        for i, (train, test) in enumerate(self.data):
+            plan = RoundPlan(self.args.local_steps, self.args.batch, self.args.batch,
+                             self.spec.train.learning_rate, self.spec.train.optimizer,
+                             self.sigma[str(i)], self.spec.privacy.max_grad_norm,
+                             seed=rnd * 100 + i)
+            self.trainer.train(self.arrays, plan, train)
+            self.trainer.evaluate(self.arrays, test, 128)
+        return time.perf_counter() - start
 
 
-def common_pattern(args, spec: RunSpec) -> list[float]:
-    """Per-round seconds of the Flower+Opacus example habit: rebuild everything."""
-    splits, labels = sites(spec, args.clients)
-    sizes = {str(i): len(s.train) for i, s in enumerate(splits)}
-    sigma = plan_sample_level(spec.privacy.target_epsilon, None, args.batch, sizes,
-                              args.rounds * args.local_steps).noise_multiplier
-    times = []
-    for _ in range(args.rounds):
+class CommonPattern:
+    """The Flower+Opacus example habit: every round and client, rebuild everything."""
+
+    def __init__(self, args, spec: RunSpec) -> None:
+        self.splits, self.labels = sites(spec, args.clients)
+        sizes = {str(i): len(s.train) for i, s in enumerate(self.splits)}
+        self.sigma = plan_sample_level(spec.privacy.target_epsilon, None, args.batch, sizes,
+                                       args.rounds * args.local_steps).noise_multiplier
+        self.args, self.spec = args, spec
+
+    def round(self, rnd: int) -> float:
+        spec, args = self.spec, self.args
         start = time.perf_counter()
-        for i, split in enumerate(splits):
-            model = build_lora_model(ModelRecipe.from_spec(spec, len(labels)), CPU)
+        for i, split in enumerate(self.splits):
+            model = build_lora_model(ModelRecipe.from_spec(spec, len(self.labels)), CPU)
             tokenizer = load_tokenizer(spec.model)
-            train = tokenize(split.train, tokenizer, spec.model.max_length, labels)
-            test = tokenize(split.test, tokenizer, spec.model.max_length, labels)
+            train = tokenize(split.train, tokenizer, spec.model.max_length, self.labels)
+            test = tokenize(split.test, tokenizer, spec.model.max_length, self.labels)
             ids, mask, y = train.batch(list(range(len(train))), CPU)
             loader = DataLoader(TensorDataset(ids, mask, y), batch_size=args.batch)
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                         lr=spec.train.learning_rate, momentum=0.9)
             model, optimizer, loader = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=sigma[str(i)], max_grad_norm=spec.privacy.max_grad_norm)
+                noise_multiplier=self.sigma[str(i)],
+                max_grad_norm=spec.privacy.max_grad_norm)
             steps = 0
             while steps < args.local_steps:
                 for batch_ids, batch_mask, batch_y in loader:
@@ -144,8 +156,7 @@ def common_pattern(args, spec: RunSpec) -> list[float]:
                     if steps == args.local_steps:
                         break
             evaluate_model(model._module, test, 128, CPU)
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
 
 def main() -> None:
@@ -163,8 +174,11 @@ def main() -> None:
              "MiniLM FFA, %d torch threads", args.clients, args.rounds, args.local_steps,
              args.batch, args.records, torch.get_num_threads())
     startup, sim = simulated(args, out)
-    pure = pure_compute(args, spec)
-    common = common_pattern(args, spec)
+    pure_runner, common_runner = PureCompute(args, spec), CommonPattern(args, spec)
+    pure, common = [], []
+    for rnd in range(args.rounds):  # interleaved, so machine noise hits both alike
+        pure.append(pure_runner.round(rnd))
+        common.append(common_runner.round(rnd))
     steady = statistics.median(sim[1:]) if len(sim) > 1 else sim[0]
     pure_round, common_round = statistics.median(pure[1:]), statistics.median(common[1:])
     log.info("%-44s %10s", "", "s/round")
@@ -172,7 +186,7 @@ def main() -> None:
     log.info("%-44s %10.2f", "flwr run simulation, round 1 (cold clients)", sim[0])
     log.info("%-44s %10.2f", "pure compute, one process (median)", pure_round)
     log.info("%-44s %10.2f", "common pattern: rebuild every round (median)", common_round)
-    log.info("start-up, `flwr run` to round 1 start: %.1f s", startup)
+    log.info("start-up, `flwr run` to round 1 start (SuperLink running): %.1f s", startup)
     log.info("simulation overhead: simulated / pure compute = %.3f", steady / pure_round)
     log.info("common pattern / ours (pure) = %.2fx; common pattern / ours (simulated) "
              "= %.2fx", common_round / pure_round, common_round / steady)

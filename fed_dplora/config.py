@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 Method = Literal["ffa", "vanilla"]
 PrivacyLevel = Literal["none", "sample", "client", "both"]
-Partitioner = Literal["iid", "dirichlet"]
+Partitioner = Literal["iid", "dirichlet", "pathological", "natural"]
 Pooling = Literal["mean", "cls", "last"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["sgd", "adam"]
@@ -84,7 +84,9 @@ class DataSpec:
     text_column: str = "text"
     label_column: str = "label"
     partitioner: Partitioner = "iid"
-    alpha: float = 0.5
+    alpha: float = 0.5  # dirichlet
+    classes_per_client: int = 1  # pathological
+    partition_column: str = ""  # natural: one client per value of this column
     demo_records_per_site: int = 2000
 
     @property
@@ -170,6 +172,8 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "data.label-column": ("data", "label_column"),
     "data.partitioner": ("data", "partitioner"),
     "data.alpha": ("data", "alpha"),
+    "data.classes-per-client": ("data", "classes_per_client"),
+    "data.partition-column": ("data", "partition_column"),
     "data.demo-records-per-site": ("data", "demo_records_per_site"),
 }
 
@@ -194,7 +198,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE_INT = (
     "num-server-rounds", "clients-per-round", "local-steps", "batch-size",
     "physical-batch-size", "model.max-length", "lora.rank", "lora.alpha",
-    "data.demo-records-per-site",
+    "data.demo-records-per-site", "data.classes-per-client",
 )
 _POSITIVE_FLOAT = (
     "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
@@ -290,6 +294,11 @@ def _check_combinations(spec: RunSpec) -> None:
         raise ConfigError(
             f"data.path={data.path!r} and data.name={data.name!r} are both set: "
             "set one (data.path for local files, data.name for a hub dataset id)")
+    if (data.partitioner == "natural") != bool(data.partition_column):
+        raise ConfigError(
+            "data.partitioner=\"natural\" and data.partition-column go together: the "
+            "column whose values name the clients (one client per value), e.g. "
+            "data.partition-column=\"site\"")
     if data.is_demo and data.partitioner != "iid":
         raise ConfigError(
             f"data.partitioner={data.partitioner!r} applies to data.path or hub data; "

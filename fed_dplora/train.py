@@ -69,6 +69,9 @@ class LocalTrainer:
         guards.check_on_device(self.model, device)
         self.private = private
         self.forward_module = wrap_for_per_sample_grads(self.model) if private else self.model
+        # The moved/frozen checks cost two passes over every weight: once per trainer
+        # (its model, hooks and optimizer construction are the same every round).
+        self.update_verified = False
 
     def a_fingerprint(self) -> str:
         return lora_a_fingerprint(self.model)
@@ -109,11 +112,15 @@ class LocalTrainer:
             used_sigma = stats.noise_multiplier
             if not checked and stats.examples > 0:
                 guards.check_signal(stats.signal_norm, stats.examples)
-                before = guards.snapshot_trainable(self.model)
-                frozen_before = guards.frozen_checksum(self.model)
-                optimizer.step()
-                guards.check_update_applied(self.model, before, frozen_before)
                 checked = True
+                if not self.update_verified:
+                    before = guards.snapshot_trainable(self.model)
+                    frozen_before = guards.frozen_checksum(self.model)
+                    optimizer.step()
+                    guards.check_update_applied(self.model, before, frozen_before)
+                    self.update_verified = True
+                else:
+                    optimizer.step()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)

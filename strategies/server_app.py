@@ -63,12 +63,14 @@ class Census:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
     _configure_logging()
     _refuse_runtime_env()
     spec = parse_run_config(context.run_config)
     secure = _secure_noise(spec, grid)
     nodes = _wait_for_nodes(grid, spec.clients_per_round)
     census = _census(grid, nodes)
+    census_s = time.perf_counter() - started
     run, checkpoint = _open_run(spec, context.run_id, census)
     plan = plan_privacy(spec, census.sizes)
     _log_plan(spec, plan, census, secure)
@@ -81,6 +83,9 @@ def main(grid: Grid, context: Context) -> None:
     strategy = (DpFedAvg(fingerprint, shared, plan.client) if plan.client
                 else LoraFedAvg(fingerprint, shared))
     accountant = CentralAccountant(plan, spec.train.local_steps)
+    log.info("set-up %.1f s: nodes and census %.1f s (clients start and load "
+             "their data), privacy plan and model %.1f s", time.perf_counter() - started,
+             census_s, time.perf_counter() - started - census_s)
     state = Checkpoint(0, arrays, {}, census.as_dict())
     run.write_json("privacy_plan.json", _plan_summary(spec, plan, census, secure))
     if checkpoint:

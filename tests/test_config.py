@@ -65,3 +65,16 @@ def test_privacy_levels_and_client_level_keys():
 def test_bad_values_name_the_key_and_what_is_valid(flat, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_run_config(flat)
+
+
+def test_partitioner_keys():
+    spec = parse_run_config({"data.path": "x.csv", "data.partitioner": "pathological",
+                             "data.classes-per-client": 2})
+    assert spec.data.classes_per_client == 2
+    natural = parse_run_config({"data.path": "x.csv", "data.partitioner": "natural",
+                                "data.partition-column": "hospital"})
+    assert natural.data.partition_column == "hospital"
+    with pytest.raises(ConfigError, match="partition-column go together"):
+        parse_run_config({"data.path": "x.csv", "data.partitioner": "natural"})
+    with pytest.raises(ConfigError, match="classes-per-client=0: must be > 0"):
+        parse_run_config({"data.path": "x.csv", "data.classes-per-client": 0})

@@ -64,6 +64,18 @@ def test_stale_optimizer_in_the_training_loop_is_refused(tiny_bert, data, monkey
         trainer.train(trainable_arrays(trainer.model), plan(), data)
 
 
+def test_stale_optimizer_is_refused_in_later_rounds_too(tiny_bert, data, monkeypatch):
+    """The weight-moved check runs once per trainer; the optimizer check every round."""
+    trainer = LocalTrainer(recipe(tiny_bert, "ffa"), CPU, private=True)
+    trainer.train(trainable_arrays(trainer.model), plan(), data)
+    assert trainer.update_verified
+    real = train_module.make_optimizer
+    monkeypatch.setattr(train_module, "make_optimizer",
+                        lambda model, name, lr: real(copy.deepcopy(model), name, lr))
+    with pytest.raises(GuardError, match="stale copies"):
+        trainer.train(trainable_arrays(trainer.model), plan(), data)
+
+
 def test_dp_client_refuses_a_plan_without_noise_and_vice_versa(tiny_bert, data):
     private = LocalTrainer(recipe(tiny_bert, "ffa"), CPU, private=True)
     with pytest.raises(ValueError, match="without noise"):

@@ -30,7 +30,8 @@ def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
                                       spec.seed)
         return split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, spec.seed)
     if data.path:
-        whole = load_local(data.path, data.text_column, data.label_column, spec.seed)
+        whole = load_local(data.path, data.text_column, data.label_column, spec.seed,
+                           data.partition_column)
     else:
         whole = load_hub(data.name, data.text_column, data.label_column)
     return Splits(*(partition(part, data, placement.partition_id, placement.num_partitions,

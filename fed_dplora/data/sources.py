@@ -30,6 +30,7 @@ class DataError(ValueError):
 class LabelledText:
     texts: tuple[str, ...]
     labels: tuple[str, ...]  # raw label values as strings; mapped to ids later
+    groups: tuple[str, ...] = ()  # values of data.partition-column, when one is read
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -42,17 +43,21 @@ class Splits:
 
 
 def load_local(path: str | Path, text_column: str, label_column: str,
-               seed: int) -> Splits:
-    """Read `path` (file or train/test folder); a single file is split 80/20 by seed."""
+               seed: int, group_column: str = "") -> Splits:
+    """Read `path` (file or train/test folder); a single file is split 80/20 by seed.
+
+    `group_column` (natural partitioning) is read into `LabelledText.groups`.
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         train_file = _find(path, ("train",))
         test_file = _find(path, ("test", "dev"))
-        return Splits(_read_file(train_file, text_column, label_column),
-                      _read_file(test_file, text_column, label_column))
+        return Splits(_read_file(train_file, text_column, label_column, group_column),
+                      _read_file(test_file, text_column, label_column, group_column))
     if not path.is_file():
         raise DataError(f"data.path={str(path)!r}: no such file or folder")
-    return split(_read_file(path, text_column, label_column), TEST_FRACTION, seed)
+    return split(_read_file(path, text_column, label_column, group_column), TEST_FRACTION,
+                 seed)
 
 
 def load_hub(name: str, text_column: str, label_column: str) -> Splits:
@@ -77,7 +82,8 @@ def split(data: LabelledText, test_fraction: float, seed: int) -> Splits:
     random.Random(seed).shuffle(order)
     cut = int(round(len(order) * (1 - test_fraction)))
     pick = lambda idx: LabelledText(tuple(data.texts[i] for i in idx),  # noqa: E731
-                                    tuple(data.labels[i] for i in idx))
+                                    tuple(data.labels[i] for i in idx),
+                                    tuple(data.groups[i] for i in idx) if data.groups else ())
     return Splits(pick(order[:cut]), pick(order[cut:]))
 
 
@@ -90,7 +96,8 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path:
                     f"{' or '.join(stems)} with suffix {' / '.join(SUFFIXES)}")
 
 
-def _read_file(path: Path, text_column: str, label_column: str) -> LabelledText:
+def _read_file(path: Path, text_column: str, label_column: str,
+               group_column: str = "") -> LabelledText:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported suffix {suffix!r}; use {' / '.join(SUFFIXES)}")
@@ -104,7 +111,7 @@ def _read_file(path: Path, text_column: str, label_column: str) -> LabelledText:
                                     text_column, label_column)
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise DataError(f"{path}: cannot parse as {suffix[1:]}: {err}") from err
-    return _from_frame(frame, text_column, label_column, str(path))
+    return _from_frame(frame, text_column, label_column, str(path), group_column)
 
 
 def _read_delimited(path: Path, sep: str, text_column: str,
@@ -128,11 +135,13 @@ def _read_delimited(path: Path, sep: str, text_column: str,
 
 
 def _from_frame(frame: pd.DataFrame, text_column: str, label_column: str,
-                source: str) -> LabelledText:
-    missing = [c for c in (text_column, label_column) if c not in frame.columns]
+                source: str, group_column: str = "") -> LabelledText:
+    wanted = [text_column, label_column] + ([group_column] if group_column else [])
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: no column(s) {missing}; columns are "
-                        f"{list(frame.columns)} (set data.text-column / data.label-column)")
+                        f"{list(frame.columns)} (set data.text-column / data.label-column"
+                        " / data.partition-column)")
     texts = frame[text_column].astype(str).tolist()
     labels = frame[label_column].astype(str).str.strip().tolist()
     empty = [i for i, t in enumerate(texts) if not t.strip()]
@@ -141,7 +150,8 @@ def _from_frame(frame: pd.DataFrame, text_column: str, label_column: str,
                         f"{empty[:5] or [i for i, v in enumerate(labels) if not v][:5]}")
     if not texts:
         raise DataError(f"{source}: no records")
-    return LabelledText(tuple(texts), tuple(labels))
+    groups = tuple(frame[group_column].astype(str)) if group_column else ()
+    return LabelledText(tuple(texts), tuple(labels), groups)
 
 
 def sorted_label_names(labels: set[str]) -> tuple[str, ...]:

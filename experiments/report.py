@@ -1,0 +1,266 @@
+"""Tables and plots of a sweep folder.
+
+    python -m experiments.report experiments/results/<name>
+
+Writes, into the sweep folder: `results.csv` (one row per finished cell),
+`results.md` (mean +- std over seeds of final and best eval accuracy, final epsilon,
+rounds, bytes per round, wall time) and PNG plots: accuracy vs round per method,
+accuracy vs epsilon (privacy-utility), accuracy vs LoRA rank, aggregation error vs round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fed_dplora.results import read_metrics  # noqa: E402
+
+log = logging.getLogger("fed_dplora.report")
+COLUMNS = ["cell", "dataset", "method", "privacy", "target_epsilon", "epsilon_sample",
+           "epsilon_client", "delta", "rank", "partition", "clients", "seed", "rounds",
+           "final_accuracy", "best_accuracy", "bytes_up_per_round", "bytes_down_per_round",
+           "wall_s"]
+GROUP_BY = ["dataset", "method", "privacy", "rank", "partition", "clients"]
+
+
+def collect(sweep: Path) -> list[dict[str, Any]]:
+    """One row per finished cell (a run folder with its final adapter)."""
+    rows = []
+    for folder in sorted((sweep / "runs").iterdir()):
+        if not (folder / "adapter" / "adapter_config.json").is_file():
+            continue
+        config = json.loads((folder / "config.json").read_text())
+        metrics = read_metrics(folder)
+        last = metrics[-1]
+        privacy = config["privacy"]
+        partition = config["data"]["partitioner"]
+        if partition == "dirichlet":
+            partition += f":{config['data']['alpha']:g}"
+        rows.append({
+            "cell": folder.name,
+            "dataset": _dataset(config["data"]),
+            "method": config["method"],
+            "privacy": "none" if privacy["level"] == "none"
+            else f"{privacy['level']}:{privacy['target_epsilon']:g}",
+            "target_epsilon": None if privacy["level"] == "none" else privacy["target_epsilon"],
+            "epsilon_sample": last["epsilon_sample"], "epsilon_client": last["epsilon_client"],
+            "delta": last["delta"], "rank": config["lora"]["rank"], "partition": partition,
+            "clients": len(json.loads((folder / "privacy_plan.json").read_text())
+                           ["client_sizes"]),
+            "seed": config["seed"], "rounds": last["round"],
+            "final_accuracy": last["eval_accuracy"],
+            "best_accuracy": max(m["eval_accuracy"] for m in metrics),
+            "bytes_up_per_round": statistics.mean(m["bytes_up"] for m in metrics),
+            "bytes_down_per_round": statistics.mean(m["bytes_down"] for m in metrics),
+            "wall_s": sum(m["wall_s"] for m in metrics),
+            "_curve": [m["eval_accuracy"] for m in metrics],
+            "_agg_error": [m["aggregation_error"] for m in metrics],
+        })
+    return rows
+
+
+def _dataset(data: dict) -> str:
+    """A readable dataset name: the folder of a data file, or the folder, or the hub id."""
+    if not data["path"]:
+        return data["name"]
+    path = Path(data["path"])
+    return path.parent.name if path.suffix else path.name
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        out[tuple(row[k] for k in GROUP_BY)].append(row)
+    return dict(sorted(out.items(), key=lambda kv: tuple(map(str, kv[0]))))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(GROUP_BY) + " | seeds | final acc | best acc | final ε "
+             "(sample) | rounds | KB up/round | KB down/round | wall s |",
+             "|" + "---|" * (len(GROUP_BY) + 8)]
+    for key, members in groups(rows).items():
+        lines.append("| " + " | ".join(map(str, key)) + f" | {len(members)} | "
+                     f"{_mean_std([r['final_accuracy'] for r in members])} | "
+                     f"{_mean_std([r['best_accuracy'] for r in members])} | "
+                     f"{_mean_std([r['epsilon_sample'] for r in members])} | "
+                     f"{_mean_std([r['rounds'] for r in members])} | "
+                     f"{statistics.mean(r['bytes_up_per_round'] for r in members) / 1e3:.1f} | "
+                     f"{statistics.mean(r['bytes_down_per_round'] for r in members) / 1e3:.1f}"
+                     f" | {statistics.mean(r['wall_s'] for r in members):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], folder: Path) -> list[Path]:
+    written = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        data = [r for r in rows if r["dataset"] == dataset]
+        written += [_accuracy_vs_round(data, dataset, folder),
+                    _accuracy_vs_epsilon(data, dataset, folder),
+                    _accuracy_vs_rank(data, dataset, folder),
+                    _aggregation_error(data, dataset, folder)]
+    return [p for p in written if p]
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    length = min(map(len, curves))
+    return [statistics.mean(c[i] for c in curves) for i in range(length)]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _accuracy_vs_round(rows, dataset, folder) -> Path:
+    privacies = sorted({r["privacy"] for r in rows})
+    fig, axes = plt.subplots(1, len(privacies), figsize=(4 * len(privacies), 3.4),
+                             squeeze=False, sharey=True)
+    for ax, privacy in zip(axes[0], privacies):
+        for (method, partition), members in sorted(_by(rows, privacy, "method",
+                                                       "partition").items()):
+            curve = _mean_curve([r["_curve"] for r in members])
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                    label=f"{method}, {partition}")
+        ax.set_title(f"{dataset}, privacy {privacy}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("eval accuracy (mean over seeds)")
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, folder / f"accuracy_vs_round_{dataset}.png")
+
+
+def _by(rows, privacy, *keys) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["privacy"] == privacy and r["rank"] == _default_rank(rows):
+            out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def _default_rank(rows) -> int:
+    ranks = [r["rank"] for r in rows]
+    return max(set(ranks), key=ranks.count)
+
+
+def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
+    private = [r for r in rows if r["target_epsilon"] is not None]
+    if not private:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    rank = _default_rank(rows)
+    for (method, partition) in sorted({(r["method"], r["partition"]) for r in rows}):
+        points = defaultdict(list)
+        for r in private:
+            if (r["method"], r["partition"], r["rank"]) == (method, partition, rank):
+                points[r["target_epsilon"]].append(r)
+        if not points:
+            continue
+        eps = sorted(points)
+        ax.errorbar([statistics.mean(r["epsilon_sample"] for r in points[e]) for e in eps],
+                    [statistics.mean(r["final_accuracy"] for r in points[e]) for e in eps],
+                    yerr=[statistics.pstdev([r["final_accuracy"] for r in points[e]])
+                          for e in eps], marker="o", capsize=3, label=f"{method}, {partition}")
+        baseline = [r["final_accuracy"] for r in rows if r["privacy"] == "none"
+                    and (r["method"], r["partition"], r["rank"]) == (method, partition, rank)]
+        if baseline:
+            ax.axhline(statistics.mean(baseline), linestyle=":", linewidth=1,
+                       color=ax.lines[-1].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("final sample-level ε (ledger, RDP)")
+    ax.set_ylabel("final eval accuracy")
+    ax.set_title(f"{dataset}: privacy-utility (dotted: no DP)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder / f"accuracy_vs_epsilon_{dataset}.png")
+
+
+def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
+    ranks = sorted({r["rank"] for r in rows})
+    if len(ranks) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for (method, privacy) in sorted({(r["method"], r["privacy"]) for r in rows}):
+        points = {k: [r["final_accuracy"] for r in rows if (r["method"], r["privacy"],
+                                                            r["rank"]) == (method, privacy, k)]
+                  for k in ranks}
+        xs = [k for k in ranks if points[k]]
+        if len(xs) > 1:
+            ax.plot(xs, [statistics.mean(points[k]) for k in xs], marker="o",
+                    label=f"{method}, {privacy}")
+    ax.set_xlabel("LoRA rank")
+    ax.set_ylabel("final eval accuracy")
+    ax.set_xticks(ranks)
+    ax.set_title(f"{dataset}: accuracy vs rank")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder / f"accuracy_vs_rank_{dataset}.png")
+
+
+def _aggregation_error(rows, dataset, folder) -> Path | None:
+    vanilla = [r for r in rows if r["method"] == "vanilla"]
+    if not vanilla:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for (privacy, partition) in sorted({(r["privacy"], r["partition"]) for r in vanilla}):
+        members = [r for r in vanilla if (r["privacy"], r["partition"]) == (privacy, partition)]
+        curve = _mean_curve([r["_agg_error"] for r in members])
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                label=f"{privacy}, {partition}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("aggregation error ||mean(BA) - mean(B)mean(A)|| / ||mean(BA)||")
+    ax.set_title(f"{dataset}: vanilla LoRA aggregation error (FFA: 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder / f"aggregation_error_{dataset}.png")
+
+
+def report(sweep: Path) -> dict[str, Any]:
+    rows = collect(sweep)
+    if not rows:
+        raise FileNotFoundError(f"{sweep}/runs holds no finished run folder")
+    write_csv(rows, sweep / "results.csv")
+    (sweep / "results.md").write_text(markdown(rows))
+    return {"rows": len(rows), "plots": plots(rows, sweep)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    result = report(args.sweep)
+    log.info("%d cells -> %s/results.csv, results.md, %d plots", result["rows"], args.sweep,
+             len(result["plots"]))
+
+
+if __name__ == "__main__":
+    main()
