@@ -35,10 +35,10 @@ GROUP_BY = ["dataset", "method", "privacy", "rank", "partition", "clients"]
 
 
 def collect(sweep: Path) -> list[dict[str, Any]]:
-    """One row per finished cell (a run folder with its final adapter)."""
+    """One row per finished cell (a run folder with its summary.json)."""
     rows = []
     for folder in sorted((sweep / "runs").iterdir()):
-        if not (folder / "adapter" / "adapter_config.json").is_file():
+        if not (folder / "summary.json").is_file():
             continue
         config = json.loads((folder / "config.json").read_text())
         metrics = read_metrics(folder)

@@ -24,8 +24,10 @@ The TOML file:
     grid = { "lora.rank" = [16], privacy = [8.0], method = ["ffa", "vanilla"] }
 
 Relative paths in the file are relative to the file. Every cell runs the real ServerApp
-and ClientApp. A cell whose run folder holds its final adapter is skipped; a cell
-interrupted mid-run is continued from its checkpoint (`resume=true`).
+and ClientApp. A cell whose run folder holds `summary.json` (written last by the
+ServerApp) is skipped; a cell interrupted mid-run is continued from its checkpoint
+(`resume=true`). Run folders' small files are meant to be committed as cells land, so
+a study can span sessions; adapters and checkpoints stay out of git.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
 
 
 def _finished(folder: Path) -> bool:
-    return (folder / "adapter" / "adapter_config.json").is_file()
+    return (folder / "summary.json").is_file()  # the ServerApp writes it last
 
 
 def _as_list(key: str, value: Any) -> list:

@@ -152,6 +152,12 @@ def main(grid: Grid, context: Context) -> None:
                   "stopped": state.stopped}
         run.write_json("privacy_report.json", report)
         log.info("privacy report: %s", run.path / "privacy_report.json")
+    # Written last: its presence means the run finished and every other file is final.
+    run.write_json("summary.json", {
+        "finished": True, "rounds_completed": state.round, "stopped": state.stopped,
+        "epsilon_sample": accountant.epsilon_sample(),
+        "epsilon_client": accountant.epsilon_client(),
+        "wall_s": time.perf_counter() - started})
 
 
 def _open_run(spec: RunSpec, run_id: int, census: Census
