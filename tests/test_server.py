@@ -129,25 +129,31 @@ def test_resume_refuses_a_changed_config_and_a_missing_folder(config):
         run_federation(config, NODES)
 
 
+def run_keeping_checkpoint(config, monkeypatch, wanted) -> Checkpoint:
+    """Run the federation; return a copy of the last checkpoint it saved that `wanted`."""
+    kept, original_save = [], Checkpoint.save
+
+    def save(self, folder):
+        if wanted(self):
+            kept.append(copy.deepcopy(self))
+        return original_save(self, folder)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    run_federation(config, NODES)
+    monkeypatch.undo()
+    return kept[-1]
+
+
 def test_secure_round_lost_in_flight_is_charged_on_resume(config, monkeypatch):
     """With secure noise, a round whose clients were asked to train is charged even
     though its update was lost: its fresh draws reached the server and will not repeat."""
     config.update({"privacy.secure-noise": True, "num-server-rounds": 2,
                    # budget to spare: the lost round must not stop the run here
                    "privacy.noise-multiplier": 1.0, "privacy.target-epsilon": 50.0})
-    saved = {}
-    original_save = Checkpoint.save
-
-    def keep_in_flight(self, folder):
-        if self.pending and self.pending["round"] == 2:
-            saved["in_flight"] = copy.deepcopy(self)
-        return original_save(self, folder)
-    monkeypatch.setattr(Checkpoint, "save", keep_in_flight)
-    run_federation(config, NODES)
-    monkeypatch.undo()
+    in_flight = run_keeping_checkpoint(
+        config, monkeypatch, lambda c: c.pending and c.pending["round"] == 2)
     run = Path(config["output-dir"]) / "run"
     before = read_metrics(run)
-    saved["in_flight"].save(run)  # what SIGKILL during round 2 leaves
+    in_flight.save(run)  # what SIGKILL during round 2 leaves
     (run / "privacy_report.json").unlink()
     run_federation({**config, "resume": True}, NODES)
     rows, report = read_metrics(run), json.loads((run / "privacy_report.json").read_text())
@@ -165,22 +171,13 @@ def test_seeded_round_lost_after_its_metrics_line_replays_without_a_second_charg
         config, monkeypatch):
     """A crash between a round's metrics line and its checkpoint: the resumed run drops
     the orphan line, replays the round with the same seeds and charges it once."""
-    saved = {}
-    original_save = Checkpoint.save
-
-    def keep_round_two(self, folder):
-        if self.round == 2 and self.pending is None:
-            saved["round2"] = copy.deepcopy(self)
-        return original_save(self, folder)
-    monkeypatch.setattr(Checkpoint, "save", keep_round_two)
-    run_federation(config, NODES)
-    monkeypatch.undo()
+    crashed = run_keeping_checkpoint(config, monkeypatch,
+                                     lambda c: c.round == 2 and c.pending is None)
     run = Path(config["output-dir"]) / "run"
     before = read_metrics(run)
     report_before = json.loads((run / "privacy_report.json").read_text())
     # The state a crash leaves: checkpoint at round 2 with round 3 in flight, while
     # metrics.jsonl already holds round 3's line.
-    crashed = saved["round2"]
     crashed.pending = {"round": 3, "sample_charges": {}}
     crashed.save(run)
     (run / "privacy_report.json").unlink()
