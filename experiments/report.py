@@ -140,6 +140,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _accuracy_vs_round(rows, dataset, folder) -> Path:
     privacies = sorted({r["privacy"] for r in rows})
     fig, axes = plt.subplots(1, len(privacies), figsize=(4 * len(privacies), 3.4),
@@ -195,11 +203,8 @@ def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
             ax.axhline(statistics.mean(baseline), linestyle=":", linewidth=1,
                        color=ax.lines[-1].get_color())
     ax.set_xscale("log")
-    ax.set_xlabel("final sample-level ε (ledger, RDP)")
-    ax.set_ylabel("final eval accuracy")
-    ax.set_title(f"{dataset}: privacy-utility (dotted: no DP)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "final sample-level ε (ledger, RDP)", "final eval accuracy",
+           f"{dataset}: privacy-utility (dotted: no DP)")
     return _save(fig, folder / f"accuracy_vs_epsilon_{dataset}.png")
 
 
@@ -216,12 +221,8 @@ def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
         if len(xs) > 1:
             ax.plot(xs, [statistics.mean(points[k]) for k in xs], marker="o",
                     label=f"{method}, {privacy}")
-    ax.set_xlabel("LoRA rank")
-    ax.set_ylabel("final eval accuracy")
     ax.set_xticks(ranks)
-    ax.set_title(f"{dataset}: accuracy vs rank")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "LoRA rank", "final eval accuracy", f"{dataset}: accuracy vs rank")
     return _save(fig, folder / f"accuracy_vs_rank_{dataset}.png")
 
 
@@ -235,11 +236,9 @@ def _aggregation_error(rows, dataset, folder) -> Path | None:
         curve = _mean_curve([r["_agg_error"] for r in members])
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
                 label=f"{privacy}, {partition}")
-    ax.set_xlabel("round")
-    ax.set_ylabel("aggregation error ||mean(BA) - mean(B)mean(A)|| / ||mean(BA)||")
-    ax.set_title(f"{dataset}: vanilla LoRA aggregation error (FFA: 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    # ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F, exactly 0 under FFA
+    _label(ax, "round", "relative aggregation error",
+           f"{dataset}: vanilla aggregation error (FFA: 0)")
     return _save(fig, folder / f"aggregation_error_{dataset}.png")
 
 
