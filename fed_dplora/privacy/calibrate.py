@@ -8,7 +8,7 @@ import dp_accounting as dpa
 
 from fed_dplora.privacy.accountants import make_rdp_accountant
 from fed_dplora.privacy.events import (SAMPLE_LEVEL_RELATION, ClientSampling, NeighborRel,
-                                       client_level_relation, dp_fedavg_round, dp_sgd_step)
+                                       client_level_relation, dp_fedavg_round, dp_sgd_steps)
 
 
 def calibrate_noise(event_for: Callable[[float], dpa.DpEvent], relation: NeighborRel,
@@ -29,10 +29,8 @@ def calibrate_dp_sgd_noise(target_epsilon: float, delta: float,
     Same event builder and accountant as the live ledger, so a client that takes
     exactly `steps` steps ends within its target.
     """
-    return calibrate_noise(
-        lambda sigma: dpa.SelfComposedDpEvent(dp_sgd_step(sampling_probability, sigma),
-                                              steps),
-        SAMPLE_LEVEL_RELATION, target_epsilon, delta)
+    return calibrate_noise(lambda sigma: dp_sgd_steps(sampling_probability, sigma, steps),
+                           SAMPLE_LEVEL_RELATION, target_epsilon, delta)
 
 
 def calibrate_dp_fedavg_noise(target_epsilon: float, delta: float,

@@ -34,7 +34,7 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
                    for a in accounts},
         "epsilon_rdp": rdp,
         "epsilon_rdp_max": max(rdp.values(), default=0.0),
-        "epsilon_rdp_mean": sum(rdp.values()) / len(rdp) if rdp else 0.0,
+        "epsilon_rdp_mean": ledger.mean_epsilon(accounts),
         "epsilon_pld_max": pld,
         "pld_discretization": PLD_DISCRETIZATION,
         "pld_note": None if pld is not None else
