@@ -38,6 +38,9 @@ def test_agnews_file_with_string_labels_and_bare_quotes():
 def test_glue_sst2_header_with_configured_text_column():
     splits = load_local(SHARED_DATA / "sst2-glue", "sentence", "label", 0)
     assert (len(splits.train), len(splits.test)) == (60614, 872)
+    assert set(splits.train.labels) == set(splits.test.labels) == {"0", "1"}
+    with pytest.raises(DataError, match="looks like a header.*'sentence'"):
+        load_local(SHARED_DATA / "sst2-glue", "text", "label", 0)
 
 
 def test_formats_and_clear_errors(tmp_path):
@@ -49,6 +52,10 @@ def test_formats_and_clear_errors(tmp_path):
     (tmp_path / "b.csv").write_text("a,b,c\n1,2,3\n")
     with pytest.raises(DataError, match="b.csv.*data.text-column"):
         load_local(tmp_path / "b.csv", "text", "label", 0)
+    # A header naming only one of the configured columns is a header, not a record.
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+    with pytest.raises(DataError, match="d.tsv.*looks like a header.*data.text-column"):
+        load_local(tmp_path / "d.tsv", "text", "label", 0)
     (tmp_path / "c.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported suffix"):
         load_local(tmp_path / "c.txt", "text", "label", 0)

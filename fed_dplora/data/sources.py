@@ -119,6 +119,12 @@ def _read_delimited(path: Path, sep: str, text_column: str,
     with path.open(newline="", encoding="utf-8") as handle:
         first = next(csv.reader(handle, delimiter=sep, quoting=csv.QUOTE_NONE), [])
     header = text_column in first and label_column in first
+    if not header and (text_column in first or label_column in first):
+        raise DataError(
+            f"{path}: first row {first[:5]} looks like a header but lacks "
+            f"data.text-column={text_column!r} or data.label-column={label_column!r}; "
+            f"set both to names in it (for example data.text-column="
+            f"{next((c for c in first if c != label_column), first[0])!r})")
     if not header and len(first) != 2:
         raise DataError(
             f"{path}: first row has columns {first[:5]}; set data.text-column and "
