@@ -1,12 +1,16 @@
 """Flower ClientApp: decode the message, call fed_dplora, encode the reply.
 
-Per worker process, the model (with its Opacus hooks) is built once and the tokenized
-data of each simulated client once; rounds reuse both.
+Start-up: Flower imports this module in the simulation driver (to check it loads)
+before Ray starts, then in every worker. So it imports only Flower and light parts; the
+census loads just the site's data; the training half (`clients.local_site`: torch,
+transformers, PEFT, Opacus) is then imported in the background while the server plans
+the run, and the first train or evaluate message waits for it.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -15,13 +19,12 @@ from flwr.clientapp import ClientApp
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
-from fed_dplora.data.sources import sorted_label_names
-from fed_dplora.data.tokenize import TokenizedData, tokenize
-from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
-from fed_dplora.train import LocalTrainer, RoundPlan
+from fed_dplora.data.sources import Splits, sorted_label_names
+from fed_dplora.preload import preload
 
 app = ClientApp()
 EVAL_BATCH = 128
+LOCAL_SITE = "clients.local_site"
 
 
 @app.query()
@@ -30,6 +33,7 @@ def query(msg: Message, context: Context) -> Message:
     placement = _placement(context)
     splits = _site(parse_run_config(context.run_config), placement)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
+    preload(LOCAL_SITE)  # the training half loads while the server plans the run
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
                           p.LABEL_NAMES: list(labels)})
@@ -41,15 +45,9 @@ def train(msg: Message, context: Context) -> Message:
     spec = parse_run_config(context.run_config)
     config = _checked_config(msg)
     trainer, (train_data, _) = _prepare(spec, context, config)
-    plan = RoundPlan(
-        local_steps=spec.train.local_steps, batch_size=spec.train.batch_size,
-        physical_batch_size=spec.train.physical_batch_size,
-        learning_rate=spec.train.learning_rate, optimizer=spec.train.optimizer,
-        noise_multiplier=config.get(p.NOISE_MULTIPLIER),
-        max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]),
-        # A site may insist on secure noise whatever the server asks.
-        secure_noise=bool(config.get(p.SECURE_NOISE, False))
-        or bool(context.node_config.get("secure-noise", False)))
+    # A site may insist on secure noise whatever the server asks.
+    plan = _local_site().round_plan(
+        spec, config, bool(context.node_config.get("secure-noise", False)))
     arrays, report = trainer.train(_to_numpy(msg.content[p.ARRAYS]), plan, train_data)
     metrics = MetricRecord({
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
@@ -85,31 +83,19 @@ def _placement(context: Context) -> SitePlacement:
                          str(node.get("data-path", "")))
 
 
-def _prepare(spec: RunSpec, context: Context, config: ConfigRecord
-             ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData]]:
-    labels = tuple(config[p.LABEL_NAMES])
-    recipe = ModelRecipe.from_spec(spec, len(labels))
-    trainer = _trainer(recipe, spec.device, spec.privacy.sample_level)
-    return trainer, _tokenized(spec, _placement(context), labels)
+def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
+    placement = _placement(context)
+    return _local_site().prepare(spec, placement, _site(spec, placement),
+                                          tuple(config[p.LABEL_NAMES]))
 
 
-@lru_cache(maxsize=1)
-def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
-    return LocalTrainer(recipe, resolve_device(device), private)
+def _local_site() -> ModuleType:
+    return preload(LOCAL_SITE).result()
 
 
 @lru_cache(maxsize=64)
-def _site(spec: RunSpec, placement: SitePlacement):
+def _site(spec: RunSpec, placement: SitePlacement) -> Splits:
     return load_site(spec, placement)
-
-
-@lru_cache(maxsize=64)
-def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...]
-               ) -> tuple[TokenizedData, TokenizedData]:
-    tokenizer = load_tokenizer(spec.model)
-    splits = _site(spec, placement)
-    return (tokenize(splits.train, tokenizer, spec.model.max_length, labels),
-            tokenize(splits.test, tokenizer, spec.model.max_length, labels))
 
 
 def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -22,10 +22,10 @@ common pattern / ours (speed-up).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,34 +56,40 @@ def run_config(args, out: Path) -> dict:
             "data.demo-records-per-site": args.records}
 
 
-def simulated(args, out: Path) -> tuple[float, list[float]]:
-    """(start-up s, per-round wall s) of a real `flwr run` with `args.clients` SuperNodes."""
-    config = run_config(args, out)
-    with LocalFederation(args.clients) as federation:
-        # A first small job starts the SuperLink (once per federation, as in a sweep).
-        federation.run({**config, "num-server-rounds": 1, "local-steps": 1,
-                        "run-name": "warm-up"})
-        start = time.perf_counter()
-        first_row_at, errors = None, []
+FLOOR_APP = Path(__file__).resolve().parent / "startup_floor"
 
-        def run_job() -> None:
-            try:
-                federation.run(config)
-            except Exception as exc:  # re-raised below, in the main thread
-                errors.append(exc)
-        job = threading.Thread(target=run_job)
-        job.start()
-        metrics = out / "bench" / "metrics.jsonl"
-        while job.is_alive():
-            if first_row_at is None and metrics.exists() and metrics.stat().st_size:
-                first_row_at = time.perf_counter()
-            time.sleep(0.05)
-        job.join()
-    if errors:
-        raise errors[0]
-    rows = read_metrics(out / "bench")
-    startup = first_row_at - start - rows[0]["wall_s"]
-    return startup, [r["wall_s"] for r in rows]
+
+def _timed_job(federation: LocalFederation, config: dict, app: Path | None = None
+               ) -> tuple[float, Path]:
+    """(wall-clock time at launch, run folder) of one job, run to completion."""
+    launched = time.time()
+    folder = (federation.run(config, app) if app else federation.run(config))
+    return launched, folder
+
+
+def startup(args, out: Path, federation: LocalFederation
+            ) -> tuple[list[float], list[float], list[float]]:
+    """Seconds from `flwr run` to the first round's start (ours; the empty floor app) and
+    to the end of our 1-step round 1 (work deferred past start-up shows up there), in
+    interleaved pairs on one running SuperLink."""
+    ours, floor, first_round_end = [], [], []
+    for rep in range(args.startup_repeats):
+        launched, folder = _timed_job(
+            federation, {**run_config(args, out), "num-server-rounds": 1, "local-steps": 1,
+                         "run-name": f"startup-{rep}"})
+        first = read_metrics(folder)[0]
+        ours.append(first["started_at"] - launched)
+        first_round_end.append(first["started_at"] + first["wall_s"] - launched)
+        launched, folder = _timed_job(
+            federation, {"num-nodes": args.clients, "output-dir": str(out),
+                         "run-name": f"floor-{rep}"}, FLOOR_APP)
+        floor.append(json.loads((folder / "ready.json").read_text())["ready_at"] - launched)
+    return ours, floor, first_round_end
+
+
+def simulated(args, out: Path, federation: LocalFederation) -> list[float]:
+    """Per-round wall seconds of a real `flwr run` with `args.clients` SuperNodes."""
+    return [r["wall_s"] for r in read_metrics(federation.run(run_config(args, out)))]
 
 
 def sites(spec: RunSpec, clients: int):
@@ -166,6 +172,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--records", type=int, default=500)
+    parser.add_argument("--startup-repeats", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     out = Path(tempfile.mkdtemp(prefix="fed-dplora-bench-round-"))
@@ -173,7 +180,12 @@ def main() -> None:
     log.info("%d clients x %d rounds x %d DP-SGD steps (batch %d), %d demo records/site, "
              "MiniLM FFA, %d torch threads", args.clients, args.rounds, args.local_steps,
              args.batch, args.records, torch.get_num_threads())
-    startup, sim = simulated(args, out)
+    with LocalFederation(args.clients) as federation:
+        # A first small job starts the SuperLink (once per federation, as in a sweep).
+        federation.run({**run_config(args, out), "num-server-rounds": 1, "local-steps": 1,
+                        "run-name": "warm-up"})
+        ours_startup, floor_startup, first_round_end = startup(args, out, federation)
+        sim = simulated(args, out, federation)
     pure_runner, common_runner = PureCompute(args, spec), CommonPattern(args, spec)
     pure, common = [], []
     for rnd in range(args.rounds):  # interleaved, so machine noise hits both alike
@@ -186,7 +198,13 @@ def main() -> None:
     log.info("%-44s %10.2f", "flwr run simulation, round 1 (cold clients)", sim[0])
     log.info("%-44s %10.2f", "pure compute, one process (median)", pure_round)
     log.info("%-44s %10.2f", "common pattern: rebuild every round (median)", common_round)
-    log.info("start-up, `flwr run` to round 1 start (SuperLink running): %.1f s", startup)
+    log.info("start-up, `flwr run` to round 1 start (SuperLink running, median of %d): "
+             "fed-dplora %.1f s, empty Flower app (floor) %.1f s, ours - floor %.1f s",
+             args.startup_repeats, statistics.median(ours_startup),
+             statistics.median(floor_startup),
+             statistics.median(ours_startup) - statistics.median(floor_startup))
+    log.info("`flwr run` to the end of a 1-step round 1 (cold clients): %.1f s",
+             statistics.median(first_round_end))
     log.info("simulation overhead: simulated / pure compute = %.3f", steady / pure_round)
     log.info("common pattern / ours (pure) = %.2fx; common pattern / ours (simulated) "
              "= %.2fx", common_round / pure_round, common_round / steady)

@@ -61,13 +61,14 @@ class LocalFederation:
         for pid in pids:
             os.kill(int(pid), signal.SIGTERM)
 
-    def run(self, run_config: dict[str, Any]) -> Path:
-        """Run one job; returns its run folder (`output-dir`/`run-name`, both required)."""
+    def run(self, run_config: dict[str, Any], app: Path = REPO) -> Path:
+        """Run one job of `app` (fed-dplora unless given); returns its run folder
+        (`output-dir`/`run-name`, both required)."""
         output = Path(run_config["output-dir"]) / run_config["run-name"]
         config = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         before = set(self._statuses())
         proc = subprocess.run(
-            ["flwr", "run", str(REPO), "--stream", "--run-config", config,
+            ["flwr", "run", str(app), "--stream", "--run-config", config,
              "--federation-config", self.federation_config],
             env=self.env, cwd=REPO, capture_output=True, text=True, timeout=self.timeout_s)
         new = {run_id: status for run_id, status in self._statuses().items()

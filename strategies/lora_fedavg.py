@@ -14,10 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
 from fed_dplora.dp.noise import RandomSource
-
-
-class ClientFailure(RuntimeError):
-    """A client failed, did not answer, or answered with tensors we must refuse."""
+from strategies.replies import ClientFailure, checked_replies
 
 
 @dataclass(frozen=True)
@@ -91,19 +88,6 @@ class LoraFedAvg:
         loss = sum(m[p.EVAL_LOSS] * m[p.NUM_EXAMPLES] for m in rows) / max(total, 1)
         accuracy = sum(m[p.EVAL_ACCURACY] * m[p.NUM_EXAMPLES] for m in rows) / max(total, 1)
         return float(loss), float(accuracy), total
-
-
-def checked_replies(replies: list[Message], expected: list[int], phase: str
-                    ) -> list[Message]:
-    """Every expected node answered without error; otherwise one clear error."""
-    failed = [f"node {r.metadata.src_node_id}: {r.error.reason}"
-              for r in replies if r.has_error()]
-    if failed:
-        raise ClientFailure(f"{phase}: {len(failed)} client(s) failed: " + "; ".join(failed))
-    missing = sorted(set(expected) - {r.metadata.src_node_id for r in replies})
-    if missing:
-        raise ClientFailure(f"{phase}: no reply from node(s) {missing} before the timeout")
-    return replies
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -79,6 +79,8 @@ def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env,
         assert all(r[key] is not None for r in rows), key
     assert all(r["epsilon_client"] is None for r in rows)
     assert 0 < rows[0]["epsilon_sample"] < rows[1]["epsilon_sample"] <= 8.0
+    # Round 2 starts (UNIX time) after round 1 took its wall time.
+    assert rows[1]["started_at"] >= rows[0]["started_at"] + rows[0]["wall_s"]
     assert all(r["aggregation_error"] < 1e-9 and len(r["clients"]) == 2 for r in rows)
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["sample"]["epsilon_rdp_max"] == pytest.approx(rows[-1]["epsilon_sample"])

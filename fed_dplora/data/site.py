@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
-from fed_dplora.data.partition import partition
 from fed_dplora.data.sources import (TEST_FRACTION, LabelledText, Splits, load_hub,
                                      load_local, split)
 
@@ -34,5 +33,9 @@ def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
                            data.partition_column)
     else:
         whole = load_hub(data.name, data.text_column, data.label_column)
+    # Here only: flwr-datasets (with datasets, scipy, seaborn) takes ~1.5 s to import,
+    # which a site with its own data or the demo task should not pay at start-up.
+    from fed_dplora.data.partition import partition
+
     return Splits(*(partition(part, data, placement.partition_id, placement.num_partitions,
                               spec.seed) for part in (whole.train, whole.test)))

@@ -1,0 +1,51 @@
+"""The heavy half of the ClientApp: this site's data, tokenized, and its trainer.
+
+Per worker process, the model (with its Opacus hooks) is built once and the tokenized
+data of each simulated client once; rounds reuse both. Imports torch, transformers, PEFT
+and Opacus, so `client_app` loads this module only where training happens (see there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+
+from fed_dplora import protocol as p
+from fed_dplora.config import RunSpec
+from fed_dplora.data.site import SitePlacement
+from fed_dplora.data.tokenize import TokenizedData, tokenize
+from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
+from fed_dplora.train import LocalTrainer, RoundPlan
+
+
+def prepare(spec: RunSpec, placement: SitePlacement, splits, labels: tuple[str, ...]
+            ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData]]:
+    """The reused trainer and this site's (train, test) data, tokenized once."""
+    recipe = ModelRecipe.from_spec(spec, len(labels))
+    trainer = _trainer(recipe, spec.device, spec.privacy.sample_level)
+    return trainer, _tokenized(spec, placement, labels, splits)
+
+
+def round_plan(spec: RunSpec, config: Mapping, site_insists_on_secure_noise: bool
+               ) -> RoundPlan:
+    """This round's plan from the run config and the server's round config."""
+    return RoundPlan(
+        local_steps=spec.train.local_steps, batch_size=spec.train.batch_size,
+        physical_batch_size=spec.train.physical_batch_size,
+        learning_rate=spec.train.learning_rate, optimizer=spec.train.optimizer,
+        noise_multiplier=config.get(p.NOISE_MULTIPLIER),
+        max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]),
+        secure_noise=bool(config.get(p.SECURE_NOISE, False)) or site_insists_on_secure_noise)
+
+
+@lru_cache(maxsize=1)
+def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
+    return LocalTrainer(recipe, resolve_device(device), private)
+
+
+@lru_cache(maxsize=64)
+def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...], splits
+               ) -> tuple[TokenizedData, TokenizedData]:
+    tokenizer = load_tokenizer(spec.model)
+    return (tokenize(splits.train, tokenizer, spec.model.max_length, labels),
+            tokenize(splits.test, tokenizer, spec.model.max_length, labels))

@@ -1,0 +1,29 @@
+"""Start-up: the Flower app modules import light, and the heavy halves load in background."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fed_dplora.preload import preload
+
+HEAVY = ("torch", "transformers", "peft", "opacus", "dp_accounting", "flwr_datasets")
+
+
+def test_app_modules_import_without_torch_transformers_peft_or_opacus():
+    # Flower imports both apps in the simulation driver while it starts Ray.
+    code = ("import sys, clients.client_app, strategies.server_app; "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_preload_imports_once_and_surfaces_import_errors():
+    future = preload("clients.local_site")
+    assert preload("clients.local_site") is future
+    assert hasattr(future.result(timeout=120), "prepare")
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_xyz"):
+        preload("fed_dplora.no_such_module_xyz").result(timeout=10)
