@@ -96,6 +96,9 @@ class LocalTrainer:
         checked, used_sigma = False, 0.0
         for _ in range(plan.local_steps):
             indices = torch.nonzero(sampler.uniform(n) < q).flatten().tolist()
+            # Shortest first, so each physical batch pads to similar lengths. The logical
+            # batch's clipped sum, and so its noisy gradient, does not depend on the split.
+            indices.sort(key=data.length)
             accumulator.begin()
             for lo in range(0, len(indices), plan.physical_batch_size):
                 chunk = indices[lo:lo + plan.physical_batch_size]
@@ -177,9 +180,9 @@ def evaluate_model(model: torch.nn.Module, data: TokenizedData, batch_size: int,
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
+    by_length = sorted(range(len(data)), key=data.length)  # less padding per batch
     for lo in range(0, len(data), batch_size):
-        ids, mask, labels = data.batch(list(range(lo, min(lo + batch_size, len(data)))),
-                                       device)
+        ids, mask, labels = data.batch(by_length[lo:lo + batch_size], device)
         with mixed_precision(device):
             logits = model(ids, mask).float()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))

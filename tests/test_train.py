@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -53,6 +54,22 @@ def test_rounds_are_reproducible_from_the_round_seed(tiny_bert, data):
     first, _ = trainer.train(start, plan(), data)
     second, _ = trainer.train(start, plan(), data)
     assert all(np.array_equal(first[n], second[n]) for n in first)
+
+
+def test_dp_round_does_not_depend_on_how_the_logical_batch_is_split(tiny_bert, data):
+    # Physical batches are padded (and sorted by length); one record at a time is not.
+    trainer = LocalTrainer(recipe(tiny_bert, "vanilla"), CPU, private=True)
+    start = trainable_arrays(trainer.model)
+    outs = [trainer.train(start, dataclasses.replace(plan(), physical_batch_size=size), data)[0]
+            for size in (1, 16, 64)]
+    assert len({len(row) for row in data.input_ids}) > 5  # lengths really vary
+    for other in outs[1:]:
+        for name in outs[0]:
+            np.testing.assert_allclose(other[name], outs[0][name], rtol=1e-4, atol=1e-6)
+    one = trainer.evaluate(start, data, batch_size=1)
+    batched = trainer.evaluate(start, data, batch_size=50)
+    assert batched.accuracy == one.accuracy
+    assert batched.loss == pytest.approx(one.loss, rel=1e-5)
 
 
 def test_stale_optimizer_in_the_training_loop_is_refused(tiny_bert, data, monkeypatch):

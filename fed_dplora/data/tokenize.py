@@ -19,6 +19,10 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def length(self, index: int) -> int:
+        """Tokens in record `index`."""
+        return len(self.input_ids[index])
+
     def batch(self, indices: list[int], device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels) of `indices`, right-padded, on device."""
