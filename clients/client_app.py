@@ -2,13 +2,16 @@
 
 Start-up: Flower imports this module in the simulation driver (to check it loads)
 before Ray starts, then in every worker. So it imports only Flower and light parts; the
-census loads just the site's data; the training half (`clients.local_site`: torch,
-transformers, PEFT, Opacus) is then imported in the background while the server plans
-the run, and the first train or evaluate message waits for it.
+census loads just the site's data, and the training half (`clients.local_site`: torch,
+transformers, PEFT, Opacus) is imported on the first train or evaluate message. Not in
+a background thread: a simulated worker loads the next client's data (flwr-datasets,
+which inspects transformers) right after, and concurrent imports of one package can
+leave it half-initialized.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 from types import ModuleType
 
@@ -20,7 +23,6 @@ from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.data.sources import Splits, sorted_label_names
-from fed_dplora.preload import preload
 
 app = ClientApp()
 EVAL_BATCH = 128
@@ -33,7 +35,6 @@ def query(msg: Message, context: Context) -> Message:
     placement = _placement(context)
     splits = _site(parse_run_config(context.run_config), placement)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
-    preload(LOCAL_SITE)  # the training half loads while the server plans the run
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
                           p.LABEL_NAMES: list(labels)})
@@ -90,7 +91,7 @@ def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
 
 
 def _local_site() -> ModuleType:
-    return preload(LOCAL_SITE).result()
+    return importlib.import_module(LOCAL_SITE)
 
 
 @lru_cache(maxsize=64)

@@ -1,10 +1,13 @@
 """Import a heavy module in the background, one module at a time per process.
 
-The Flower apps use this to overlap their torch / transformers / PEFT imports with the
-census. All background imports of a process run in one thread, one after the other:
-two threads importing the same heavy packages at once can deadlock-avoid into
-half-initialized modules ("cannot import name ..."). Callers must not import those
-packages on another thread while a preload runs; they wait on the future instead.
+The ServerApp uses this to overlap its torch / transformers / PEFT imports with the
+census, during which its own thread only exchanges messages. All background imports of
+a process run in one thread, one after the other: two threads importing the same heavy
+packages at once can deadlock-avoid into half-initialized modules ("cannot import
+name ..."). So a process must not import those packages (or load data with
+flwr-datasets, which inspects transformers) on another thread while a preload runs;
+it waits on the future instead. A simulated client process does load data between
+messages, so the ClientApp imports its heavy half in its own thread, on first use.
 """
 
 from __future__ import annotations

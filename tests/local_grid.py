@@ -7,6 +7,7 @@ any point and then resume. `flwr run` itself is covered by test_e2e_flwr_run.py.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Iterable
@@ -20,6 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.client_app import app as client_app  # noqa: E402
 from strategies.server_app import app as server_app  # noqa: E402
+
+# Server and clients share this process, which a real run never does: the heavy halves
+# are imported here, up front, so the ServerApp's background import (fed_dplora.preload)
+# never runs while a client loads data.
+for _heavy in ("clients.local_site", "strategies.federation"):
+    importlib.import_module(_heavy)
 
 SERVER_NODE = 0
 
