@@ -4,7 +4,8 @@
 
 Writes, into the sweep folder: `results.csv` (one row per finished cell),
 `results.md` (mean +- std over seeds of final and best eval accuracy, final epsilon,
-rounds, bytes per round, wall time) and PNG plots: accuracy vs round per method,
+rounds, bytes per round, wall time, and the majority-class accuracy of the evaluation
+set, the baseline a classifier must beat) and PNG plots: accuracy vs round per method,
 accuracy vs epsilon (privacy-utility), accuracy vs LoRA rank, aggregation error vs round.
 """
 
@@ -15,7 +16,8 @@ import csv
 import json
 import logging
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +25,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fed_dplora.config import DataSpec, RunSpec  # noqa: E402
+from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
+from fed_dplora.data.sources import load_local  # noqa: E402
 from fed_dplora.results import read_metrics  # noqa: E402
 
 log = logging.getLogger("fed_dplora.report")
 COLUMNS = ["cell", "dataset", "method", "privacy", "target_epsilon", "epsilon_sample",
            "epsilon_client", "delta", "rank", "partition", "clients", "seed", "rounds",
-           "final_accuracy", "best_accuracy", "bytes_up_per_round", "bytes_down_per_round",
-           "wall_s"]
+           "final_accuracy", "best_accuracy", "majority_accuracy", "bytes_up_per_round",
+           "bytes_down_per_round", "wall_s"]
 GROUP_BY = ["dataset", "method", "privacy", "rank", "partition", "clients"]
 
 
@@ -47,6 +53,8 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
         partition = config["data"]["partitioner"]
         if partition == "dirichlet":
             partition += f":{config['data']['alpha']:g}"
+        clients = len(json.loads((folder / "privacy_plan.json").read_text())["client_sizes"])
+        spec = RunSpec.from_dict({k: v for k, v in config.items() if k != "label_names"})
         rows.append({
             "cell": folder.name,
             "dataset": _dataset(config["data"]),
@@ -56,11 +64,11 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
             "target_epsilon": None if privacy["level"] == "none" else privacy["target_epsilon"],
             "epsilon_sample": last["epsilon_sample"], "epsilon_client": last["epsilon_client"],
             "delta": last["delta"], "rank": config["lora"]["rank"], "partition": partition,
-            "clients": len(json.loads((folder / "privacy_plan.json").read_text())
-                           ["client_sizes"]),
+            "clients": clients,
             "seed": config["seed"], "rounds": last["round"],
             "final_accuracy": last["eval_accuracy"],
             "best_accuracy": max(m["eval_accuracy"] for m in metrics),
+            "majority_accuracy": majority_accuracy(spec.data, spec.seed, clients),
             "bytes_up_per_round": statistics.mean(m["bytes_up"] for m in metrics),
             "bytes_down_per_round": statistics.mean(m["bytes_down"] for m in metrics),
             "wall_s": sum(m["wall_s"] for m in metrics),
@@ -68,6 +76,19 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
             "_agg_error": [m["aggregation_error"] for m in metrics],
         })
     return rows
+
+
+@lru_cache(maxsize=None)
+def majority_accuracy(data: DataSpec, seed: int, clients: int) -> float:
+    """Accuracy of always predicting the most frequent label of the evaluation set: the
+    union of the clients' test splits (a shared file's partitions cover its test split)."""
+    if data.path:
+        labels = load_local(data.path, data.text_column, data.label_column, seed).test.labels
+    else:
+        spec = RunSpec(seed=seed, data=data)
+        labels = tuple(y for site in range(clients)
+                       for y in load_site(spec, SitePlacement(site, clients)).test.labels)
+    return max(Counter(labels).values()) / len(labels)
 
 
 def _dataset(data: dict) -> str:
@@ -102,13 +123,14 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(GROUP_BY) + " | seeds | final acc | best acc | final ε "
-             "(sample) | rounds | KB up/round | KB down/round | wall s |",
-             "|" + "---|" * (len(GROUP_BY) + 8)]
+    lines = ["| " + " | ".join(GROUP_BY) + " | seeds | final acc | best acc | majority "
+             "class | final ε (sample) | rounds | KB up/round | KB down/round | wall s |",
+             "|" + "---|" * (len(GROUP_BY) + 9)]
     for key, members in groups(rows).items():
         lines.append("| " + " | ".join(map(str, key)) + f" | {len(members)} | "
                      f"{_mean_std([r['final_accuracy'] for r in members])} | "
                      f"{_mean_std([r['best_accuracy'] for r in members])} | "
+                     f"{statistics.mean(r['majority_accuracy'] for r in members):.3f} | "
                      f"{_mean_std([r['epsilon_sample'] for r in members])} | "
                      f"{_mean_std([r['rounds'] for r in members])} | "
                      f"{statistics.mean(r['bytes_up_per_round'] for r in members) / 1e3:.1f} | "
@@ -148,6 +170,11 @@ def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend(fontsize=7)
 
 
+def _majority_line(ax, rows) -> None:
+    ax.axhline(statistics.mean(r["majority_accuracy"] for r in rows), color="gray",
+               linestyle="--", linewidth=1, label="majority class")
+
+
 def _accuracy_vs_round(rows, dataset, folder) -> Path:
     privacies = sorted({r["privacy"] for r in rows})
     fig, axes = plt.subplots(1, len(privacies), figsize=(4 * len(privacies), 3.4),
@@ -158,8 +185,10 @@ def _accuracy_vs_round(rows, dataset, folder) -> Path:
             curve = _mean_curve([r["_curve"] for r in members])
             ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
                     label=f"{method}, {partition}")
+        _majority_line(ax, rows)
         ax.set_title(f"{dataset}, privacy {privacy}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("eval accuracy (mean over seeds)")
     axes[0][-1].legend(fontsize=7)
@@ -203,6 +232,7 @@ def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
             ax.axhline(statistics.mean(baseline), linestyle=":", linewidth=1,
                        color=ax.lines[-1].get_color())
     ax.set_xscale("log")
+    _majority_line(ax, rows)
     _label(ax, "final sample-level ε (ledger, RDP)", "final eval accuracy",
            f"{dataset}: privacy-utility (dotted: no DP)")
     return _save(fig, folder / f"accuracy_vs_epsilon_{dataset}.png")
@@ -222,6 +252,7 @@ def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
             ax.plot(xs, [statistics.mean(points[k]) for k in xs], marker="o",
                     label=f"{method}, {privacy}")
     ax.set_xticks(ranks)
+    _majority_line(ax, rows)
     _label(ax, "LoRA rank", "final eval accuracy", f"{dataset}: accuracy vs rank")
     return _save(fig, folder / f"accuracy_vs_rank_{dataset}.png")
 
@@ -237,6 +268,7 @@ def _aggregation_error(rows, dataset, folder) -> Path | None:
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
                 label=f"{privacy}, {partition}")
     # ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F, exactly 0 under FFA
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _label(ax, "round", "relative aggregation error",
            f"{dataset}: vanilla aggregation error (FFA: 0)")
     return _save(fig, folder / f"aggregation_error_{dataset}.png")

@@ -10,6 +10,8 @@ import pytest
 from experiments.flwr_job import LocalFederation
 from experiments.report import COLUMNS, report
 from experiments.sweep import SweepError, run_sweep
+from fed_dplora.config import parse_run_config
+from fed_dplora.data.site import SitePlacement, load_site
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +57,12 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
     private = [r for r in rows if r["privacy"] != "none"]
     assert len(private) == 2 and all(0 < float(r["epsilon_sample"]) <= 8.0 for r in private)
     assert "± " not in (out / "results.md").read_text()  # one seed: no std
+    # The demo's pooled test set (2 sites x 30 records) by hand: its majority label.
+    spec = parse_run_config({"data.demo-records-per-site": 150})
+    test = [y for site in range(2) for y in load_site(spec, SitePlacement(site, 2)).test.labels]
+    majority = max(test.count(y) for y in set(test)) / len(test)
+    assert all(float(r["majority_accuracy"]) == pytest.approx(majority) for r in rows)
+    assert majority < 1
     names = sorted(p.name for p in result["plots"])
     assert names == ["accuracy_vs_epsilon_synthetic-triage.png",
                      "accuracy_vs_round_synthetic-triage.png",
