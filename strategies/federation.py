@@ -42,8 +42,8 @@ from strategies.replies import ClientFailure
 log = logging.getLogger("fed_dplora.server")
 
 
-def run(grid: Grid, context: Context, spec: RunSpec, secure: bool, nodes: list[int],
-        census: Census, started: float) -> None:
+def run_federation(grid: Grid, context: Context, spec: RunSpec, secure: bool,
+                   nodes: list[int], census: Census, started: float) -> None:
     """Plan privacy, build the model, run the rounds and write the run folder."""
     census_s = time.perf_counter() - started
     run, checkpoint = _open_run(spec, context.run_id, census)
@@ -58,8 +58,8 @@ def run(grid: Grid, context: Context, spec: RunSpec, secure: bool, nodes: list[i
     strategy = (DpFedAvg(fingerprint, shared, plan.client) if plan.client
                 else LoraFedAvg(fingerprint, shared))
     accountant = CentralAccountant(plan, spec.train.local_steps)
-    log.info("set-up %.1f s: nodes and census %.1f s (clients start and load "
-             "their data), privacy plan and model %.1f s", time.perf_counter() - started,
+    log.info("set-up %.1f s: nodes and census %.1f s (clients start and load their "
+             "data; the server imports its training half), privacy plan and model %.1f s", time.perf_counter() - started,
              census_s, time.perf_counter() - started - census_s)
     state = Checkpoint(0, arrays, {}, census.as_dict())
     run.write_json("privacy_plan.json", _plan_summary(spec, plan, census, secure))

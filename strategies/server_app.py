@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, spec.clients_per_round)
     federation = preload("strategies.federation")  # loads while the clients answer
     sites = census(grid, nodes)
-    federation.result().run(grid, context, spec, secure, nodes, sites, started)
+    federation.result().run_federation(grid, context, spec, secure, nodes, sites, started)
 
 
 def _secure_noise(spec: RunSpec, grid: Grid) -> bool:

@@ -24,6 +24,6 @@ def test_app_modules_import_without_torch_transformers_peft_or_opacus():
 def test_preload_imports_once_and_surfaces_import_errors():
     future = preload("strategies.federation")
     assert preload("strategies.federation") is future
-    assert hasattr(future.result(timeout=120), "run")
+    assert hasattr(future.result(timeout=120), "run_federation")
     with pytest.raises(ModuleNotFoundError, match="no_such_module_xyz"):
         preload("fed_dplora.no_such_module_xyz").result(timeout=10)
