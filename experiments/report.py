@@ -34,10 +34,11 @@ from fed_dplora.results import read_metrics  # noqa: E402
 
 log = logging.getLogger("fed_dplora.report")
 COLUMNS = ["cell", "dataset", "method", "privacy", "target_epsilon", "epsilon_sample",
-           "epsilon_client", "delta", "rank", "partition", "clients", "seed", "rounds",
+           "epsilon_client", "delta", "rank", "learning_rate", "partition", "clients", "seed",
+           "rounds",
            "final_accuracy", "best_accuracy", "majority_accuracy", "bytes_up_per_round",
            "bytes_down_per_round", "wall_s"]
-GROUP_BY = ["dataset", "method", "privacy", "rank", "partition", "clients"]
+GROUP_BY = ["dataset", "method", "privacy", "rank", "learning_rate", "partition", "clients"]
 
 
 def collect(sweep: Path) -> list[dict[str, Any]]:
@@ -63,7 +64,8 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
             else f"{privacy['level']}:{privacy['target_epsilon']:g}",
             "target_epsilon": None if privacy["level"] == "none" else privacy["target_epsilon"],
             "epsilon_sample": last["epsilon_sample"], "epsilon_client": last["epsilon_client"],
-            "delta": last["delta"], "rank": config["lora"]["rank"], "partition": partition,
+            "delta": last["delta"], "rank": config["lora"]["rank"],
+            "learning_rate": config["train"]["learning_rate"], "partition": partition,
             "clients": clients,
             "seed": config["seed"], "rounds": last["round"],
             "final_accuracy": last["eval_accuracy"],
@@ -110,8 +112,10 @@ def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
+    if all(isinstance(v, int) for v in values) and len(set(values)) == 1:
+        return str(values[0])
+    if len(values) == 1 or statistics.stdev(values) < 5e-4:
+        return f"{statistics.mean(values):.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
@@ -142,12 +146,21 @@ def markdown(rows: list[dict]) -> str:
 def plots(rows: list[dict], folder: Path) -> list[Path]:
     written = []
     for dataset in sorted({r["dataset"] for r in rows}):
-        data = [r for r in rows if r["dataset"] == dataset]
+        data = _label_learning_rates([r for r in rows if r["dataset"] == dataset])
         written += [_accuracy_vs_round(data, dataset, folder),
                     _accuracy_vs_epsilon(data, dataset, folder),
                     _accuracy_vs_rank(data, dataset, folder),
                     _aggregation_error(data, dataset, folder)]
     return [p for p in written if p]
+
+
+def _label_learning_rates(rows: list[dict]) -> list[dict]:
+    """Rows trained at another learning rate than most are plotted as their own setting:
+    their privacy label carries it ("none, lr 0.1")."""
+    rates = [r["learning_rate"] for r in rows]
+    common = max(set(rates), key=rates.count)
+    return [r if r["learning_rate"] == common else
+            {**r, "privacy": f"{r['privacy']}, lr {r['learning_rate']:g}"} for r in rows]
 
 
 def _mean_curve(curves: list[list[float]]) -> list[float]:
@@ -179,19 +192,25 @@ def _accuracy_vs_round(rows, dataset, folder) -> Path:
     privacies = sorted({r["privacy"] for r in rows})
     fig, axes = plt.subplots(1, len(privacies), figsize=(4 * len(privacies), 3.4),
                              squeeze=False, sharey=True)
+    series = sorted({(r["method"], r["partition"]) for r in rows})
+    colors = {key: f"C{i}" for i, key in enumerate(series)}  # the same in every panel
     for ax, privacy in zip(axes[0], privacies):
         for (method, partition), members in sorted(_by(rows, privacy, "method",
                                                        "partition").items()):
             curve = _mean_curve([r["_curve"] for r in members])
             ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
-                    label=f"{method}, {partition}")
+                    color=colors[method, partition], label=f"{method}, {partition}")
         _majority_line(ax, rows)
         ax.set_title(f"{dataset}, privacy {privacy}")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("eval accuracy (mean over seeds)")
-    axes[0][-1].legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:  # every series once, whichever panels it appears in
+        handles.update(zip(ax.get_legend_handles_labels()[1],
+                           ax.get_legend_handles_labels()[0]))
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7)
     return _save(fig, folder / f"accuracy_vs_round_{dataset}.png")
 
 
@@ -209,7 +228,7 @@ def _default_rank(rows) -> int:
 
 
 def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
-    private = [r for r in rows if r["target_epsilon"] is not None]
+    private = [r for r in rows if r["target_epsilon"] is not None and ", lr" not in r["privacy"]]
     if not private:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -226,15 +245,21 @@ def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
                     [statistics.mean(r["final_accuracy"] for r in points[e]) for e in eps],
                     yerr=[statistics.pstdev([r["final_accuracy"] for r in points[e]])
                           for e in eps], marker="o", capsize=3, label=f"{method}, {partition}")
-        baseline = [r["final_accuracy"] for r in rows if r["privacy"] == "none"
-                    and (r["method"], r["partition"], r["rank"]) == (method, partition, rank)]
-        if baseline:
-            ax.axhline(statistics.mean(baseline), linestyle=":", linewidth=1,
-                       color=ax.lines[-1].get_color())
+        baselines = defaultdict(list)  # the non-private setting (learning rate) that did best
+        for r in rows:
+            if (r["target_epsilon"] is None and (r["method"], r["partition"], r["rank"])
+                    == (method, partition, rank)):
+                baselines[r["privacy"]].append(r["final_accuracy"])
+        if baselines:
+            ax.axhline(max(statistics.mean(b) for b in baselines.values()), linestyle=":",
+                       linewidth=1, color=ax.lines[-1].get_color())
     ax.set_xscale("log")
+    targets = sorted({r["target_epsilon"] for r in private})
+    ax.set_xticks(targets, [f"{e:g}" for e in targets])
+    ax.minorticks_off()
     _majority_line(ax, rows)
     _label(ax, "final sample-level ε (ledger, RDP)", "final eval accuracy",
-           f"{dataset}: privacy-utility (dotted: no DP)")
+           f"{dataset}: privacy-utility (dotted: best no-DP setting)")
     return _save(fig, folder / f"accuracy_vs_epsilon_{dataset}.png")
 
 
