@@ -87,7 +87,7 @@ def _placement(context: Context) -> SitePlacement:
 def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
     placement = _placement(context)
     return _local_site().prepare(spec, placement, _site(spec, placement),
-                                          tuple(config[p.LABEL_NAMES]))
+                                 tuple(config[p.LABEL_NAMES]))
 
 
 def _local_site() -> ModuleType:
