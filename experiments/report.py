@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from experiments.sweep import CELLS  # noqa: E402
 from fed_dplora.config import DataSpec, RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.sources import load_local  # noqa: E402
@@ -44,7 +45,7 @@ GROUP_BY = ["dataset", "method", "privacy", "rank", "learning_rate", "partition"
 def collect(sweep: Path) -> list[dict[str, Any]]:
     """One row per finished cell (a run folder with its summary.json)."""
     rows = []
-    for folder in sorted((sweep / "runs").iterdir()):
+    for folder in sorted((sweep / CELLS).iterdir()):
         if not (folder / "summary.json").is_file():
             continue
         config = json.loads((folder / "config.json").read_text())
@@ -302,7 +303,7 @@ def _aggregation_error(rows, dataset, folder) -> Path | None:
 def report(sweep: Path) -> dict[str, Any]:
     rows = collect(sweep)
     if not rows:
-        raise FileNotFoundError(f"{sweep}/runs holds no finished run folder")
+        raise FileNotFoundError(f"{sweep}/{CELLS} holds no finished run folder")
     write_csv(rows, sweep / "results.csv")
     (sweep / "results.md").write_text(markdown(rows))
     return {"rows": len(rows), "plots": plots(rows, sweep)}

@@ -47,6 +47,7 @@ from fed_dplora.config import ConfigError, parse_run_config
 log = logging.getLogger("fed_dplora.sweep")
 REPO = Path(__file__).resolve().parents[1]
 SHORTHANDS = ("privacy", "partition", "clients")
+CELLS = "cells"  # the sweep folder's subfolder with one run folder per cell
 PARTITIONS = {"iid": {}, "dirichlet": "data.alpha", "pathological": "data.classes-per-client",
               "natural": "data.partition-column"}
 
@@ -125,7 +126,7 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
     output = Path(sweep.get("output", REPO / "experiments" / "results" / sweep["name"]))
     output = output if output.is_absolute() else (path.parent / output).resolve()
     todo = cells(sweep, path.parent)
-    runs = output / "runs"
+    runs = output / CELLS
     done = [c for c in todo if _finished(runs / c.name)]
     log.info("%s: %d cells, %d already finished", sweep["name"], len(todo), len(done))
     if dry_run:

@@ -41,7 +41,7 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
         tiny_bert, tmp_path, monkeypatch):
     config = write_sweep(tmp_path / "tiny.toml", tiny_bert, tmp_path / "sweep")
     out = run_sweep(config)
-    folders = sorted(p.name for p in (out / "runs").iterdir())
+    folders = sorted(p.name for p in (out / "cells").iterdir())
     assert folders == ["method=ffa__privacy=8.0", "method=ffa__privacy=none",
                        "method=vanilla__privacy=8.0", "method=vanilla__privacy=none"]
 
