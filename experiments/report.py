@@ -230,7 +230,8 @@ def _default_rank(rows) -> int:
 
 def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
     private = [r for r in rows if r["target_epsilon"] is not None and ", lr" not in r["privacy"]]
-    if not private:
+    targets = sorted({r["target_epsilon"] for r in private})
+    if len(targets) < 2:  # one ε is no curve, and a log axis around it is degenerate
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
     rank = _default_rank(rows)
@@ -255,7 +256,6 @@ def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
             ax.axhline(max(statistics.mean(b) for b in baselines.values()), linestyle=":",
                        linewidth=1, color=ax.lines[-1].get_color())
     ax.set_xscale("log")
-    targets = sorted({r["target_epsilon"] for r in private})
     ax.set_xticks(targets, [f"{e:g}" for e in targets])
     ax.minorticks_off()
     _majority_line(ax, rows)

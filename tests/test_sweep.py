@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from experiments.flwr_job import LocalFederation
-from experiments.report import COLUMNS, report
+from experiments.report import COLUMNS, plots, report
 from experiments.sweep import SweepError, run_sweep
 from fed_dplora.config import parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
@@ -64,12 +64,37 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
     assert all(float(r["majority_accuracy"]) == pytest.approx(majority) for r in rows)
     assert majority < 1
     names = sorted(p.name for p in result["plots"])
-    assert names == ["accuracy_vs_epsilon_synthetic-triage.png",
-                     "accuracy_vs_round_synthetic-triage.png",
-                     "aggregation_error_synthetic-triage.png"]  # one rank: no rank plot
+    # One rank: no rank plot. One ε: no privacy-utility curve (see the test below).
+    assert names == ["accuracy_vs_round_synthetic-triage.png",
+                     "aggregation_error_synthetic-triage.png"]
     for plot in result["plots"]:
         data = plot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _row(method, epsilon, rank=8, seed=0):
+    return {"dataset": "d", "method": method, "rank": rank, "learning_rate": 1.0,
+            "partition": "iid", "seed": seed, "target_epsilon": epsilon,
+            "privacy": "none" if epsilon is None else f"sample:{epsilon:g}",
+            "epsilon_sample": epsilon, "final_accuracy": 0.6 + 0.01 * seed,
+            "majority_accuracy": 0.5, "_curve": [0.55, 0.6], "_agg_error": [0.5, 0.4]}
+
+
+@pytest.mark.parametrize("epsilons, ranks, expected", [
+    ([None, 8.0], [8], ["round", "aggregation_error"]),
+    ([None, 8.0, 1.0], [8], ["round", "epsilon", "aggregation_error"]),
+    ([8.0, 1.0], [8, 16], ["round", "epsilon", "rank", "aggregation_error"]),
+])
+def test_curves_need_two_points(epsilons, ranks, expected, tmp_path):
+    rows = [_row(m, e, k, s) for m in ("ffa", "vanilla") for e in epsilons for k in ranks
+            for s in (0, 1)]
+    written = plots(rows, tmp_path)
+    names = {"round": "accuracy_vs_round_d.png", "epsilon": "accuracy_vs_epsilon_d.png",
+             "rank": "accuracy_vs_rank_d.png", "aggregation_error": "aggregation_error_d.png"}
+    assert [p.name for p in written] == [names[k] for k in
+                                         ("round", "epsilon", "rank", "aggregation_error")
+                                         if k in expected]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
 
 
 def test_bad_sweep_files_name_the_problem(tiny_bert, tmp_path):
