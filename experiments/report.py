@@ -269,14 +269,14 @@ def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
     if len(ranks) < 2:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for (method, privacy) in sorted({(r["method"], r["privacy"]) for r in rows}):
-        points = {k: [r["final_accuracy"] for r in rows if (r["method"], r["privacy"],
-                                                            r["rank"]) == (method, privacy, k)]
+    for setting in sorted({(r["method"], r["privacy"], r["partition"]) for r in rows}):
+        points = {k: [r["final_accuracy"] for r in rows
+                      if (r["method"], r["privacy"], r["partition"], r["rank"]) == (*setting, k)]
                   for k in ranks}
         xs = [k for k in ranks if points[k]]
         if len(xs) > 1:
             ax.plot(xs, [statistics.mean(points[k]) for k in xs], marker="o",
-                    label=f"{method}, {privacy}")
+                    label=", ".join(setting))
     ax.set_xticks(ranks)
     _majority_line(ax, rows)
     _label(ax, "LoRA rank", "final eval accuracy", f"{dataset}: accuracy vs rank")
