@@ -284,19 +284,26 @@ def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
 
 
 def _aggregation_error(rows, dataset, folder) -> Path | None:
-    vanilla = [r for r in rows if r["method"] == "vanilla"]
+    rank = _default_rank(rows)
+    vanilla = [r for r in rows if r["method"] == "vanilla" and r["rank"] == rank]
     if not vanilla:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    # colour: privacy setting; line style: partition (tab10 alone repeats past 10 lines)
+    privacies = sorted({r["privacy"] for r in vanilla})
+    partitions = sorted({r["partition"] for r in vanilla})
     for (privacy, partition) in sorted({(r["privacy"], r["partition"]) for r in vanilla}):
         members = [r for r in vanilla if (r["privacy"], r["partition"]) == (privacy, partition)]
         curve = _mean_curve([r["_agg_error"] for r in members])
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                color=plt.cm.tab10(privacies.index(privacy) % 10),
+                linestyle=["-", "--", ":", "-."][partitions.index(partition) % 4],
                 label=f"{privacy}, {partition}")
     # ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F, exactly 0 under FFA
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _label(ax, "round", "relative aggregation error",
-           f"{dataset}: vanilla aggregation error (FFA: 0)")
+           f"{dataset}: vanilla aggregation error, rank {rank} (FFA: 0)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), handlelength=3.5)
     return _save(fig, folder / f"aggregation_error_{dataset}.png")
 
 
