@@ -158,8 +158,7 @@ def plots(rows: list[dict], folder: Path) -> list[Path]:
 def _label_learning_rates(rows: list[dict]) -> list[dict]:
     """Rows trained at another learning rate than most are plotted as their own setting:
     their privacy label carries it ("none, lr 0.1")."""
-    rates = [r["learning_rate"] for r in rows]
-    common = max(set(rates), key=rates.count)
+    common = _most_common(rows, "learning_rate")
     return [r if r["learning_rate"] == common else
             {**r, "privacy": f"{r['privacy']}, lr {r['learning_rate']:g}"} for r in rows]
 
@@ -176,12 +175,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+def _label(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, **legend)
 
 
 def _majority_line(ax, rows) -> None:
@@ -209,32 +208,35 @@ def _accuracy_vs_round(rows, dataset, folder) -> Path:
     axes[0][0].set_ylabel("eval accuracy (mean over seeds)")
     handles = {}
     for ax in axes[0]:  # every series once, whichever panels it appears in
-        handles.update(zip(ax.get_legend_handles_labels()[1],
-                           ax.get_legend_handles_labels()[0]))
+        lines, labels = ax.get_legend_handles_labels()
+        handles.update(zip(labels, lines))
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7)
     return _save(fig, folder / f"accuracy_vs_round_{dataset}.png")
 
 
 def _by(rows, privacy, *keys) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
+    rank = _most_common(rows, "rank")
     for r in rows:
-        if r["privacy"] == privacy and r["rank"] == _default_rank(rows):
+        if r["privacy"] == privacy and r["rank"] == rank:
             out[tuple(r[k] for k in keys)].append(r)
     return out
 
 
-def _default_rank(rows) -> int:
-    ranks = [r["rank"] for r in rows]
-    return max(set(ranks), key=ranks.count)
+def _most_common(rows, key: str):
+    """The value of `key` most cells share: the default rank, the default learning rate."""
+    values = [r[key] for r in rows]
+    return max(set(values), key=values.count)
 
 
 def _accuracy_vs_epsilon(rows, dataset, folder) -> Path | None:
-    private = [r for r in rows if r["target_epsilon"] is not None and ", lr" not in r["privacy"]]
+    rate = _most_common(rows, "learning_rate")  # other rates are separate settings
+    private = [r for r in rows if r["target_epsilon"] is not None and r["learning_rate"] == rate]
     targets = sorted({r["target_epsilon"] for r in private})
     if len(targets) < 2:  # one ε is no curve, and a log axis around it is degenerate
         return None
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    rank = _default_rank(rows)
+    rank = _most_common(rows, "rank")
     for (method, partition) in sorted({(r["method"], r["partition"]) for r in rows}):
         points = defaultdict(list)
         for r in private:
@@ -284,7 +286,7 @@ def _accuracy_vs_rank(rows, dataset, folder) -> Path | None:
 
 
 def _aggregation_error(rows, dataset, folder) -> Path | None:
-    rank = _default_rank(rows)
+    rank = _most_common(rows, "rank")
     vanilla = [r for r in rows if r["method"] == "vanilla" and r["rank"] == rank]
     if not vanilla:
         return None
@@ -302,8 +304,8 @@ def _aggregation_error(rows, dataset, folder) -> Path | None:
     # ||mean(B_i A_i) - mean(B) mean(A)||_F / ||mean(B_i A_i)||_F, exactly 0 under FFA
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _label(ax, "round", "relative aggregation error",
-           f"{dataset}: vanilla aggregation error, rank {rank} (FFA: 0)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), handlelength=3.5)
+           f"{dataset}: vanilla aggregation error, rank {rank} (FFA: 0)",
+           loc="upper left", bbox_to_anchor=(1.01, 1), handlelength=3.5)
     return _save(fig, folder / f"aggregation_error_{dataset}.png")
 
 
