@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fed_dplora.lora.adapters import lora_pairs
-
 
 def weighted_mean(updates: list[dict[str, np.ndarray]], weights: list[float]
                   ) -> dict[str, np.ndarray]:
@@ -37,3 +35,11 @@ def aggregation_error(updates: list[dict[str, np.ndarray]], weights: list[float]
         num += float(np.sum((products - mean_b @ mean_a) ** 2))
         den += float(np.sum(products ** 2))
     return (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
+
+
+def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(A name, B name) for every LoRA module among `names` that carries both."""
+    present = set(names)
+    return [(a, a.replace(".lora_A.", ".lora_B."))
+            for a in sorted(present) if ".lora_A." in a
+            and a.replace(".lora_A.", ".lora_B.") in present]

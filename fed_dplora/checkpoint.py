@@ -32,11 +32,12 @@ class Checkpoint:
     pending: dict[str, Any] | None = None
     stopped: str | None = None  # why the run ended early (budget), if it did
     lost_rounds: list[int] = field(default_factory=list)  # charged, never committed
+    failed_rounds: list[int] = field(default_factory=list)  # below min-replies: no update
 
     def save(self, folder: Path) -> Path:
         state = {"round": self.round, "ledgers": self.ledgers, "census": self.census,
                  "pending": self.pending, "stopped": self.stopped,
-                 "lost_rounds": self.lost_rounds}
+                 "lost_rounds": self.lost_rounds, "failed_rounds": self.failed_rounds}
         buffer = io.BytesIO()
         np.savez(buffer, **self.arrays,
                  **{_STATE_KEY: np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)})
@@ -63,7 +64,8 @@ class Checkpoint:
             arrays = {k: saved[k] for k in saved.files if k != _STATE_KEY}
             state = json.loads(saved[_STATE_KEY].tobytes().decode())
         return cls(state["round"], arrays, state["ledgers"], state["census"],
-                   state["pending"], state["stopped"], state["lost_rounds"])
+                   state["pending"], state["stopped"], state["lost_rounds"],
+                   state.get("failed_rounds", []))
 
 
 def _fsync_dir(folder: Path) -> None:

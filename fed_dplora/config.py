@@ -105,6 +105,16 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class FailureSpec:
+    """What a round does when sites fail (crash, time out, send an invalid reply)."""
+
+    min_replies: int | None = None  # None ("all"): every site asked must answer validly
+    round_timeout: float = 3600.0  # seconds to wait for a round's replies
+    max_lost_rounds: int = 3  # consecutive rounds below min-replies before the run stops
+    max_site_failures: int = 3  # consecutive failures before a site is no longer asked
+
+
+@dataclass(frozen=True)
 class RunSpec:
     method: Method = "ffa"
     num_server_rounds: int = 5
@@ -119,6 +129,7 @@ class RunSpec:
     lora: LoraSpec = LoraSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
+    failure: FailureSpec = FailureSpec()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +138,9 @@ class RunSpec:
     def from_dict(cls, values: dict[str, Any]) -> "RunSpec":
         """Inverse of `to_dict` (e.g. a run folder's config.json)."""
         top = {k: v for k, v in values.items() if k not in _SECTIONS}
-        sections = {name: section(**values[name]) for name, section in _SECTIONS.items()}
+        # .get: run folders written before a section existed load with its defaults
+        sections = {name: section(**values.get(name, {}))
+                    for name, section in _SECTIONS.items()}
         lora = sections["lora"]
         sections["lora"] = dataclasses.replace(
             lora, target_modules=tuple(lora.target_modules))
@@ -175,6 +188,10 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "data.classes-per-client": ("data", "classes_per_client"),
     "data.partition-column": ("data", "partition_column"),
     "data.demo-records-per-site": ("data", "demo_records_per_site"),
+    "min-replies": ("failure", "min_replies"),
+    "round-timeout": ("failure", "round_timeout"),
+    "max-lost-rounds": ("failure", "max_lost_rounds"),
+    "max-site-failures": ("failure", "max_site_failures"),
 }
 
 _SECTIONS = {
@@ -183,6 +200,7 @@ _SECTIONS = {
     "lora": LoraSpec,
     "data": DataSpec,
     "train": TrainSpec,
+    "failure": FailureSpec,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -198,11 +216,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE_INT = (
     "num-server-rounds", "clients-per-round", "local-steps", "batch-size",
     "physical-batch-size", "model.max-length", "lora.rank", "lora.alpha",
-    "data.demo-records-per-site", "data.classes-per-client",
+    "data.demo-records-per-site", "data.classes-per-client", "max-lost-rounds",
+    "max-site-failures",
 )
 _POSITIVE_FLOAT = (
     "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
-    "privacy.client-target-epsilon", "privacy.client-clip-norm",
+    "privacy.client-target-epsilon", "privacy.client-clip-norm", "round-timeout",
 )
 # "auto" or a number: key -> (upper bound exclusive or None, what "auto" means)
 _AUTO_OR_NUMBER = {
@@ -232,6 +251,13 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected true, false or \"auto\" "
                               "(secure in deployment, seeded in simulation)")
+        return value
+    if key == "min-replies":
+        if value == "all":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r}: expected \"all\" (every site asked "
+                              "must answer) or a whole number >= 1")
         return value
     if key == "lora.target-modules":
         if not isinstance(value, str):
@@ -282,6 +308,11 @@ def _check_combinations(spec: RunSpec) -> None:
         raise ConfigError(
             f"physical-batch-size={train.physical_batch_size} exceeds batch-size="
             f"{train.batch_size}: the physical batch is a slice of the logical one")
+    min_replies = spec.failure.min_replies
+    if min_replies is not None and min_replies > spec.clients_per_round:
+        raise ConfigError(
+            f"min-replies={min_replies} exceeds clients-per-round={spec.clients_per_round}: "
+            "no round could succeed; use at most clients-per-round, or \"all\"")
     if spec.run_name and (spec.run_name in (".", "..") or "/" in spec.run_name
                           or "\\" in spec.run_name):
         raise ConfigError(f"run-name={spec.run_name!r}: a folder name under output-dir, "

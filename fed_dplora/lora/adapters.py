@@ -53,9 +53,9 @@ def lora_a_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """(A name, B name) for every LoRA module among `names` that carries both."""
-    present = set(names)
-    return [(a, a.replace(".lora_A.", ".lora_B."))
-            for a in sorted(present) if ".lora_A." in a
-            and a.replace(".lora_A.", ".lora_B.") in present]
+
+def frozen_lora_a(model: nn.Module) -> dict[str, np.ndarray]:
+    """The frozen LoRA A tensors (FFA's, which stay home) as float32 CPU arrays."""
+    return {name: param.detach().to("cpu", torch.float32).numpy().copy()
+            for name, param in model.named_parameters()
+            if ".lora_A." in name and not param.requires_grad}
