@@ -15,14 +15,14 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.data.sources import Splits, sorted_label_names
+from strategies.codec import to_arrays, to_record
 
 app = ClientApp()
 EVAL_BATCH = 128
@@ -49,13 +49,13 @@ def train(msg: Message, context: Context) -> Message:
     # A site may insist on secure noise whatever the server asks.
     plan = _local_site().round_plan(
         spec, config, bool(context.node_config.get("secure-noise", False)))
-    arrays, report = trainer.train(_to_numpy(msg.content[p.ARRAYS]), plan, train_data)
+    arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data)
     metrics = MetricRecord({
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
         p.SAMPLING_PROBABILITY: report.sampling_probability,
         p.NOISE_MULTIPLIER: report.noise_multiplier, p.TRAIN_LOSS: report.train_loss,
         p.CLIP_FRACTION: report.clip_fraction, p.COMPUTE_S: report.compute_s})
-    content = RecordDict({p.ARRAYS: _to_record(arrays), p.METRICS: metrics,
+    content = RecordDict({p.ARRAYS: to_record(arrays), p.METRICS: metrics,
                           p.CONFIG: ConfigRecord({p.A_FINGERPRINT: trainer.a_fingerprint()})})
     return Message(content, reply_to=msg)
 
@@ -64,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     spec = parse_run_config(context.run_config)
     trainer, (_, test_data) = _prepare(spec, context, _checked_config(msg))
-    report = trainer.evaluate(_to_numpy(msg.content[p.ARRAYS]), test_data, EVAL_BATCH)
+    report = trainer.evaluate(to_arrays(msg.content[p.ARRAYS]), test_data, EVAL_BATCH)
     metrics = MetricRecord({p.EVAL_LOSS: report.loss, p.EVAL_ACCURACY: report.accuracy,
                             p.NUM_EXAMPLES: report.num_examples})
     return Message(RecordDict({p.METRICS: metrics}), reply_to=msg)
@@ -98,10 +98,3 @@ def _local_site() -> ModuleType:
 def _site(spec: RunSpec, placement: SitePlacement) -> Splits:
     return load_site(spec, placement)
 
-
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})

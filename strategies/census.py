@@ -5,6 +5,7 @@ The server needs this before it can pick delta, calibrate the noise and build th
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,10 +14,10 @@ from flwr.serverapp import Grid
 
 from fed_dplora import protocol as p
 from fed_dplora.data.sources import sorted_label_names
-from strategies.replies import ClientFailure, checked_replies
+from strategies.screening import ClientFailure
 
+log = logging.getLogger("fed_dplora.server")
 NODE_WAIT_S = 120
-REPLY_TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -33,31 +34,45 @@ class Census:
         return {"sizes": self.sizes, "labels": list(self.labels)}
 
 
-def census(grid: Grid, nodes: list[int]) -> Census:
-    """Ask every node for its site id, training-set size and label values (round 0)."""
+def census(grid: Grid, nodes: list[int], timeout: float) -> Census:
+    """Ask every node for its site id, training-set size and label values (round 0).
+
+    A node that fails or stays silent is left out of the run, with a warning."""
     config = ConfigRecord({p.WIRE: p.WIRE_VERSION})
     messages = [Message(RecordDict({p.CONFIG: config}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
-    replies = checked_replies(list(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S)),
-                              nodes, "census")
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     node_of, sizes, labels = {}, {}, set()
     for reply in replies:
+        node = asked.pop(reply.metadata.reply_to_message_id, None)
+        if node is None or reply.has_error():
+            log.warning("census: node %s is left out of this run: %s", node,
+                        reply.error.reason if reply.has_error() else "unexpected reply")
+            continue
         config = reply.content[p.CONFIG]
         site = str(config[p.SITE_ID])
         if site in node_of:
             raise ClientFailure(
-                f"nodes {node_of[site]} and {reply.metadata.src_node_id} both report site "
-                f"id {site!r}; give each SuperNode its own --node-config 'site-id=\"...\"'")
-        node_of[site] = reply.metadata.src_node_id
-        sizes[site] = int(config[p.NUM_TRAIN_EXAMPLES])
+                f"nodes {node_of[site]} and {node} both report site id {site!r}; give "
+                "each SuperNode its own --node-config 'site-id=\"...\"'")
+        node_of[site], sizes[site] = node, int(config[p.NUM_TRAIN_EXAMPLES])
         labels |= set(config[p.LABEL_NAMES])
-    empty = [site for site, size in sizes.items() if size == 0]
+    for node in asked.values():
+        log.warning("census: node %d did not answer within %g s; left out", node, timeout)
+    return _checked(Census(node_of, sizes, sorted_label_names(labels)))
+
+
+def _checked(census: Census) -> Census:
+    if not census.sizes:
+        raise ClientFailure("census: no site answered; see the log for each node's error")
+    empty = [site for site, size in census.sizes.items() if size == 0]
     if empty:
         raise ClientFailure(f"site(s) {empty} have no training records")
-    if len(labels) < 2:
-        raise ClientFailure(f"the federation's data has labels {sorted(labels)}; "
+    if len(census.labels) < 2:
+        raise ClientFailure(f"the federation's data has labels {list(census.labels)}; "
                             "classification needs at least two")
-    return Census(node_of, sizes, sorted_label_names(labels))
+    return census
 
 
 def wait_for_nodes(grid: Grid, needed: int) -> list[int]:

@@ -1,289 +1,243 @@
 """The federated run after the census: privacy plan, model, rounds, run folder.
 
-Each round samples sites, stops before any reported epsilon would pass its target,
-trains, charges the central accountant with what was really used, aggregates (FedAvg,
-or DP-FedAvg at client level), evaluates on every client's test split, appends one
-metrics line and checkpoints. `resume=true` continues a run folder from its last
-checkpoint.
+The rounds go through the same Flower strategy a user can take into their own
+ServerApp (`FfaFedAvg` / `LoraFedAvg`, wrapped by `ClientLevelDpFedAvg` at client
+level): `configure_train`, `aggregate_train`, `configure_evaluate`,
+`aggregate_evaluate`. Around them this module keeps what Flower's `start()` has no hook
+for: the census-based privacy plan, the ledger and the budget stop, each site's round
+config, the write-ahead checkpoint and the failure policy:
 
-Randomness: site sampling, round seeds and the server's DP-FedAvg noise are derived
-from (seed, round), so a resumed run replays exactly. With secure noise (the default
-outside simulation) clients draw sampling and noise from the OS CSPRNG and the server
-its DP-FedAvg noise too.
+- a site that fails a round (error, timeout, invalid reply) is still charged in full
+  for what it was asked to do (it may have released noised tensors before failing);
+- a round with fewer than `min-replies` valid replies is lost: charged, logged, no new
+  aggregate; `max-lost-rounds` lost in a row stop the run, as does having no site left.
+
+Randomness: site sampling, round seeds and the server's DP-FedAvg noise derive from
+(seed, round) in a seeded simulation, so a resumed run replays exactly; with secure
+noise (the default outside simulation) they come from the OS CSPRNG.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import random
 import time
-from datetime import datetime
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fed_dplora import protocol as p
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.dp.noise import random_source
-from fed_dplora.lora.adapters import lora_a_fingerprint, load_trainable_arrays, trainable_arrays
+from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.results import RunFolder
-from strategies.census import REPLY_TIMEOUT_S, Census
-from strategies.client_level_dp import DpFedAvg
-from strategies.lora_fedavg import LoraFedAvg, payload_bytes
-from strategies.replies import ClientFailure
+from fed_dplora.seeds import derived_seed
+from strategies import run_report
+from strategies.census import Census
+from strategies.client_level_dp import ClientLevelDpFedAvg
+from strategies.codec import payload_bytes, to_arrays, to_record
+from strategies.lora_fedavg import FfaFedAvg, LoraFedAvg
+from strategies.screening import Screened
+from strategies.sites import SiteConfigs, SiteSampler
 
 log = logging.getLogger("fed_dplora.server")
 
 
-def run_federation(grid: Grid, context: Context, spec: RunSpec, secure: bool,
-                   nodes: list[int], census: Census, started: float) -> None:
+def run_federation(grid: Grid, context, spec: RunSpec, secure: bool, census: Census,
+                   started: float) -> None:
     """Plan privacy, build the model, run the rounds and write the run folder."""
-    census_s = time.perf_counter() - started
-    run, checkpoint = _open_run(spec, context.run_id, census)
-    plan = plan_privacy(spec, census.sizes)
-    _log_plan(spec, plan, census, secure)
-    model = build_lora_model(ModelRecipe.from_spec(spec, len(census.labels)),
-                             torch.device("cpu"))
-    arrays = trainable_arrays(model)
-    shared = {n: a for n, a in _lora_a_arrays(model).items() if n not in arrays}
-    # Under vanilla A trains and travels; only FFA's frozen A must match everywhere.
-    fingerprint = lora_a_fingerprint(model) if spec.method == "ffa" else None
-    strategy = (DpFedAvg(fingerprint, shared, plan.client) if plan.client
-                else LoraFedAvg(fingerprint, shared))
-    accountant = CentralAccountant(plan, spec.train.local_steps)
-    log.info("set-up %.1f s: nodes and census %.1f s (clients start and load their "
-             "data; the server imports its training half), privacy plan and model %.1f s", time.perf_counter() - started,
-             census_s, time.perf_counter() - started - census_s)
-    state = Checkpoint(0, arrays, {}, census.as_dict())
-    run.write_json("privacy_plan.json", _plan_summary(spec, plan, census, secure))
-    if checkpoint:
-        state = _restore(checkpoint, accountant, secure)
-        arrays = state.arrays
+    federation = Federation.set_up(grid, context.run_id, spec, secure, census, started)
+    for rnd in range(federation.state.round + 1, spec.num_server_rounds + 1):
+        if not federation.run_round(rnd):
+            break
+    federation.finish(started)
 
-    for rnd in range(state.round + 1, spec.num_server_rounds + 1):
-        if state.stopped:
-            break
-        start, started_at = time.perf_counter(), time.time()
-        sampled = _sample_sites(spec, census.sites, rnd)
-        refusal = accountant.refusal(sampled)
-        if refusal:
-            log.warning("stopping before round %d: %s", rnd, refusal)
-            state.stopped = f"budget: stopped before round {rnd}: {refusal}"
-            break
-        # Write-ahead: a crash from here on leaves a record of the round in flight.
-        state.pending = {"round": rnd, "sample_charges":
-                         accountant.planned_sample_charges(sampled)}
-        state.ledgers = accountant.state()
-        state.save(run.path)
-        configs = {census.node_of[s]: _round_config(spec, rnd, s, census.labels, plan,
-                                                    secure) for s in sampled}
-        replies = list(grid.send_and_receive(strategy.train_messages(arrays, configs),
-                                             timeout=REPLY_TIMEOUT_S))
-        round_rng = random_source(secure, _derived_seed(spec.seed, rnd, "server-noise"))
-        result = strategy.aggregate_train(replies, sorted(configs), arrays, round_rng)
+
+@dataclass
+class Federation:
+    grid: Grid
+    spec: RunSpec
+    secure: bool
+    run: RunFolder
+    planned: Census  # the sites the privacy plan was built for
+    site_of: dict[int, str]  # node ids of the planned sites connected now -> site
+    plan: PrivacyPlan
+    accountant: CentralAccountant
+    lora: LoraFedAvg
+    strategy: Strategy  # `lora`, or `lora` wrapped by client-level DP
+    model: torch.nn.Module
+    arrays: dict[str, np.ndarray]  # the global tensors that travel
+    state: Checkpoint
+
+    @classmethod
+    def set_up(cls, grid: Grid, run_id: int, spec: RunSpec, secure: bool, census: Census,
+               started: float) -> "Federation":
+        census_s = time.perf_counter() - started
+        run, checkpoint = run_report.open_run(spec, run_id, census)
+        planned = run_report.planned_census(spec, census, checkpoint)
+        plan = plan_privacy(spec, planned.sizes)
+        run_report.log_plan(spec, plan, planned, secure)
+        model = build_lora_model(ModelRecipe.from_spec(spec, len(planned.labels)),
+                                 torch.device("cpu"))
+        lora, strategy = _strategies(spec, plan, planned, census.node_of, secure, model)
+        accountant = CentralAccountant(plan, spec.train.local_steps)
+        run.write_json("privacy_plan.json",
+                       run_report.plan_summary(spec, plan, planned, secure))
+        state = Checkpoint(0, trainable_arrays(model), {}, planned.as_dict())
+        if checkpoint:
+            state = run_report.restore(checkpoint, accountant, secure)
+        log.info("set-up %.1f s: nodes and census %.1f s (clients start and load their "
+                 "data; the server imports its training half), privacy plan and model "
+                 "%.1f s", time.perf_counter() - started, census_s,
+                 time.perf_counter() - started - census_s)
         site_of = {node: site for site, node in census.node_of.items()}
-        accountant.charge_sample({
-            site_of[node]: (m[p.SAMPLING_PROBABILITY], m[p.NOISE_MULTIPLIER], int(m[p.STEPS]))
-            for node, m in result.client_metrics.items()})
-        accountant.charge_client_round()
-        arrays = result.arrays
-        loss, accuracy = _evaluate(grid, strategy, arrays, nodes, rnd, census.labels)
-        metrics = result.client_metrics.values()
-        row = {
-            "round": rnd, "eval_loss": loss, "eval_accuracy": accuracy,
-            "train_loss": _mean(m[p.TRAIN_LOSS] for m in metrics),
-            "clip_fraction": _mean(m[p.CLIP_FRACTION] for m in metrics),
-            "update_clip_fraction": result.update_clip_fraction,
-            "epsilon_sample": accountant.epsilon_sample(),
-            "epsilon_client": accountant.epsilon_client(),
-            "delta": plan.sample.delta if plan.sample else None,
-            "delta_client": plan.client.delta if plan.client else None,
-            "bytes_up": result.bytes_up,
-            "bytes_down": payload_bytes(arrays) * (len(sampled) + len(nodes)),
-            "clients": sampled,
-            "aggregation_error": result.aggregation_error,
+        return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
+                   lora, strategy, model, state.arrays, state)
+
+    def run_round(self, rnd: int) -> bool:
+        """One round; False when the run stops before it (budget, failures)."""
+        start, started_at = time.perf_counter(), time.time()
+        self.state.stopped = self._failure_stop()
+        train_messages = list(self.strategy.configure_train(
+            rnd, to_record(self.arrays), self._shared_config(), self.grid))
+        sampled = self._sites_of(train_messages)
+        refusal = self.accountant.refusal(sampled)
+        if refusal and not self.state.stopped:
+            log.warning("stopping before round %d: %s", rnd, refusal)
+            self.state.stopped = f"budget: stopped before round {rnd}: {refusal}"
+        if self.state.stopped:
+            return False
+        self._write_ahead(rnd, sampled)
+        new_arrays, train = self.strategy.aggregate_train(rnd, self.grid.send_and_receive(
+            train_messages, timeout=self.spec.failure.round_timeout))
+        self._charge(self.lora.last_train)
+        evaluation, eval_messages = None, 0
+        if new_arrays is None:
+            self.state.failed_rounds.append(rnd)
+        else:
+            self.arrays = to_arrays(new_arrays)
+            evaluation, eval_messages = self._evaluate(rnd, new_arrays)
+        row = self._row(rnd, sampled, train, evaluation, eval_messages, started_at, start)
+        self._commit(rnd, row)
+        return True
+
+    def finish(self, started: float) -> None:
+        self.state.ledgers = self.accountant.state()
+        self.state.save(self.run.path)
+        load_trainable_arrays(self.model, self.arrays)
+        log.info("final adapter: %s", self.run.save_adapter(self.model))
+        run_report.write_final(self.run, self.plan, self.accountant, self.planned.sites,
+                               self.state, self.secure, started)
+
+    def _failure_stop(self) -> str | None:
+        """Why the run cannot go on: too many lost rounds in a row, or no site left."""
+        streak, rnd = 0, self.state.round
+        while rnd in self.state.failed_rounds:
+            streak, rnd = streak + 1, rnd - 1
+        limit = self.spec.failure.max_lost_rounds
+        if streak >= limit:
+            reason = (f"failures: {streak} rounds in a row had fewer than min-replies valid "
+                      f"replies (max-lost-rounds={limit}); see the log for each site's error")
+        elif not self.lora.askable_nodes(self.grid):
+            reason = "failures: no site is left to ask (all gone or excluded for failing)"
+        else:
+            return None
+        log.error("stopping: %s", reason)
+        return reason
+
+    def _shared_config(self) -> ConfigRecord:
+        return ConfigRecord({p.WIRE: p.WIRE_VERSION, p.LABEL_NAMES: list(self.planned.labels),
+                             p.SECURE_NOISE: self.secure})
+
+    def _sites_of(self, messages: list[Message]) -> list[str]:
+        return sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
+
+    def _write_ahead(self, rnd: int, sampled: list[str]) -> None:
+        """A crash from here on leaves a record of the round in flight."""
+        self.state.pending = {"round": rnd, "sample_charges":
+                              self.accountant.planned_sample_charges(sampled)}
+        self.state.ledgers = self.accountant.state()
+        self.state.save(self.run.path)
+
+    def _charge(self, screened: Screened) -> None:
+        """Valid replies: what they report using (checked against the plan). Failed
+        sites: everything they were asked to do, since they may have released it."""
+        planned = self.accountant.planned_sample_charges(
+            [self.site_of[n] for n in screened.failed])
+        used = {site: (q, sigma, int(steps)) for site, (q, sigma, steps) in planned.items()}
+        for node, reply in screened.accepted.items():
+            m = reply.metrics
+            used[self.site_of[node]] = (m[p.SAMPLING_PROBABILITY], m[p.NOISE_MULTIPLIER],
+                                        int(m[p.STEPS]))
+        self.accountant.charge_sample(used)
+        self.accountant.charge_client_round()
+
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> tuple[MetricRecord | None, int]:
+        """(metrics over the valid replies or None, evaluation messages sent)."""
+        messages = list(self.strategy.configure_evaluate(
+            rnd, arrays, self._shared_config(), self.grid))
+        replies = self.grid.send_and_receive(messages, timeout=self.spec.failure.round_timeout)
+        return self.strategy.aggregate_evaluate(rnd, replies), len(messages)
+
+    def _failures(self, evaluated: bool) -> dict[str, dict[str, str]]:
+        """{phase: {site: reason}} of this round."""
+        phases = {"train": self.lora.last_train}
+        if evaluated:
+            phases["evaluate"] = self.lora.last_evaluate
+        return {phase: {self.site_of[n]: reason for n, reason in screened.failed.items()}
+                for phase, screened in phases.items()}
+
+    def _row(self, rnd: int, sampled: list[str], train: MetricRecord,
+             evaluation: MetricRecord | None, eval_sent: int, started_at: float,
+             start: float) -> dict:
+        accepted = self.lora.last_train.accepted.values()
+        failures = self._failures(evaluated=eval_sent > 0)
+        evaluation = evaluation or {}
+        return {
+            "round": rnd, "eval_loss": evaluation.get(p.EVAL_LOSS),
+            "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
+            "train_loss": train.get(p.TRAIN_LOSS), "clip_fraction": train.get(p.CLIP_FRACTION),
+            "update_clip_fraction": train.get("update-clip-fraction"),
+            "epsilon_sample": self.accountant.epsilon_sample(),
+            "epsilon_client": self.accountant.epsilon_client(),
+            "delta": self.plan.sample.delta if self.plan.sample else None,
+            "delta_client": self.plan.client.delta if self.plan.client else None,
+            "bytes_up": sum(payload_bytes(a.arrays) for a in accepted),
+            "bytes_down": payload_bytes(self.arrays) * (len(sampled) + eval_sent),
+            "clients": sampled, "replies": len(accepted), "lost": bool(train["lost"]),
+            "failures": failures,
+            "aggregation_error": train.get("aggregation-error"),
             "started_at": started_at, "wall_s": time.perf_counter() - start,
         }
-        run.append_metrics(row)
-        state = Checkpoint(rnd, arrays, accountant.state(), census.as_dict(),
-                           lost_rounds=state.lost_rounds)
-        state.save(run.path)
-        _log_round(row, spec.num_server_rounds)
 
-    state.ledgers = accountant.state()
-    state.save(run.path)
-    load_trainable_arrays(model, arrays)
-    log.info("final adapter: %s", run.save_adapter(model))
-    if plan.enabled:
-        report = {**accountant.report(census.sites), "secure_noise": secure,
-                  "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
-                  "stopped": state.stopped}
-        run.write_json("privacy_report.json", report)
-        log.info("privacy report: %s", run.path / "privacy_report.json")
-    # Written last: its presence means the run finished and every other file is final.
-    run.write_json("summary.json", {
-        "finished": True, "rounds_completed": state.round, "stopped": state.stopped,
-        "epsilon_sample": accountant.epsilon_sample(),
-        "epsilon_client": accountant.epsilon_client(),
-        "wall_s": time.perf_counter() - started})
+    def _commit(self, rnd: int, row: dict) -> None:
+        self.run.append_metrics(row)
+        self.state = Checkpoint(rnd, self.arrays, self.accountant.state(),
+                                self.planned.as_dict(), lost_rounds=self.state.lost_rounds,
+                                failed_rounds=self.state.failed_rounds)
+        self.state.save(self.run.path)
+        run_report.log_round(row, self.spec.num_server_rounds)
 
 
-def _open_run(spec: RunSpec, run_id: int, census: Census
-              ) -> tuple[RunFolder, Checkpoint | None]:
-    name = spec.run_name or _run_name(spec, run_id)
-    if not spec.resume:
-        run = RunFolder.create(spec.output_dir, name,
-                               {**spec.to_dict(), "label_names": list(census.labels)})
-        log.info("run folder: %s (continue it after a crash with resume=true "
-                 "run-name=\"%s\")", run.path.resolve(), name)
-        return run, None
-    run = RunFolder.open(spec.output_dir, name)
-    saved = run.read_json("config.json")
-    saved.pop("label_names", None)
-    ours = json.loads(json.dumps({**spec.to_dict(), "resume": saved.get("resume")}))
-    if saved != ours:
-        changed = sorted(k for k in ours if saved.get(k) != ours[k])
-        raise ValueError(f"resume: run-config differs from {run.path}/config.json in "
-                         f"{changed}; a resumed run must use the same configuration")
-    if not Checkpoint.exists(run.path):
-        # The write-ahead checkpoint precedes any training: nothing was spent yet.
-        log.info("resuming %s from the start: it has no checkpoint yet", run.path.resolve())
-        return run, None
-    checkpoint = Checkpoint.load(run.path)
-    if checkpoint.census != census.as_dict():
-        raise ClientFailure(f"resume: the connected sites {census.as_dict()} differ from "
-                            f"those the run was planned for {checkpoint.census}")
-    run.truncate_metrics(checkpoint.round)
-    log.info("resuming %s after round %d", run.path.resolve(), checkpoint.round)
-    return run, checkpoint
-
-
-def _restore(checkpoint: Checkpoint, accountant: CentralAccountant, secure: bool
-             ) -> Checkpoint:
-    """Ledgers from the checkpoint; a round lost in flight is charged when it may have
-    leaked (secure noise: its fresh draws reached the server and will not repeat)."""
-    accountant.restore(checkpoint.ledgers)
-    pending = checkpoint.pending
-    if pending and pending["round"] > checkpoint.round:
-        if secure:
-            accountant.charge_planned(pending["sample_charges"])
-            checkpoint.lost_rounds.append(pending["round"])
-            log.warning("round %d was interrupted after clients were asked to train; its "
-                        "sample-level cost is charged and the round runs again",
-                        pending["round"])
-        else:
-            log.info("round %d was interrupted; replaying it with the same seeds",
-                     pending["round"])
-        checkpoint.pending = None
-    return checkpoint
-
-
-def _sample_sites(spec: RunSpec, sites: list[str], rnd: int) -> list[str]:
-    """This round's sites, from a generator derived from (seed, round): m of them, or
-    under client-level DP with Poisson sampling each with probability m / N."""
-    rng = random.Random(_derived_seed(spec.seed, rnd, "sites"))
-    m = spec.clients_per_round
-    if spec.privacy.client_level and spec.privacy.client_sampling == "poisson":
-        return [s for s in sites if rng.random() < m / len(sites)]
-    return sorted(rng.sample(sites, m))
-
-
-def _evaluate(grid: Grid, strategy: LoraFedAvg, arrays: dict, nodes: list[int], rnd: int,
-              labels: tuple[str, ...]) -> tuple[float, float]:
-    config = ConfigRecord({p.WIRE: p.WIRE_VERSION, p.ROUND: rnd,
-                           p.LABEL_NAMES: list(labels)})
-    replies = list(grid.send_and_receive(strategy.evaluate_messages(arrays, nodes, config),
-                                         timeout=REPLY_TIMEOUT_S))
-    loss, accuracy, _ = strategy.aggregate_evaluate(replies, nodes)
-    return loss, accuracy
-
-
-def _round_config(spec: RunSpec, rnd: int, site: str, labels: tuple[str, ...],
-                  plan: PrivacyPlan, secure: bool) -> ConfigRecord:
-    config = ConfigRecord({p.WIRE: p.WIRE_VERSION, p.ROUND: rnd,
-                           p.ROUND_SEED: _derived_seed(spec.seed, rnd, site),
-                           p.LABEL_NAMES: list(labels), p.SECURE_NOISE: secure})
-    if plan.sample:
-        config[p.NOISE_MULTIPLIER] = plan.sample.noise_multiplier[site]
-    return config
-
-
-def _derived_seed(seed: int, rnd: int, purpose: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{rnd}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") >> 1
-
-
-def _lora_a_arrays(model: torch.nn.Module) -> dict:
-    return {n: t.detach().float().numpy() for n, t in model.named_parameters()
-            if ".lora_A." in n}
-
-
-def _log_plan(spec: RunSpec, plan: PrivacyPlan, census: Census, secure: bool) -> None:
-    if not plan.enabled:
-        log.warning("privacy.level=\"none\": training WITHOUT differential privacy")
-        return
-    if plan.sample:
-        s = plan.sample
-        for site in census.sites:
-            log.info("sample level, client %s: n=%d q=%.4f sigma=%.4f (target eps=%g, "
-                     "delta=%.3g, %d steps)", site, census.sizes[site],
-                     s.sampling_probability[site], s.noise_multiplier[site],
-                     s.target_epsilon, s.delta, spec.num_server_rounds * spec.train.local_steps)
-    if plan.client:
-        c = plan.client
-        log.info("client level: %s sampling, m=%d of N=%d, S=%g, z=%.4f, noise std on the "
-                 "mean %.3g (target eps=%g, delta=%.3g, %d rounds)", c.sampling,
-                 c.expected_clients, c.num_clients, c.clip_norm, c.noise_multiplier,
-                 c.noise_std, c.target_epsilon, c.delta, spec.num_server_rounds)
-    log.info("noise source: %s", "OS CSPRNG (secure)" if secure
-             else "seeded (simulation only: reproducible, not secret)")
-
-
-def _plan_summary(spec: RunSpec, plan: PrivacyPlan, census: Census, secure: bool) -> dict:
-    summary = {"level": spec.privacy.level, "client_sizes": census.sizes,
-               "secure_noise": secure}
-    if plan.sample:
-        summary["sample"] = {
-            "unit": "one record of one client (add/remove)",
-            "target_epsilon": plan.sample.target_epsilon, "delta": plan.sample.delta,
-            "planned_steps_per_client": spec.num_server_rounds * spec.train.local_steps,
-            "sampling_probability": plan.sample.sampling_probability,
-            "noise_multiplier": plan.sample.noise_multiplier,
-            "max_grad_norm": spec.privacy.max_grad_norm}
-    if plan.client:
-        c = plan.client
-        summary["client"] = {
-            "unit": "all records of one client", "sampling": c.sampling,
-            "relation": "add/remove" if c.sampling == "poisson" else "replace-one",
-            "target_epsilon": c.target_epsilon, "delta": c.delta,
-            "planned_rounds": spec.num_server_rounds, "num_clients": c.num_clients,
-            "expected_clients": c.expected_clients, "clip_norm": c.clip_norm,
-            "noise_multiplier": c.noise_multiplier}
-    return summary
-
-
-def _log_round(row: dict, rounds: int) -> None:
-    def eps(value):
-        return "off" if value is None else f"{value:.3f}"
-    log.info("round %d/%d | eval_loss %.4f | eval_acc %.4f | eps_sample %s | "
-             "eps_client %s | up %.1f KB | down %.1f KB | agg_err %.2e | %.1f s",
-             row["round"], rounds, row["eval_loss"], row["eval_accuracy"],
-             eps(row["epsilon_sample"]), eps(row["epsilon_client"]),
-             row["bytes_up"] / 1e3, row["bytes_down"] / 1e3, row["aggregation_error"],
-             row["wall_s"])
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else None
-
-
-def _run_name(spec: RunSpec, run_id: int) -> str:
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{spec.method}-{spec.privacy.level}-{run_id}"
+def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, node_of: dict[str, int],
+                secure: bool, model: torch.nn.Module) -> tuple[LoraFedAvg, Strategy]:
+    """The Flower strategy the rounds go through, with this project's hooks."""
+    kind = FfaFedAvg if spec.method == "ffa" else LoraFedAvg
+    lora = kind.for_model(
+        model, min_replies=spec.failure.min_replies, nodes=set(node_of.values()),
+        max_site_failures=spec.failure.max_site_failures, min_available_nodes=0,
+        node_sampler=SiteSampler(spec, planned.sites, node_of, secure),
+        node_config=SiteConfigs(spec, plan, {n: s for s, n in node_of.items()}))
+    if not plan.client:
+        return lora, lora
+    return lora, ClientLevelDpFedAvg(
+        lora, plan.client.noise_multiplier, plan.client.clip_norm,
+        plan.client.expected_clients,
+        lambda rnd: random_source(secure, derived_seed(spec.seed, rnd, "server-noise")))

@@ -1,100 +1,219 @@
-"""FedAvg over the LoRA tensors that travel (FFA: B and head; vanilla: A, B and head).
+"""Flower Message-API strategies over the LoRA tensors that train.
 
-Fails closed: a client error, a missing reply, or (FFA) a reply whose frozen `A` differs
-from the server's is an error that stops the run, never a silently skipped client.
+`LoraFedAvg` (the vanilla baseline: A, B and head travel) and `FfaFedAvg` (FFA: only B
+and the head travel; every reply's frozen A must match the server's) subclass Flower's
+`FedAvg`, so a user can drop them into any ServerApp and call `start()`. They differ
+from FedAvg where a hospital network needs it:
+
+- a site that fails (error reply, no reply before the timeout, an invalid reply: see
+  `strategies.screening`) costs its contribution to that round, never the run; the
+  round aggregates the valid replies if at least `min_replies` arrived (default: every
+  site asked), else it is lost (no new arrays) and the next one starts;
+- a node that fails `max_site_failures` times in a row is no longer asked;
+- nodes are sampled with the OS CSPRNG (FedAvg uses an unseeded `random.sample`), or by
+  a `node_sampler` the caller gives (the project's ServerApp: seeded in simulation);
+- the round's MetricRecord carries the aggregation error
+  ||mean_i(B_i A_i) - mean(B) mean(A)||_F / ||mean_i(B_i A_i)||_F (0 for FFA).
+
+The last round's screened replies stay in `last_train` / `last_evaluate` for a caller
+that charges a privacy ledger.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
-from fed_dplora.dp.noise import RandomSource
-from strategies.replies import ClientFailure, checked_replies
+from fed_dplora.seeds import derived_seed
+from strategies.codec import to_record
+from strategies.screening import Expected, Screened, SiteHealth, expected_arrays, screen
+
+log = logging.getLogger("fed_dplora.server")
+
+TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER,
+                 p.TRAIN_LOSS, p.CLIP_FRACTION)
+EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY)
+
+# (server round, nodes that may be asked) -> the nodes asked to train this round
+NodeSampler = Callable[[int, list[int]], list[int]]
+# (server round, node, the round's shared config) -> that node's config
+NodeConfig = Callable[[int, int, ConfigRecord], ConfigRecord]
 
 
-@dataclass(frozen=True)
-class TrainRound:
-    arrays: dict[str, np.ndarray]
-    client_metrics: dict[int, dict[str, float]]  # node id -> reply metrics
-    aggregation_error: float
-    bytes_up: int
-    update_clip_fraction: float | None = None  # client-level DP only
+class LoraFedAvg(FedAvg):
+    """FedAvg weighted by training-set size over the tensors that travel."""
 
+    def __init__(self, *, shared_arrays: dict[str, np.ndarray] | None = None,
+                 a_fingerprint: str | None = None, min_replies: int | None = None,
+                 max_site_failures: int = 3, node_sampler: NodeSampler | None = None,
+                 node_config: NodeConfig | None = None, nodes: set[int] | None = None,
+                 **fedavg_kwargs) -> None:
+        super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
+                         configrecord_key=p.CONFIG, **fedavg_kwargs)
+        self.shared_arrays = shared_arrays or {}  # tensors that never travel (FFA's A)
+        self.a_fingerprint = a_fingerprint
+        self.min_replies = min_replies
+        self.health = SiteHealth(max_site_failures)
+        self.node_sampler = node_sampler or self.sample_securely
+        self.node_config = node_config or per_node_seed
+        self.nodes = nodes  # None: every connected node may be asked
+        self.last_train: Screened | None = None
+        self.last_evaluate: Screened | None = None
+        self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
 
-class LoraFedAvg:
-    """Weighted FedAvg (weights: training-set sizes) over what travels."""
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "LoraFedAvg":
+        """A strategy for `model` (built by `fed_dplora.lora.model.build_lora_model`):
+        its frozen A tensors for the aggregation error and, for FFA, their fingerprint."""
+        from fed_dplora.lora.adapters import frozen_lora_a, lora_a_fingerprint
+        shared = frozen_lora_a(model)
+        if cls is FfaFedAvg:
+            kwargs["a_fingerprint"] = lora_a_fingerprint(model)
+        return cls(shared_arrays=shared, **kwargs)
 
-    def __init__(self, a_fingerprint: str | None, shared: dict[str, np.ndarray]) -> None:
-        self.a_fingerprint = a_fingerprint  # FFA: the frozen A every reply must match
-        self.shared = shared  # tensors that never travel (A under FFA)
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self.node_sampler(server_round, self.askable_nodes(grid))
+        expected = Expected(expected_arrays(arrays), TRAIN_METRICS, self.a_fingerprint)
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN,
+                              expected)
 
-    def train_messages(self, arrays: dict[str, np.ndarray],
-                       configs: dict[int, ConfigRecord]) -> list[Message]:
-        record = to_record(arrays)
-        return [Message(RecordDict({p.ARRAYS: record, p.CONFIG: config}),
-                        dst_node_id=node, message_type=MessageType.TRAIN)
-                for node, config in configs.items()]
-
-    def evaluate_messages(self, arrays: dict[str, np.ndarray], nodes: list[int],
-                          config: ConfigRecord) -> list[Message]:
-        record = to_record(arrays)
-        return [Message(RecordDict({p.ARRAYS: record, p.CONFIG: config}),
-                        dst_node_id=node, message_type=MessageType.EVALUATE)
-                for node in nodes]
-
-    def aggregate_train(self, replies: list[Message], expected: list[int],
-                        global_arrays: dict[str, np.ndarray], rng: RandomSource
-                        ) -> TrainRound:
-        """Weighted mean of the replies (no replies: the global tensors unchanged)."""
-        updates, weights, metrics, bytes_up = self.collect(replies, expected)
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted mean of the valid replies; None when the round is lost."""
+        screened = self.screen_train(server_round, replies)
+        if self.is_lost(screened):
+            return None, self.train_metrics(screened, None)
+        updates, weights = self.updates(screened)
         if not updates:
-            return TrainRound(global_arrays, {}, 0.0, 0)
-        return TrainRound(weighted_mean(updates, weights), metrics,
-                          aggregation_error(updates, weights, self.shared), bytes_up)
+            return None, self.train_metrics(screened, None)
+        error = aggregation_error(updates, weights, self.shared_arrays)
+        return to_record(weighted_mean(updates, weights)), self.train_metrics(screened, error)
 
-    def collect(self, replies: list[Message], expected: list[int]
-                ) -> tuple[list[dict[str, np.ndarray]], list[float],
-                           dict[int, dict[str, float]], int]:
-        """Checked replies -> (tensors, example counts, metrics by node, bytes up)."""
-        replies = checked_replies(replies, expected, "train")
-        updates, weights, metrics, bytes_up = [], [], {}, 0
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            fingerprint = reply.content[p.CONFIG][p.A_FINGERPRINT]
-            if self.a_fingerprint is not None and fingerprint != self.a_fingerprint:
-                raise ClientFailure(
-                    f"node {node} trained with a different LoRA A (fingerprint "
-                    f"{fingerprint[:12]} vs the server's {self.a_fingerprint[:12]}): "
-                    "under FFA every A must come from the same seed and model; check "
-                    "that all sites run the same fed-dplora, model, seed and lora.*")
-            update = {name: array.numpy() for name, array in reply.content[p.ARRAYS].items()}
-            bytes_up += payload_bytes(update)
-            updates.append(update)
-            metrics[node] = dict(reply.content[p.METRICS])
-            weights.append(float(metrics[node][p.NUM_EXAMPLES]))
-        return updates, weights, metrics, bytes_up
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Every node that may be asked evaluates (fraction_evaluate of them)."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self.askable_nodes(grid)
+        count = max(int(len(nodes) * self.fraction_evaluate), 1)
+        nodes = sorted(random.SystemRandom().sample(nodes, count))
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
+                              Expected(None, EVALUATE_METRICS))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Loss and accuracy over the union of the valid replies' test sets."""
+        screened = self._screen(server_round, MessageType.EVALUATE, replies)
+        self.last_evaluate = screened
+        rows = list(screened.accepted.values())
+        total = sum(r.metrics[p.NUM_EXAMPLES] for r in rows)
+        if not total:
+            return None
+        return MetricRecord({
+            p.NUM_EXAMPLES: int(total), "replies": len(rows), "failures": len(screened.failed),
+            p.EVAL_LOSS: sum(r.metrics[p.EVAL_LOSS] * r.metrics[p.NUM_EXAMPLES]
+                             for r in rows) / total,
+            p.EVAL_ACCURACY: sum(r.metrics[p.EVAL_ACCURACY] * r.metrics[p.NUM_EXAMPLES]
+                                 for r in rows) / total})
+
+    # Shared with the client-level DP wrapper.
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
+        self.last_train = self._screen(server_round, MessageType.TRAIN, replies)
+        return self.last_train
+
+    def is_lost(self, screened: Screened) -> bool:
+        """Fewer valid replies than `min_replies` (None: every node asked)."""
+        needed = len(screened.asked) if self.min_replies is None else self.min_replies
+        lost = len(screened.accepted) < needed
+        if lost:
+            log.warning("round lost: %d valid replies of %d asked, min-replies %d",
+                        len(screened.accepted), len(screened.asked), needed)
+        return lost
 
     @staticmethod
-    def aggregate_evaluate(replies: list[Message], expected: list[int]
-                           ) -> tuple[float, float, int]:
-        """(loss, accuracy, examples) over the union of the clients' test sets."""
-        rows = [r.content[p.METRICS] for r in checked_replies(replies, expected, "evaluate")]
-        total = sum(int(m[p.NUM_EXAMPLES]) for m in rows)
-        loss = sum(m[p.EVAL_LOSS] * m[p.NUM_EXAMPLES] for m in rows) / max(total, 1)
-        accuracy = sum(m[p.EVAL_ACCURACY] * m[p.NUM_EXAMPLES] for m in rows) / max(total, 1)
-        return float(loss), float(accuracy), total
+    def updates(screened: Screened) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+        """The accepted tensors and their weights (training-set sizes), by node."""
+        nodes = sorted(screened.accepted)
+        return ([screened.accepted[n].arrays for n in nodes],
+                [float(screened.accepted[n].metrics[p.NUM_EXAMPLES]) for n in nodes])
+
+    @staticmethod
+    def train_metrics(screened: Screened, error: float | None) -> MetricRecord:
+        """The round's MetricRecord: `lost` 1 when no aggregate was released."""
+        rows = [a.metrics for a in screened.accepted.values()]
+        metrics = MetricRecord({"replies": len(rows), "failures": len(screened.failed),
+                                "lost": int(error is None)})
+        if error is not None:
+            metrics["aggregation-error"] = error
+        for key in (p.TRAIN_LOSS, p.CLIP_FRACTION):
+            if rows:
+                metrics[key] = float(np.mean([r[key] for r in rows]))
+        return metrics
+
+    def askable_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes (of `nodes`, if given), less those excluded for failing;
+        waits for `min_available_nodes` to connect, as FedAvg does."""
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log.info("waiting for nodes: %d connected, %d needed", len(nodes),
+                     self.min_available_nodes)
+            time.sleep(1)
+        return [n for n in nodes if n not in self.health.excluded
+                and (self.nodes is None or n in self.nodes)]
+
+    def sample_securely(self, server_round: int, nodes: list[int]) -> list[int]:
+        """FedAvg's sample size (fraction_train, at least min_train_nodes), drawn
+        with the OS CSPRNG: who takes part is not predictable from anything public."""
+        count = min(max(int(len(nodes) * self.fraction_train), self.min_train_nodes),
+                    len(nodes))
+        return sorted(random.SystemRandom().sample(nodes, count))
+
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                  nodes: list[int], message_type: str, expected: Expected) -> list[Message]:
+        shared = ConfigRecord({**config, "server-round": server_round})
+        messages = [Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: self.node_config(
+                        server_round, node, shared)}), dst_node_id=node,
+                            message_type=message_type) for node in nodes]
+        # Kept: the grid gives each message its id when it sends it; replies name it.
+        self._sent[(server_round, message_type)] = (messages, expected)
+        return messages
+
+    def _screen(self, server_round: int, message_type: str, replies: Iterable[Message]
+                ) -> Screened:
+        messages, expected = self._sent.pop((server_round, message_type), ([], None))
+        screened = screen(messages, replies, expected)
+        self.health.update(screened, message_type, server_round)
+        return screened
 
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})
+class FfaFedAvg(LoraFedAvg):
+    """FFA-LoRA: every A frozen at the same seeded init, only B (and the head) travel
+    and are averaged, which is exact; a reply whose A fingerprint differs from
+    `a_fingerprint` is rejected. Build it with `FfaFedAvg.for_model(model, ...)`."""
+
+    def __init__(self, *, a_fingerprint: str, shared_arrays: dict[str, np.ndarray],
+                 **kwargs) -> None:
+        if not a_fingerprint or not shared_arrays:
+            raise ValueError("FfaFedAvg needs the frozen A tensors and their fingerprint: "
+                             "build it with FfaFedAvg.for_model(model) from an FFA model")
+        super().__init__(a_fingerprint=a_fingerprint, shared_arrays=shared_arrays, **kwargs)
 
 
-def payload_bytes(arrays: dict[str, np.ndarray]) -> int:
-    """Tensor bytes that travel (serialization headers not counted)."""
-    return sum(a.nbytes for a in arrays.values())
-
+def per_node_seed(server_round: int, node: int, config: ConfigRecord) -> ConfigRecord:
+    """The default node config: the shared one, with a per-node, per-round seed derived
+    from its `round-seed` (so seeded clients never draw the same noise)."""
+    config = ConfigRecord(dict(config))
+    if p.ROUND_SEED in config:
+        config[p.ROUND_SEED] = derived_seed(int(config[p.ROUND_SEED]), server_round, str(node))
+    return config

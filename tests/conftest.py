@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from fed_dplora.data.demo import generate_site
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULTS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def _vocab() -> dict[str, int]:
@@ -60,3 +63,13 @@ def tiny_gpt2(tmp_path_factory) -> str:
     GPT2Model(config).save_pretrained(folder)
     _tokenizer(vocab, bert=False).save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture()
+def config(tiny_bert, tmp_path) -> dict:
+    """The default run config, shrunk to a few seconds a round on the tiny BERT."""
+    return {**DEFAULTS, "model.name": tiny_bert, "output-dir": str(tmp_path / "runs"),
+            "run-name": "run", "num-server-rounds": 3, "clients-per-round": 2,
+            "local-steps": 2, "batch-size": 32, "physical-batch-size": 16,
+            "data.demo-records-per-site": 150, "learning-rate": 0.5,
+            "privacy.secure-noise": False}

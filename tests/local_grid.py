@@ -7,10 +7,12 @@ any point and then resume. `flwr run` itself is covered by test_e2e_flwr_run.py.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import sys
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -20,6 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clients.client_app import app as client_app  # noqa: E402
+from fed_dplora.checkpoint import Checkpoint  # noqa: E402
 from strategies.server_app import app as server_app  # noqa: E402
 
 # Server and clients share this process, which a real run never does: the heavy halves
@@ -41,7 +44,11 @@ class LocalGrid(Grid):
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config=cfg,
                                           state=RecordDict(), run_config=run_config)
                          for i, cfg in enumerate(configs)}
+        # After the census (round 0): nodes whose ClientApp raises, or never answers.
         self.failing: set[int] = set()
+        self.silent: set[int] = set()
+        # node -> f(message type, reply) -> the reply the server receives instead
+        self.tamper: dict[int, Callable[[str, Message], Message]] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -50,16 +57,26 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            TaskIdentity.node_id = node
-            try:
-                if node in self.failing:
-                    raise RuntimeError("simulated client crash")
-                replies.append(client_app(message, self.contexts[node]))
-            except Exception as exc:  # what Flower does with a raising ClientApp
-                replies.append(Message(Error(code=0, reason=repr(exc)), reply_to=message))
-            finally:
-                TaskIdentity.node_id = SERVER_NODE
+            # As Flower's grids do when they push a message: replies name this id.
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            if node in self.silent and message.metadata.message_type != "query":
+                continue
+            replies.append(self._reply(node, message))
         return replies
+
+    def _reply(self, node: int, message: Message) -> Message:
+        TaskIdentity.node_id = node
+        try:
+            if node in self.failing and message.metadata.message_type != "query":
+                raise RuntimeError("simulated client crash")
+            reply = client_app(message, self.contexts[node])
+            if node in self.tamper:
+                reply = self.tamper[node](message.metadata.message_type, reply)
+            return reply
+        except Exception as exc:  # what Flower does with a raising ClientApp
+            return Message(Error(code=0, reason=repr(exc)), reply_to=message)
+        finally:
+            TaskIdentity.node_id = SERVER_NODE
 
     # Unused by the ServerApp.
     def set_run(self, run) -> None:
@@ -80,11 +97,29 @@ class LocalGrid(Grid):
 
 
 def run_federation(run_config: dict, num_nodes: int, grid: LocalGrid | None = None) -> None:
+    run_server_app(server_app, run_config, grid or LocalGrid(run_config, num_nodes))
+
+
+def run_server_app(app, run_config: dict, grid: Grid) -> None:
+    """Run a ServerApp (the project's, or a test's own) as the server of run 1."""
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", SERVER_NODE)):
         setattr(TaskIdentity, f"{attr}", value)
-    grid = grid or LocalGrid(run_config, num_nodes)
-    server_app(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={},
-                             state=RecordDict(), run_config=run_config))
+    app(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),
+                      run_config=run_config))
+
+
+def run_keeping_checkpoint(config, monkeypatch, wanted, num_nodes: int = 3) -> Checkpoint:
+    """Run the federation; return a copy of the last checkpoint it saved that `wanted`."""
+    kept, original_save = [], Checkpoint.save
+
+    def save(self, folder):
+        if wanted(self):
+            kept.append(copy.deepcopy(self))
+        return original_save(self, folder)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    run_federation(config, num_nodes)
+    monkeypatch.undo()
+    return kept[-1]
 
 
 if __name__ == "__main__":

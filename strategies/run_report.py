@@ -1,0 +1,178 @@
+"""The run folder's side of a federation: opening or resuming it, the privacy plan's
+log and summary, the per-round log line, and the final report and summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+
+from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.config import RunSpec
+from fed_dplora.privacy.central import CentralAccountant
+from fed_dplora.privacy.plan import PrivacyPlan
+from fed_dplora.results import RunFolder
+from strategies.census import Census
+from strategies.screening import ClientFailure
+
+log = logging.getLogger("fed_dplora.server")
+
+
+def open_run(spec: RunSpec, run_id: int, census: Census
+             ) -> tuple[RunFolder, Checkpoint | None]:
+    """A new run folder, or (resume) the named one and its last checkpoint."""
+    name = spec.run_name or _run_name(spec, run_id)
+    if not spec.resume:
+        if len(census.sites) < spec.clients_per_round:
+            raise ClientFailure(f"clients-per-round={spec.clients_per_round} but only "
+                                f"{len(census.sites)} site(s) answered the census")
+        run = RunFolder.create(spec.output_dir, name,
+                               {**spec.to_dict(), "label_names": list(census.labels)})
+        log.info("run folder: %s (continue it after a crash with resume=true "
+                 "run-name=\"%s\")", run.path.resolve(), name)
+        return run, None
+    run = RunFolder.open(spec.output_dir, name)
+    saved = run.read_json("config.json")
+    saved.pop("label_names", None)
+    ours = json.loads(json.dumps({**spec.to_dict(), "resume": saved.get("resume")}))
+    if saved != ours:
+        changed = sorted(k for k in ours if saved.get(k) != ours[k])
+        raise ValueError(f"resume: run-config differs from {run.path}/config.json in "
+                         f"{changed}; a resumed run must use the same configuration")
+    if not Checkpoint.exists(run.path):
+        # The write-ahead checkpoint precedes any training: nothing was spent yet.
+        log.info("resuming %s from the start: it has no checkpoint yet", run.path.resolve())
+        return run, None
+    checkpoint = Checkpoint.load(run.path)
+    run.truncate_metrics(checkpoint.round)
+    log.info("resuming %s after round %d", run.path.resolve(), checkpoint.round)
+    return run, checkpoint
+
+
+def planned_census(spec: RunSpec, census: Census, checkpoint: Checkpoint | None) -> Census:
+    """The sites the privacy plan is built for: this census, or on resume the
+    checkpoint's. A resumed run goes on without a site that left, when min-replies can
+    still be met; a site whose dataset size changed, or one the run never planned
+    for, is refused by name (its q and sigma were planned for other data)."""
+    if checkpoint is None:
+        return census
+    sizes = checkpoint.census["sizes"]
+    changed = sorted(s for s in census.sizes if s in sizes and census.sizes[s] != sizes[s])
+    unknown = sorted(set(census.sizes) - set(sizes))
+    if changed or unknown:
+        raise ClientFailure(
+            f"resume: site(s) {changed} now hold a different number of training records "
+            f"and site(s) {unknown} were not part of the run; their sampling rate and "
+            "noise were planned for other data: start a new run")
+    departed = sorted(set(sizes) - set(census.sizes))
+    needed = spec.failure.min_replies or 1
+    if len(census.sizes) < needed:
+        raise ClientFailure(f"resume: {len(census.sizes)} of the run's sites are connected, "
+                            f"min-replies={needed}")
+    if departed:
+        log.warning("resume: site(s) %s are gone; the run goes on without them", departed)
+    return Census(census.node_of, dict(sizes), tuple(checkpoint.census["labels"]))
+
+
+def restore(checkpoint: Checkpoint, accountant: CentralAccountant, secure: bool
+            ) -> Checkpoint:
+    """Ledgers from the checkpoint; a round lost in flight is charged when it may have
+    leaked (secure noise: its fresh draws reached the server and will not repeat)."""
+    accountant.restore(checkpoint.ledgers)
+    pending = checkpoint.pending
+    if pending and pending["round"] > checkpoint.round:
+        if secure:
+            accountant.charge_planned(pending["sample_charges"])
+            checkpoint.lost_rounds.append(pending["round"])
+            log.warning("round %d was interrupted after clients were asked to train; its "
+                        "sample-level cost is charged and the round runs again",
+                        pending["round"])
+        else:
+            log.info("round %d was interrupted; replaying it with the same seeds",
+                     pending["round"])
+        checkpoint.pending = None
+    return checkpoint
+
+
+def log_plan(spec: RunSpec, plan: PrivacyPlan, census: Census, secure: bool) -> None:
+    if not plan.enabled:
+        log.warning("privacy.level=\"none\": training WITHOUT differential privacy")
+        return
+    if plan.sample:
+        s = plan.sample
+        for site in census.sites:
+            log.info("sample level, client %s: n=%d q=%.4f sigma=%.4f (target eps=%g, "
+                     "delta=%.3g, %d steps)", site, census.sizes[site],
+                     s.sampling_probability[site], s.noise_multiplier[site],
+                     s.target_epsilon, s.delta, spec.num_server_rounds * spec.train.local_steps)
+    if plan.client:
+        c = plan.client
+        log.info("client level: %s sampling, m=%d of N=%d, S=%g, z=%.4f, noise std on the "
+                 "mean %.3g (target eps=%g, delta=%.3g, %d rounds)", c.sampling,
+                 c.expected_clients, c.num_clients, c.clip_norm, c.noise_multiplier,
+                 c.noise_std, c.target_epsilon, c.delta, spec.num_server_rounds)
+    log.info("noise source: %s", "OS CSPRNG (secure)" if secure
+             else "seeded (simulation only: reproducible, not secret)")
+
+
+def plan_summary(spec: RunSpec, plan: PrivacyPlan, census: Census, secure: bool) -> dict:
+    summary = {"level": spec.privacy.level, "client_sizes": census.sizes,
+               "secure_noise": secure}
+    if plan.sample:
+        summary["sample"] = {
+            "unit": "one record of one client (add/remove)",
+            "target_epsilon": plan.sample.target_epsilon, "delta": plan.sample.delta,
+            "planned_steps_per_client": spec.num_server_rounds * spec.train.local_steps,
+            "sampling_probability": plan.sample.sampling_probability,
+            "noise_multiplier": plan.sample.noise_multiplier,
+            "max_grad_norm": spec.privacy.max_grad_norm}
+    if plan.client:
+        c = plan.client
+        summary["client"] = {
+            "unit": "all records of one client", "sampling": c.sampling,
+            "relation": "add/remove" if c.sampling == "poisson" else "replace-one",
+            "target_epsilon": c.target_epsilon, "delta": c.delta,
+            "planned_rounds": spec.num_server_rounds, "num_clients": c.num_clients,
+            "expected_clients": c.expected_clients, "clip_norm": c.clip_norm,
+            "noise_multiplier": c.noise_multiplier}
+    return summary
+
+
+def log_round(row: dict, rounds: int) -> None:
+    """The round's line; a lost round, and each failed site, are named after it."""
+    def num(value, fmt: str) -> str:
+        return "off" if value is None else format(value, fmt)
+    log.info("round %d/%d | eval_loss %s | eval_acc %s | eps_sample %s | eps_client %s | "
+             "up %.1f KB | down %.1f KB | agg_err %s | %.1f s", row["round"], rounds,
+             num(row["eval_loss"], ".4f"), num(row["eval_accuracy"], ".4f"),
+             num(row["epsilon_sample"], ".3f"), num(row["epsilon_client"], ".3f"),
+             row["bytes_up"] / 1e3, row["bytes_down"] / 1e3,
+             num(row["aggregation_error"], ".2e"), row["wall_s"])
+    if row["lost"]:
+        log.warning("round %d lost: %d valid replies from %d sites asked; no new aggregate",
+                    row["round"], row["replies"], len(row["clients"]))
+    for phase, failed in row["failures"].items():
+        for site, reason in failed.items():
+            log.warning("round %d %s: site %s failed: %s", row["round"], phase, site, reason)
+
+
+def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant,
+                sites: list[str], state: Checkpoint, secure: bool, started: float) -> None:
+    """privacy_report.json, then summary.json: written last, it marks a finished run."""
+    if plan.enabled:
+        report = {**accountant.report(sites), "secure_noise": secure,
+                  "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
+                  "failed_rounds": state.failed_rounds, "stopped": state.stopped}
+        run.write_json("privacy_report.json", report)
+        log.info("privacy report: %s", run.path / "privacy_report.json")
+    run.write_json("summary.json", {
+        "finished": True, "rounds_completed": state.round, "stopped": state.stopped,
+        "failed_rounds": state.failed_rounds,
+        "epsilon_sample": accountant.epsilon_sample(),
+        "epsilon_client": accountant.epsilon_client(),
+        "wall_s": time.perf_counter() - started})
+
+
+def _run_name(spec: RunSpec, run_id: int) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{spec.method}-{spec.privacy.level}-{run_id}"

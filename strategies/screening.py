@@ -1,0 +1,163 @@
+"""Sorting one round's replies into accepted and failed, before anything is averaged.
+
+A reply is attributed to the node that was asked by its `reply_to_message_id` (an
+error reply may come from the SuperLink, e.g. after a node's heartbeat expired, not from
+the node). A node fails the round when it answered with an error, did not answer before
+the timeout, or sent a reply that does not validate: missing or extra tensors, another
+shape or dtype than was sent, NaN/Inf, a foreign LoRA A (FFA), a missing or non-finite
+metric. Nothing that failed is ever averaged in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, RecordDict
+
+from fed_dplora import protocol as p
+from strategies.codec import to_arrays
+
+log = logging.getLogger("fed_dplora.server")
+
+
+class ClientFailure(RuntimeError):
+    """Too few sites answered validly for the run to go on (census, resume)."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a valid reply of one phase carries."""
+
+    arrays: dict[str, tuple[tuple[int, ...], str]] | None  # name -> (shape, dtype); None: none
+    metrics: tuple[str, ...]
+    a_fingerprint: str | None = None  # FFA: the frozen A every reply must match
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated reply, decoded once."""
+
+    arrays: dict[str, np.ndarray]  # empty for an evaluation reply
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Screened:
+    """One phase of one round: who was asked, what was accepted, who failed and why."""
+
+    asked: list[int]
+    accepted: dict[int, Accepted]  # node -> its validated reply
+    failed: dict[int, str]  # node -> reason
+
+
+def expected_arrays(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of the tensors sent: a reply must return the same."""
+    return {name: (tuple(array.shape), array.dtype) for name, array in record.items()}
+
+
+def screen(sent: list[Message], replies: Iterable[Message], expected: Expected
+           ) -> Screened:
+    """Attribute every reply to the node asked, validate it, and list the failures."""
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    accepted: dict[int, Accepted] = {}
+    failed: dict[int, str] = {}
+    for reply in replies:
+        node = node_of.get(reply.metadata.reply_to_message_id)
+        if node is None or node in accepted or node in failed:
+            log.warning("ignoring a reply to no message of this round (from node %d)",
+                        reply.metadata.src_node_id)
+            continue
+        if reply.has_error():
+            failed[node] = f"error reply: {reply.error.reason}"
+            continue
+        result = validate(reply.content, expected)
+        if isinstance(result, str):
+            failed[node] = result
+        else:
+            accepted[node] = result
+    for node in sorted(set(node_of.values()) - set(accepted) - set(failed)):
+        failed[node] = "no reply before the round timeout"
+    return Screened(sorted(node_of.values()), accepted, failed)
+
+
+def validate(content: RecordDict, expected: Expected) -> Accepted | str:
+    """The decoded reply, or why it is invalid."""
+    if p.METRICS not in content.metric_records:
+        return "reply carries no metrics"
+    metrics = dict(content[p.METRICS])
+    problem = _metrics_problem(metrics, expected.metrics)
+    if problem:
+        return problem
+    if expected.arrays is None:
+        return Accepted({}, metrics)
+    if p.ARRAYS not in content.array_records:
+        return "reply carries no tensors"
+    arrays = to_arrays(content[p.ARRAYS])
+    problem = _arrays_problem(arrays, expected.arrays) or _fingerprint_problem(
+        content, expected.a_fingerprint)
+    return problem or Accepted(arrays, metrics)
+
+
+def _fingerprint_problem(content: RecordDict, a_fingerprint: str | None) -> str | None:
+    if a_fingerprint is None:
+        return None
+    config = content.config_records.get(p.CONFIG, {})
+    fingerprint = str(config.get(p.A_FINGERPRINT, ""))
+    if fingerprint == a_fingerprint:
+        return None
+    return (f"trained with a different LoRA A (fingerprint {fingerprint[:12] or 'none'} vs "
+            f"the server's {a_fingerprint[:12]}): under FFA every A must come from the "
+            "same seed and model; check that all sites run the same fed-dplora, model, "
+            "seed and lora.*")
+
+
+def _metrics_problem(metrics: dict, required: tuple[str, ...]) -> str | None:
+    missing = [k for k in required if k not in metrics]
+    if missing:
+        return f"metrics {missing} missing"
+    bad = [k for k in required if isinstance(metrics[k], list)
+           or not math.isfinite(float(metrics[k]))]
+    if bad:
+        return f"metrics {bad} are not finite numbers"
+    if p.NUM_EXAMPLES in required and metrics[p.NUM_EXAMPLES] <= 0:
+        return f"{p.NUM_EXAMPLES}={metrics[p.NUM_EXAMPLES]} is not positive"
+    return None
+
+
+def _arrays_problem(arrays: dict[str, np.ndarray],
+                    expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        return f"tensor names differ from those sent: missing {missing[:3]}, extra {extra[:3]}"
+    for name, array in arrays.items():
+        shape, dtype = expected[name]
+        if (array.shape, str(array.dtype)) != (shape, dtype):
+            return f"{name}: shape {array.shape} dtype {array.dtype}, expected {shape} {dtype}"
+        if not np.isfinite(array).all():
+            return f"{name} holds NaN or Inf"
+    return None
+
+
+@dataclass
+class SiteHealth:
+    """Consecutive failures per node; a node that fails `max_failures` times in a row
+    is no longer asked (with a warning)."""
+
+    max_failures: int = 3
+    streak: dict[int, int] = field(default_factory=dict)
+    excluded: set[int] = field(default_factory=set)
+
+    def update(self, screened: Screened, phase: str, server_round: int) -> None:
+        for node in screened.accepted:
+            self.streak[node] = 0
+        for node, reason in sorted(screened.failed.items()):
+            self.streak[node] = self.streak.get(node, 0) + 1
+            log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reason)
+            if self.streak[node] >= self.max_failures and node not in self.excluded:
+                self.excluded.add(node)
+                log.warning("node %d failed %d times in a row: it is no longer asked to "
+                            "train or evaluate in this run", node, self.streak[node])
