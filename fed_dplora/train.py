@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from fed_dplora.data.tokenize import TokenizedData
 from fed_dplora.dp import guards
 from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulator,
-                                  wrap_for_per_sample_grads)
+                                  PoissonSampling, StepStats, wrap_for_per_sample_grads)
 from fed_dplora.dp.noise import random_source
 from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
-
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,9 @@ class LocalTrainer:
 
     def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData
               ) -> tuple[dict[str, np.ndarray], TrainReport]:
-        """Load the global tensors, take `plan.local_steps` DP-SGD steps, return ours."""
+        """Load the global tensors, take `plan.local_steps` DP-SGD steps, return ours.
+
+        The report's (q, sigma, steps) come from the code that sampled and noised."""
         if len(data) == 0:
             raise ValueError("this client has no training records")
         start = time.perf_counter()
@@ -89,50 +90,59 @@ class LocalTrainer:
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
         guards.check_optimizer_holds_model_params(optimizer, self.model)
         accumulator = self._accumulator(plan)
-        n = len(data)
-        q = min(1.0, plan.batch_size / n)
-        sampler = random_source(plan.secure_noise, plan.seed)
-        loss_sum, seen, clipped = 0.0, 0, 0
-        checked, used_sigma = False, 0.0
+        sampling = PoissonSampling.for_batch(plan.batch_size, len(data),
+                                             random_source(plan.secure_noise, plan.seed))
+        loss_sum, seen, clipped, checked, used_sigma = 0.0, 0, 0, False, 0.0
         for _ in range(plan.local_steps):
-            indices = torch.nonzero(sampler.uniform(n) < q).flatten().tolist()
-            # Shortest first, so each physical batch pads to similar lengths. The logical
-            # batch's clipped sum, and so its noisy gradient, does not depend on the split.
-            indices.sort(key=data.length)
-            accumulator.begin()
-            for lo in range(0, len(indices), plan.physical_batch_size):
-                chunk = indices[lo:lo + plan.physical_batch_size]
-                ids, mask, labels = data.batch(chunk, self.device)
-                with mixed_precision(self.device):
-                    logits = self.forward_module(ids, mask)
-                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                loss.backward()
-                accumulator.add_physical_batch(len(chunk))
-                loss_sum += float(loss.detach())
-            stats = accumulator.finish()
-            seen += stats.examples
-            clipped += stats.clipped
+            stats, loss = self._logical_step(accumulator, sampling.draw(), plan, data)
+            checked = self._apply(optimizer, stats, checked)
+            loss_sum, seen, clipped = loss_sum + loss, seen + stats.examples, clipped + stats.clipped
             used_sigma = stats.noise_multiplier
-            if not checked and stats.examples > 0:
-                guards.check_signal(stats.signal_norm, stats.examples)
-                checked = True
-                if not self.update_verified:
-                    before = guards.snapshot_trainable(self.model)
-                    frozen_before = guards.frozen_checksum(self.model)
-                    optimizer.step()
-                    guards.check_update_applied(self.model, before, frozen_before)
-                    self.update_verified = True
-                else:
-                    optimizer.step()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
         report = TrainReport(
-            num_examples=n, steps=plan.local_steps, sampling_probability=q,
-            noise_multiplier=used_sigma,
+            num_examples=len(data), steps=accumulator.steps,
+            sampling_probability=sampling.probability, noise_multiplier=used_sigma,
             train_loss=loss_sum / max(seen, 1), clip_fraction=clipped / max(seen, 1),
             compute_s=time.perf_counter() - start)
         return trainable_arrays(self.model), report
+
+    def _logical_step(self, accumulator: DpSgdAccumulator | PlainAccumulator,
+                      indices: list[int], plan: RoundPlan, data: TokenizedData
+                      ) -> tuple[StepStats, float]:
+        """The noised gradient of one Poisson batch, over physical batches; its loss sum."""
+        # Shortest first, so each physical batch pads to similar lengths. The logical
+        # batch's clipped sum, and so its noisy gradient, does not depend on the split.
+        indices.sort(key=data.length)
+        accumulator.begin()
+        loss_sum = 0.0
+        for lo in range(0, len(indices), plan.physical_batch_size):
+            chunk = indices[lo:lo + plan.physical_batch_size]
+            ids, mask, labels = data.batch(chunk, self.device)
+            with mixed_precision(self.device):
+                logits = self.forward_module(ids, mask)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss.backward()
+            accumulator.add_physical_batch(len(chunk))
+            loss_sum += float(loss.detach())
+        return accumulator.finish(), loss_sum
+
+    def _apply(self, optimizer: torch.optim.Optimizer, stats: StepStats, checked: bool
+               ) -> bool:
+        """One optimizer step. The round's first step with examples checks the clipped
+        signal; the trainer's first such step also checks that exactly the trainable
+        tensors moved. Returns whether the round's check has run."""
+        check = not checked and stats.examples > 0
+        if check:
+            guards.check_signal(stats.signal_norm, stats.examples)
+        verify = check and not self.update_verified
+        if verify:
+            before = guards.snapshot_trainable(self.model)
+            frozen_before = guards.frozen_checksum(self.model)
+        optimizer.step()
+        if verify:
+            guards.check_update_applied(self.model, before, frozen_before)
+            self.update_verified = True
+        optimizer.zero_grad(set_to_none=True)
+        return checked or check
 
     def _accumulator(self, plan: RoundPlan) -> DpSgdAccumulator | PlainAccumulator:
         if plan.noise_multiplier is None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fed_dplora.dp import guards
-from fed_dplora.dp.engine import DpSgdAccumulator, DpSgdConfig, wrap_for_per_sample_grads
+from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PoissonSampling,
+                                  wrap_for_per_sample_grads)
 from fed_dplora.dp.noise import SecureRandom, SeededRandom
 from fed_dplora.lora.model import build_lora_model
 from test_model_factory import CPU, recipe
@@ -110,6 +112,7 @@ def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert, source):
         stats = acc.finish()
         assert stats.examples == 0
         draws += [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+    assert acc.steps == 10  # noised steps are counted, empty ones too: the ledger's count
     noise = torch.cat(draws)
     assert noise.numel() > 10000
     assert float(noise.std()) == pytest.approx(sigma * clip / batch, rel=0.05)
@@ -191,3 +194,13 @@ def test_parameter_off_device_is_caught(tiny_bert):
     model.base_model.model.classifier.modules_to_save.default.to("meta")
     with pytest.raises(guards.GuardError, match="meta"):
         guards.check_on_device(model, CPU)
+
+
+def test_poisson_sampling_draws_each_record_independently_with_probability_q():
+    sampling = PoissonSampling.for_batch(32, 400, SeededRandom(0))
+    assert sampling.probability == 32 / 400
+    sizes = [len(sampling.draw()) for _ in range(3000)]
+    assert float(np.mean(sizes)) == pytest.approx(32, rel=0.02)
+    # binomial(400, 0.08) sizes, not a fixed-size batch; records drawn uniformly
+    assert float(np.var(sizes)) == pytest.approx(400 * 0.08 * 0.92, rel=0.1)
+    assert PoissonSampling.for_batch(500, 400, SeededRandom(0)).probability == 1.0

@@ -1,13 +1,16 @@
 """Clipped, noised gradients of one logical batch, from Opacus per-sample gradients.
 
-Opacus's `GradSampleModule` (hooks) computes per-sample gradients; this module clips
+`PoissonSampling` draws each logical batch (every record independently with probability
+q). Opacus's `GradSampleModule` (hooks) computes per-sample gradients; this module clips
 each to `max_grad_norm` over all trainable tensors jointly, sums over the physical
 batches of one Poisson-sampled logical batch (virtual batching), adds
 N(0, (noise_multiplier * max_grad_norm)^2) per coordinate (also to an empty batch), and
-divides by the expected batch size. It reports the noise multiplier it actually used.
+divides by the expected batch size. The accumulator counts the steps it noised and
+reports the noise multiplier it used; with the sampler's q, that is what the ledger
+charges.
 
 Privacy (with `dp_sgd_steps` in `fed_dplora.privacy.events`): one record of this client,
-add/remove neighbouring, Poisson sampling done by the caller with the reported
+add/remove neighbouring, Poisson sampling by `PoissonSampling` with the reported
 probability, sensitivity `max_grad_norm` of the clipped sum. A trainable tensor without a
 per-sample gradient raises, because it would train without DP.
 """
@@ -23,6 +26,27 @@ from torch import nn
 
 from fed_dplora.dp.guards import CoverageError, check_supported_by_opacus
 from fed_dplora.dp.noise import RandomSource
+from fed_dplora.privacy.events import sampling_probability
+
+
+@dataclass(frozen=True)
+class PoissonSampling:
+    """Each logical batch: every one of `num_records` records independently with
+    probability q = `sampling_probability(expected_batch, num_records)`; the batch may
+    be empty (the step is still noised)."""
+
+    num_records: int
+    probability: float
+    source: RandomSource
+
+    @classmethod
+    def for_batch(cls, expected_batch: int, num_records: int, source: RandomSource
+                  ) -> "PoissonSampling":
+        return cls(num_records, sampling_probability(expected_batch, num_records), source)
+
+    def draw(self) -> list[int]:
+        drawn = self.source.uniform(self.num_records) < self.probability
+        return torch.nonzero(drawn).flatten().tolist()
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class DpSgdAccumulator:
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._sums: list[torch.Tensor] = []
         self._examples = self._clipped = 0
+        self.steps = 0  # logical steps noised so far
 
     def begin(self) -> None:
         self._sums = [torch.zeros_like(p) for _, p in self.named_params]
@@ -108,6 +133,7 @@ class DpSgdAccumulator:
             signal_sq += float(total.double().pow(2).sum())
             noise = self.noise.normal(tuple(total.shape), std, total.device, total.dtype)
             param.grad = (total + noise) / self.config.expected_batch_size
+        self.steps += 1
         return StepStats(self._examples, self._clipped,
                          signal_sq ** 0.5 / self.config.expected_batch_size,
                          self.config.noise_multiplier)
@@ -125,6 +151,7 @@ class PlainAccumulator:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.expected_batch_size = expected_batch_size
         self._examples = 0
+        self.steps = 0
 
     def begin(self) -> None:
         self._examples = 0
@@ -141,4 +168,5 @@ class PlainAccumulator:
                 param.grad = torch.zeros_like(param)
             param.grad /= self.expected_batch_size
             signal_sq += float(param.grad.double().pow(2).sum())
+        self.steps += 1
         return StepStats(self._examples, 0, signal_sq ** 0.5, 0.0)

@@ -14,6 +14,14 @@ NeighborRel = dpa.privacy_accountant.NeighboringRelation
 ClientSampling = Literal["poisson", "fixed"]
 
 
+def sampling_probability(batch_size: int, num_records: int) -> float:
+    """q = expected batch / records (at most 1): the one definition of a client's
+    Poisson rate, for calibration (the plan) and for sampling (the DP engine)."""
+    if batch_size <= 0 or num_records <= 0:
+        raise ValueError(f"need batch size and records > 0, got {batch_size}, {num_records}")
+    return min(1.0, batch_size / num_records)
+
+
 def dp_sgd_step(sampling_probability: float, noise_multiplier: float) -> dpa.DpEvent:
     """One DP-SGD step of one client (sample-level DP).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
-from fed_dplora.privacy.events import ClientSampling
+from fed_dplora.privacy.events import ClientSampling, sampling_probability
 
 
 class PrivacyPlanError(ValueError):
@@ -69,7 +69,7 @@ def plan_sample_level(target_epsilon: float, delta: float | None, batch_size: in
             f"privacy.delta={delta:g} is not below 1/n for client(s) {too_small}: a delta "
             "that large allows releasing a record outright. Use a smaller delta, or "
             "\"auto\" (1 / (10 * largest n)).")
-    q = {c: min(1.0, batch_size / n) for c, n in client_sizes.items()}
+    q = {c: sampling_probability(batch_size, n) for c, n in client_sizes.items()}
     if noise_multiplier is not None:
         return SampleLevelPlan(target_epsilon, delta, q, {c: noise_multiplier for c in q})
     sigma_by_q = {qk: calibrate_dp_sgd_noise(target_epsilon, delta, qk, planned_steps)
