@@ -38,8 +38,7 @@ def run(rounds: int, clients: int, per_round: int, steps: int) -> dict[str, floa
     for _ in range(rounds):
         sampled = sorted(rng.sample(sites, per_round))
         assert accountant.refusal(sampled) is None
-        accountant.charge_sample({s: (*accountant.plan.sample.key(s), steps)
-                                  for s in sampled})
+        accountant.charge_planned(accountant.planned_sample_charges(sampled))
         accountant.charge_client_round()
         accountant.epsilon_sample(), accountant.epsilon_client()
     tracking = time.perf_counter() - start

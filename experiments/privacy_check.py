@@ -16,6 +16,7 @@ from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
 
 from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
+from fed_dplora.privacy.events import dp_fedavg_round, dp_sgd_step
 from fed_dplora.privacy.ledger import FEDERATION, client_level_ledger, sample_level_ledger
 
 log = logging.getLogger("fed_dplora.privacy_check")
@@ -24,7 +25,7 @@ REPLACE_ONE = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
 
 def sample_case(q: float, sigma: float, steps: int, delta: float) -> dict:
     ledger = sample_level_ledger(delta)
-    ledger.record("k", (q, sigma), steps)
+    ledger.record("k", dp_sgd_step(q, sigma), steps)
     step_by_step = rdp.RdpAccountant()
     for _ in range(steps):
         step_by_step.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)))
@@ -38,7 +39,7 @@ def sample_case(q: float, sigma: float, steps: int, delta: float) -> dict:
 
 def client_case(sampling: str, n: int, m: int, z: float, rounds: int, delta: float) -> dict:
     ledger = client_level_ledger(delta, sampling)
-    ledger.record(FEDERATION, (sampling, n, m, z), rounds)
+    ledger.record(FEDERATION, dp_fedavg_round(sampling, n, m, z), rounds)
     if sampling == "poisson":
         event = dpa.PoissonSampledDpEvent(m / n, dpa.GaussianDpEvent(z))
         independent, opacus = rdp.RdpAccountant(), RDPAccountant()

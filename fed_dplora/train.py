@@ -96,7 +96,8 @@ class LocalTrainer:
         for _ in range(plan.local_steps):
             stats, loss = self._logical_step(accumulator, sampling.draw(), plan, data)
             checked = self._apply(optimizer, stats, checked)
-            loss_sum, seen, clipped = loss_sum + loss, seen + stats.examples, clipped + stats.clipped
+            loss_sum += loss
+            seen, clipped = seen + stats.examples, clipped + stats.clipped
             used_sigma = stats.noise_multiplier
         report = TrainReport(
             num_examples=len(data), steps=accumulator.steps,

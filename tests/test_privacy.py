@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dp_accounting as dpa
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from dp_accounting import pld, rdp
 from opacus.accountants import RDPAccountant
 
 from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
+from fed_dplora.privacy.events import dp_fedavg_round, dp_sgd_step
 from fed_dplora.privacy.ledger import FEDERATION, client_level_ledger, sample_level_ledger
 from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_level,
                                      plan_sample_level)
@@ -23,7 +26,7 @@ ROUNDS = [(0.08, 0.9, 10), (0.08, 0.9, 10), (0.05, 1.3, 20)]
 def ledger_with(rounds, client="k"):
     ledger = sample_level_ledger(DELTA)
     for q, sigma, steps in rounds:
-        ledger.record(client, (q, sigma), steps)
+        ledger.record(client, dp_sgd_step(q, sigma), steps)
     return ledger
 
 
@@ -52,7 +55,7 @@ def test_client_ledger_poisson_matches_step_by_step_dp_accounting_and_opacus():
     accountant = rdp.RdpAccountant()
     opacus = RDPAccountant()
     for n, m, z, rounds in CLIENT_ROUNDS:
-        ledger.record(FEDERATION, ("poisson", n, m, z), rounds)
+        ledger.record(FEDERATION, dp_fedavg_round("poisson", n, m, z), rounds)
         accountant.compose(dpa.PoissonSampledDpEvent(m / n, dpa.GaussianDpEvent(z)), rounds)
         opacus.history.append((z, m / n, rounds))
     assert ledger.epsilon(FEDERATION) == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
@@ -63,7 +66,7 @@ def test_client_ledger_fixed_size_uses_replace_one_with_sensitivity_two_s():
     ledger = client_level_ledger(DELTA, "fixed")
     accountant = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
     for n, m, z, rounds in CLIENT_ROUNDS:
-        ledger.record(FEDERATION, ("fixed", n, m, z), rounds)
+        ledger.record(FEDERATION, dp_fedavg_round("fixed", n, m, z), rounds)
         # replacing one clipped update moves the sum by up to 2S: multiplier z / 2
         accountant.compose(dpa.SampledWithoutReplacementDpEvent(
             n, m, dpa.GaussianDpEvent(z / 2)), rounds)
@@ -71,13 +74,13 @@ def test_client_ledger_fixed_size_uses_replace_one_with_sensitivity_two_s():
     assert ledger.epsilon(FEDERATION) == pytest.approx(accountant.get_epsilon(DELTA), rel=0.01)
     poisson = client_level_ledger(DELTA, "poisson")
     for n, m, z, rounds in CLIENT_ROUNDS:
-        poisson.record(FEDERATION, ("poisson", n, m, z), rounds)
+        poisson.record(FEDERATION, dp_fedavg_round("poisson", n, m, z), rounds)
     assert ledger.epsilon(FEDERATION) > poisson.epsilon(FEDERATION)
 
 
 def test_both_levels_keep_separate_ledgers_with_their_own_delta():
     sample, client = ledger_with(ROUNDS), client_level_ledger(1e-3, "poisson")
-    client.record(FEDERATION, ("poisson", 100, 10, 1.1), 30)
+    client.record(FEDERATION, dp_fedavg_round("poisson", 100, 10, 1.1), 30)
     independent = rdp.RdpAccountant()
     independent.compose(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.1)), 30)
     assert client.epsilon(FEDERATION) == pytest.approx(independent.get_epsilon(1e-3), rel=0.01)
@@ -87,7 +90,7 @@ def test_both_levels_keep_separate_ledgers_with_their_own_delta():
 
 def test_pld_report_is_tighter_and_matches_an_independent_pld():
     ledger = ledger_with(ROUNDS, "a")
-    ledger.record("b", (0.08, 0.9), 10)  # dominated by "a": same mechanism, fewer steps
+    ledger.record("b", dp_sgd_step(0.08, 0.9), 10)  # dominated by "a": fewer of the same
     accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
     for q, sigma, steps in ROUNDS:
         accountant.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
@@ -96,7 +99,7 @@ def test_pld_report_is_tighter_and_matches_an_independent_pld():
     assert report["epsilon_pld_max"] <= report["epsilon_rdp_max"] == ledger.epsilon("a")
     assert report["epsilon_rdp"]["never"] == 0.0 and report["events"]["never"] == []
     fixed = client_level_ledger(DELTA, "fixed")
-    fixed.record(FEDERATION, ("fixed", 100, 10, 1.1), 5)
+    fixed.record(FEDERATION, dp_fedavg_round("fixed", 100, 10, 1.1), 5)
     unsupported = ledger_report(fixed, [FEDERATION], 8.0)
     assert unsupported["epsilon_pld_max"] is None and "RDP" in unsupported["pld_note"]
 
@@ -104,7 +107,7 @@ def test_pld_report_is_tighter_and_matches_an_independent_pld():
 def test_federation_epsilon_is_the_max_over_clients_and_absent_client_is_zero():
     ledger = ledger_with(ROUNDS[:1], "a")
     for q, sigma, steps in ROUNDS:
-        ledger.record("b", (q, sigma), steps)
+        ledger.record("b", dp_sgd_step(q, sigma), steps)
     assert ledger.epsilon("never-selected") == 0.0
     assert ledger.max_epsilon() == ledger.epsilon("b") > ledger.epsilon("a") > 0
     assert ledger.mean_epsilon(["a", "b", "never-selected"]) == pytest.approx(
@@ -117,7 +120,7 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise(kind):
         if kind == "sample":
             return ledger_with([(0.08, noise, 10)] * rounds).epsilon("k")
         ledger = client_level_ledger(DELTA, kind)
-        ledger.record(FEDERATION, (kind, 50, 5, noise), rounds)
+        ledger.record(FEDERATION, dp_fedavg_round(kind, 50, 5, noise), rounds)
         return ledger.epsilon(FEDERATION)
     by_rounds = [eps(1.0, r) for r in range(1, 6)]
     assert all(a < b for a, b in zip(by_rounds, by_rounds[1:]))
@@ -127,9 +130,9 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise(kind):
 
 def test_state_round_trip_and_mismatch():
     ledger = ledger_with(ROUNDS, "a")
-    ledger.record("b", (0.08, 0.9), 10)
+    ledger.record("b", dp_sgd_step(0.08, 0.9), 10)
     copy = sample_level_ledger(DELTA)
-    copy.restore(ledger.state())
+    copy.restore(json.loads(json.dumps(ledger.state())))  # as a checkpoint holds it
     assert copy.per_account() == ledger.per_account()
     with pytest.raises(ValueError, match="does not match"):
         sample_level_ledger(2e-5).restore(ledger.state())
@@ -151,19 +154,27 @@ def test_calibrated_dp_fedavg_noise_lands_within_two_percent_below_target(
     delta = 1 / (10 * n)
     z = calibrate_dp_fedavg_noise(target, delta, sampling, n, m, rounds)
     ledger = client_level_ledger(delta, sampling)
-    ledger.record(FEDERATION, (sampling, n, m, z), rounds)
+    ledger.record(FEDERATION, dp_fedavg_round(sampling, n, m, z), rounds)
     assert target * 0.98 <= ledger.epsilon(FEDERATION) <= target
 
 
 def test_invalid_mechanism_is_refused_before_any_state_changes():
-    ledger = sample_level_ledger(DELTA)
     with pytest.raises(ValueError, match="noise multiplier"):
-        ledger.record("k", (0.1, 0.0), 10)  # "no noise, no charge" is not an option
-    assert ledger.counts == {} and ledger.max_epsilon() == 0.0
-    client = client_level_ledger(DELTA, "fixed")
+        dp_sgd_step(0.1, 0.0)  # "no noise, no charge" is not an option
     with pytest.raises(ValueError, match="expected clients"):
-        client.record(FEDERATION, ("fixed", 5, 6, 1.0), 1)
+        dp_fedavg_round("fixed", 5, 6, 1.0)
+    ledger = sample_level_ledger(DELTA)
+    with pytest.raises(ValueError, match="charges PoissonSampledDpEvent events"):
+        ledger.record_many({"a": (dp_sgd_step(0.1, 1.0), 10),
+                            "b": (dp_fedavg_round("fixed", 5, 2, 1.0), 1)})
+    assert ledger.counts == {} and ledger.max_epsilon() == 0.0  # all or nothing
+    client = client_level_ledger(DELTA, "fixed")
+    with pytest.raises(ValueError, match="charges SampledWithoutReplacementDpEvent"):
+        client.record(FEDERATION, dp_sgd_step(0.1, 1.0), 1)
     assert client.counts == {}
+    foreign = {"type": "LaplaceDpEvent", "parameter": 1.0}
+    with pytest.raises(ValueError, match="not a saved ledger event"):
+        ledger.restore({"kind": "sample", "delta": DELTA, "counts": {"k": [[foreign, 3]]}})
 
 
 def test_sample_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_over_n():
@@ -173,7 +184,7 @@ def test_sample_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_ov
     assert plan.noise_multiplier["small"] > plan.noise_multiplier["large"]
     for client in ("small", "large"):
         ledger = sample_level_ledger(plan.delta)
-        ledger.record(client, plan.key(client), 50)
+        ledger.record(client, plan.step_event(client), 50)
         assert 8.0 * 0.98 <= ledger.epsilon(client) <= 8.0
     with pytest.raises(PrivacyPlanError, match="privacy.delta.*small"):
         plan_sample_level(8.0, 1 / 640, 64, {"small": 640, "large": 6400}, 50)
@@ -186,7 +197,7 @@ def test_client_plan_calibrates_z_and_refuses_delta_at_or_above_one_over_clients
     assert plan.delta == 1 / 200
     assert plan.noise_std == pytest.approx(plan.noise_multiplier * 0.5 / 5)
     ledger = client_level_ledger(plan.delta, "poisson")
-    ledger.record(FEDERATION, plan.key, 10)
+    ledger.record(FEDERATION, plan.round_event, 10)
     assert 8.0 * 0.98 <= ledger.epsilon(FEDERATION) <= 8.0
     with pytest.raises(PrivacyPlanError, match="client-delta.*1/20"):
         plan_client_level(8.0, 0.05, "poisson", 20, 5, 10, clip_norm=0.5)
@@ -198,9 +209,9 @@ def test_budget_check_sees_the_round_that_would_overspend():
     plan = plan_sample_level(4.0, 1e-5, 64, {"k": 1000}, 30)
     ledger = sample_level_ledger(plan.delta)
     for _ in range(3):  # the three planned rounds of 10 steps fit
-        assert ledger.epsilon_if("k", plan.key("k"), 10) <= 4.0
-        ledger.record("k", plan.key("k"), 10)
-    assert ledger.epsilon_if("k", plan.key("k"), 10) > 4.0  # a fourth would not
+        assert ledger.epsilon_if("k", plan.step_event("k"), 10) <= 4.0
+        ledger.record("k", plan.step_event("k"), 10)
+    assert ledger.epsilon_if("k", plan.step_event("k"), 10) > 4.0  # a fourth would not
     assert ledger.epsilon("k") <= 4.0
 
 
@@ -210,7 +221,7 @@ def test_vectorized_rdp_conversion_equals_dp_accounting_value_for_value():
     from fed_dplora.privacy.accountants import RDP_ORDERS
     from fed_dplora.privacy.ledger import epsilons
     ledger = sample_level_ledger(DELTA)
-    rows = [count * ledger._curve(key) for key, count in
+    rows = [count * ledger._curve(dp_sgd_step(q, sigma)) for (q, sigma), count in
             [((0.01, 0.6), 1), ((0.08, 0.9), 50), ((0.5, 2.0), 1000), ((1.0, 0.3), 10),
              ((1e-4, 5.0), 1)]]
     rows.append(np.zeros(len(RDP_ORDERS)))

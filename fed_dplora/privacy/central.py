@@ -45,30 +45,33 @@ class CentralAccountant:
         if plan.sample:
             self.ledgers["sample"] = sample_level_ledger(plan.sample.delta)
             self.ledgers["sample"].prepare(
-                [plan.sample.key(site) for site in plan.sample.noise_multiplier])
+                [plan.sample.step_event(site) for site in plan.sample.noise_multiplier])
         if plan.client:
             self.ledgers["client"] = client_level_ledger(plan.client.delta,
                                                          plan.client.sampling)
-            self.ledgers["client"].prepare([plan.client.key])
+            self.ledgers["client"].prepare([plan.client.round_event])
 
     def planned_sample_charges(self, sites: list[str]) -> dict[str, list]:
         """What the sample ledger will be charged if `sites` train this round."""
         if not self.plan.sample:
             return {}
-        return {s: [*self.plan.sample.key(s), self.local_steps] for s in sites}
+        sample = self.plan.sample
+        return {s: [sample.sampling_probability[s], sample.noise_multiplier[s],
+                    self.local_steps] for s in sites}
 
     def refusal(self, sites: list[str]) -> str | None:
         """Why a round with `sites` would push a reported epsilon past its target."""
         if self.plan.sample:
             after = self.ledgers["sample"].epsilons_if(
-                {s: (self.plan.sample.key(s), self.local_steps) for s in sites})
+                {s: (self.plan.sample.step_event(s), self.local_steps) for s in sites})
             for site in sorted(after, key=after.get, reverse=True)[:1]:
                 if after[site] > self.plan.sample.target_epsilon:
                     return (f"another round would take client {site} to sample-level "
                             f"epsilon {after[site]:.4f} > target "
                             f"{self.plan.sample.target_epsilon:g}")
         if self.plan.client:
-            after = self.ledgers["client"].epsilon_if(FEDERATION, self.plan.client.key, 1)
+            after = self.ledgers["client"].epsilon_if(FEDERATION, self.plan.client.round_event,
+                                                      1)
             if after > self.plan.client.target_epsilon:
                 return (f"another round would take the federation to client-level epsilon "
                         f"{after:.4f} > target {self.plan.client.target_epsilon:g}")
@@ -83,8 +86,10 @@ class CentralAccountant:
                 raise AccountingError(f"client(s) {sorted(noisy)} report DP-SGD noise in a "
                                       "run without sample-level DP")
             return
+        sample = self.plan.sample
         for site, (q, sigma, steps) in used.items():
-            (q_asked, sigma_asked), steps_asked = self.plan.sample.key(site), self.local_steps
+            q_asked, sigma_asked = sample.sampling_probability[site], sample.noise_multiplier[site]
+            steps_asked = self.local_steps
             if (abs(q - q_asked) > 1e-9 * q_asked or steps != steps_asked
                     or abs(sigma - sigma_asked) > 1e-9 * max(1.0, sigma_asked)):
                 raise AccountingError(
@@ -92,11 +97,11 @@ class CentralAccountant:
                     f"asked for {(q_asked, sigma_asked, steps_asked)}: refusing an update "
                     "the ledger cannot account for")
         self.ledgers["sample"].record_many(
-            {site: (self.plan.sample.key(site), steps) for site, (_, _, steps) in used.items()})
+            {site: (sample.step_event(site), steps) for site, (_, _, steps) in used.items()})
 
     def charge_client_round(self) -> None:
         if self.plan.client:
-            self.ledgers["client"].record(FEDERATION, self.plan.client.key, 1)
+            self.ledgers["client"].record(FEDERATION, self.plan.client.round_event, 1)
 
     def charge_planned(self, charges: dict[str, list]) -> None:
         """Charge a round's planned sample-level steps (a lost round, see server)."""

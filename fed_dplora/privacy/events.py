@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import attr
 import dp_accounting as dpa
 
 NeighborRel = dpa.privacy_accountant.NeighboringRelation
@@ -91,3 +92,28 @@ def dp_fedavg_round(sampling: ClientSampling, num_clients: int, expected_clients
 def client_level_relation(sampling: ClientSampling) -> NeighborRel:
     """The neighbouring relation `dp_fedavg_round` is accounted under."""
     return NeighborRel.ADD_OR_REMOVE_ONE if sampling == "poisson" else NeighborRel.REPLACE_ONE
+
+
+# The event classes a ledger state may hold (JSON in checkpoints); nothing else loads.
+_SERIALIZABLE = {cls.__name__: cls for cls in (
+    dpa.GaussianDpEvent, dpa.PoissonSampledDpEvent, dpa.SampledWithoutReplacementDpEvent)}
+
+
+def event_to_json(event: dpa.DpEvent) -> dict:
+    """`{"type": class name, field: value or nested event, ...}` for checkpoints."""
+    name = type(event).__name__
+    if name not in _SERIALIZABLE:
+        raise ValueError(f"{name} is not an event this project charges")
+    fields = {k: event_to_json(v) if isinstance(v, dpa.DpEvent) else v
+              for k, v in attr.asdict(event, recurse=False).items()}
+    return {"type": name, **fields}
+
+
+def event_from_json(value: dict) -> dpa.DpEvent:
+    """Inverse of `event_to_json`; refuses anything but the project's event classes."""
+    if not isinstance(value, dict) or value.get("type") not in _SERIALIZABLE:
+        raise ValueError(f"not a saved ledger event: {value!r} (a checkpoint written by "
+                         "an older fed-dplora cannot be resumed; start a new run)")
+    fields = {k: event_from_json(v) if isinstance(v, dict) else v
+              for k, v in value.items() if k != "type"}
+    return _SERIALIZABLE[value["type"]](**fields)

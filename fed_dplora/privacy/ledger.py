@@ -1,6 +1,7 @@
 """Privacy ledgers: how often each account (a client, or the federation) ran each mechanism.
 
-A ledger stores counts, not event lists: `{account: {mechanism parameters: count}}`.
+A ledger stores counts, not event lists: `{account: {DpEvent: count}}`, keyed by the
+dp-accounting event of one occurrence (built by `fed_dplora.privacy.events`).
 The RDP curve of one event is computed once per distinct mechanism (by dp-accounting)
 and cached; an account's RDP is `sum(count * curve)`, recomputed from its counts so it
 does not depend on the order of charges; epsilon is dp-accounting's RDP-to-(eps, delta)
@@ -15,7 +16,6 @@ Two ledgers exist (see `sample_level_ledger` and `client_level_ledger`); a run w
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable
 from typing import Any
 
 import dp_accounting as dpa
@@ -23,50 +23,46 @@ import numpy as np
 
 from fed_dplora.privacy.accountants import RDP_ORDERS, make_rdp_accountant
 from fed_dplora.privacy.events import (SAMPLE_LEVEL_RELATION, ClientSampling, NeighborRel,
-                                       client_level_relation, dp_fedavg_round, dp_sgd_step)
+                                       client_level_relation, event_from_json, event_to_json)
 
-Key = tuple[Hashable, ...]
 FEDERATION = "federation"
 
 
 class Ledger:
     """Counts of one kind of DP event per account, with epsilon at a fixed delta.
 
-    `build_event(*key)` is the project's event builder for one occurrence; a key that
-    builds no valid event raises before the ledger changes.
+    `accepts`: the event type this ledger charges; any other raises before the ledger
+    changes.
     """
 
     def __init__(self, kind: str, delta: float, relation: NeighborRel,
-                 build_event: Callable[..., dpa.DpEvent]) -> None:
+                 accepts: type[dpa.DpEvent]) -> None:
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.kind = kind
         self.delta = delta
         self.relation = relation
-        self.build_event = build_event
-        self.counts: dict[str, Counter[Key]] = {}
-        self._curves: dict[Key, np.ndarray] = {}
+        self.accepts = accepts
+        self.counts: dict[str, Counter[dpa.DpEvent]] = {}
+        self._curves: dict[dpa.DpEvent, np.ndarray] = {}
         self._rdp: dict[str, np.ndarray] = {}  # account -> sum(count * curve)
 
-    def prepare(self, keys: list[Key]) -> None:
+    def prepare(self, events: list[dpa.DpEvent]) -> None:
         """Compute the RDP curves of the planned mechanisms now (one-off, before round 1)."""
-        for key in keys:
-            self._curve(tuple(key))
+        for event in events:
+            self._curve(event)
 
-    def event(self, key: Key) -> dpa.DpEvent:
-        return self.build_event(*key)
+    def record(self, account: str, event: dpa.DpEvent, count: int) -> None:
+        self.record_many({account: (event, count)})
 
-    def record(self, account: str, key: Key, count: int) -> None:
-        self.record_many({account: (key, count)})
-
-    def record_many(self, charges: dict[str, tuple[Key, int]]) -> None:
-        """Charge several accounts: {account: (key, count)}; all valid or none charged."""
-        for key, count in charges.values():
+    def record_many(self, charges: dict[str, tuple[dpa.DpEvent, int]]) -> None:
+        """Charge several accounts: {account: (event, count)}; all valid or none charged."""
+        for event, count in charges.values():
             if count < 0:
                 raise ValueError(f"count must be >= 0, got {count}")
-            self._curve(tuple(key))  # validates the mechanism before any state changes
-        for account, (key, count) in charges.items():
-            self.counts.setdefault(account, Counter())[tuple(key)] += count
+            self._curve(event)  # validates the mechanism before any state changes
+        for account, (event, count) in charges.items():
+            self.counts.setdefault(account, Counter())[event] += count
         self._rdp.update(zip(charges, self._sums([self.counts[a] for a in charges])))
 
     def epsilon(self, account: str) -> float:
@@ -75,25 +71,25 @@ class Ledger:
             return 0.0
         return float(epsilons(self._rdp[account][None, :], self.delta)[0])
 
-    def epsilon_if(self, account: str, key: Key, count: int) -> float:
-        """Epsilon the account would have after `count` more occurrences of `key`."""
-        return self.epsilons_if({account: (key, count)})[account]
+    def epsilon_if(self, account: str, event: dpa.DpEvent, count: int) -> float:
+        """Epsilon the account would have after `count` more occurrences of `event`."""
+        return self.epsilons_if({account: (event, count)})[account]
 
-    def epsilons_if(self, charges: dict[str, tuple[Key, int]]) -> dict[str, float]:
-        """`epsilon_if` for several accounts at once: {account: (key, count)}."""
+    def epsilons_if(self, charges: dict[str, tuple[dpa.DpEvent, int]]) -> dict[str, float]:
+        """`epsilon_if` for several accounts at once: {account: (event, count)}."""
         accounts = sorted(charges)
         if not accounts:
             return {}
         trials = []
         for account in accounts:
-            key, count = tuple(charges[account][0]), charges[account][1]
-            self._curve(key)
+            event, count = charges[account]
+            self._curve(event)
             held = self.counts.get(account)
-            if not held or (len(held) == 1 and key in held):  # fast path, same sum
-                trials.append(Counter({key: count + (held[key] if held else 0)}))
+            if not held or (len(held) == 1 and event in held):  # fast path, same sum
+                trials.append(Counter({event: count + (held[event] if held else 0)}))
             else:
                 trial = Counter(held)
-                trial[key] += count
+                trial[event] += count
                 trials.append(trial)
         rdp = np.stack(self._sums(trials))
         return dict(zip(accounts, map(float, epsilons(rdp, self.delta))))
@@ -115,7 +111,7 @@ class Ledger:
     def state(self) -> dict[str, Any]:
         """JSON-serializable counts (see `restore`)."""
         return {"kind": self.kind, "delta": self.delta,
-                "counts": {a: [[*k, n] for k, n in sorted(c.items(), key=repr)]
+                "counts": {a: [[event_to_json(e), n] for e, n in sorted(c.items(), key=repr)]
                            for a, c in self.counts.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -125,29 +121,32 @@ class Ledger:
                              f"does not match this {self.kind} ledger at {self.delta}")
         self.counts, self._rdp = {}, {}
         for account, rows in state["counts"].items():
-            for *key, count in rows:
-                self.record(account, tuple(key), int(count))
+            for event, count in rows:
+                self.record(account, event_from_json(event), int(count))
 
-    def _curve(self, key: Key) -> np.ndarray:
-        if key not in self._curves:
+    def _curve(self, event: dpa.DpEvent) -> np.ndarray:
+        if event not in self._curves:
+            if type(event) is not self.accepts:
+                raise ValueError(f"the {self.kind} ledger charges {self.accepts.__name__} "
+                                 f"events, not {event!r}")
             accountant = make_rdp_accountant(self.relation)
-            accountant.compose(self.event(key))
-            self._curves[key] = accountant.rdp
-        return self._curves[key]
+            accountant.compose(event)
+            self._curves[event] = accountant.rdp
+        return self._curves[event]
 
     def _sums(self, all_counts: list[Counter]) -> list[np.ndarray]:
         """sum(count * curve) per Counter, keys in a fixed order (history-independent)."""
         if all(len(c) == 1 for c in all_counts):  # the common case, vectorized
-            keys, ns = zip(*(next(iter(c.items())) for c in all_counts))
+            events, ns = zip(*(next(iter(c.items())) for c in all_counts))
             return list(np.asarray(ns, dtype=np.float64)[:, None]
-                        * np.stack([self._curves[k] for k in keys]))
+                        * np.stack([self._curves[e] for e in events]))
         return [self._sum(c) for c in all_counts]
 
     def _sum(self, counts: Counter) -> np.ndarray:
-        keys = sorted(counts)
-        total = counts[keys[0]] * self._curve(keys[0])
-        for key in keys[1:]:
-            total = total + counts[key] * self._curve(key)
+        events = sorted(counts, key=repr)
+        total = counts[events[0]] * self._curve(events[0])
+        for event in events[1:]:
+            total = total + counts[event] * self._curve(event)
         return total
 
 
@@ -166,17 +165,17 @@ def epsilons(rdp: np.ndarray, delta: float) -> np.ndarray:
 
 
 def sample_level_ledger(delta: float) -> Ledger:
-    """Per client: DP-SGD steps keyed by (sampling probability, noise multiplier).
+    """Per client: DP-SGD steps (`dp_sgd_step` events).
 
     The federation's sample-level epsilon is the max over clients: their datasets are
     disjoint, so a record is only ever touched by its own client's DP-SGD. Client
     selection is data-independent and no amplification from it is claimed.
     """
-    return Ledger("sample", delta, SAMPLE_LEVEL_RELATION, dp_sgd_step)
+    return Ledger("sample", delta, SAMPLE_LEVEL_RELATION, dpa.PoissonSampledDpEvent)
 
 
 def client_level_ledger(delta: float, sampling: ClientSampling) -> Ledger:
-    """One account (`FEDERATION`): DP-FedAvg rounds keyed by
-    (sampling, number of clients, expected clients per round, noise multiplier)."""
-    return Ledger(f"client-{sampling}", delta, client_level_relation(sampling),
-                  dp_fedavg_round)
+    """One account (`FEDERATION`): DP-FedAvg rounds (`dp_fedavg_round` events)."""
+    event_type = (dpa.PoissonSampledDpEvent if sampling == "poisson"
+                  else dpa.SampledWithoutReplacementDpEvent)
+    return Ledger(f"client-{sampling}", delta, client_level_relation(sampling), event_type)

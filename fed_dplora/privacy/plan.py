@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
-from fed_dplora.privacy.events import ClientSampling, sampling_probability
+import dp_accounting as dpa
+
+from fed_dplora.privacy.events import (ClientSampling, dp_fedavg_round, dp_sgd_step,
+                                       sampling_probability)
 
 
 class PrivacyPlanError(ValueError):
@@ -23,9 +26,9 @@ class SampleLevelPlan:
     sampling_probability: dict[str, float]
     noise_multiplier: dict[str, float]
 
-    def key(self, client: str) -> tuple[float, float]:
-        """The ledger key of one DP-SGD step of `client`."""
-        return (self.sampling_probability[client], self.noise_multiplier[client])
+    def step_event(self, client: str) -> dpa.DpEvent:
+        """One DP-SGD step of `client`: what its ledger account is charged per step."""
+        return dp_sgd_step(self.sampling_probability[client], self.noise_multiplier[client])
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,10 @@ class ClientLevelPlan:
     noise_multiplier: float
 
     @property
-    def key(self) -> tuple[str, int, int, float]:
-        """The ledger key of one DP-FedAvg round."""
-        return (self.sampling, self.num_clients, self.expected_clients,
-                self.noise_multiplier)
+    def round_event(self) -> dpa.DpEvent:
+        """One DP-FedAvg round: what the federation's account is charged per round."""
+        return dp_fedavg_round(self.sampling, self.num_clients, self.expected_clients,
+                               self.noise_multiplier)
 
     @property
     def noise_std(self) -> float:

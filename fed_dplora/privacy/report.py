@@ -29,8 +29,8 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
         "relation": ledger.relation.name,
         "delta": ledger.delta,
         "target_epsilon": target_epsilon,
-        "events": {a: [{"event": repr(ledger.event(k)), "count": n}
-                       for k, n in sorted(ledger.counts.get(a, Counter()).items(), key=repr)]
+        "events": {a: [{"event": repr(e), "count": n}
+                       for e, n in sorted(ledger.counts.get(a, Counter()).items(), key=repr)]
                    for a in accounts},
         "epsilon_rdp": rdp,
         "epsilon_rdp_max": max(rdp.values(), default=0.0),
@@ -53,9 +53,9 @@ def max_pld_epsilon(ledger: Ledger) -> float | None:
             break  # PLD epsilon <= RDP epsilon, and the rest have smaller RDP epsilon
         accountant = make_pld_accountant(ledger.relation)
         try:
-            for key, count in sorted(counts.items(), key=repr):
+            for event, count in sorted(counts.items(), key=repr):
                 if count:
-                    accountant.compose(ledger.event(key), count)
+                    accountant.compose(event, count)
         except dpa.UnsupportedEventError:
             return None
         best = max(best, float(accountant.get_epsilon(ledger.delta)))
