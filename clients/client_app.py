@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
-from fed_dplora.data.site import SitePlacement, load_site
+from fed_dplora.data.site import SITES_CACHED, SitePlacement, load_site
 from fed_dplora.data.sources import Splits, sorted_label_names
 from strategies.codec import to_arrays, to_record
 
@@ -94,7 +94,7 @@ def _local_site() -> ModuleType:
     return importlib.import_module(LOCAL_SITE)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=SITES_CACHED)
 def _site(spec: RunSpec, placement: SitePlacement) -> Splits:
     return load_site(spec, placement)
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec
-from fed_dplora.data.site import SitePlacement
+from fed_dplora.data.site import SITES_CACHED, SitePlacement
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
 from fed_dplora.train import LocalTrainer, RoundPlan
@@ -43,7 +43,7 @@ def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
     return LocalTrainer(recipe, resolve_device(device), private)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=SITES_CACHED)
 def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...], splits
                ) -> tuple[TokenizedData, TokenizedData]:
     tokenizer = load_tokenizer(spec.model)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class Federation:
     model: torch.nn.Module
     arrays: dict[str, np.ndarray]  # the global tensors that travel
     state: Checkpoint
+    waits: dict[str, float] = field(default_factory=dict)  # this round's, by phase
 
     @classmethod
     def set_up(cls, grid: Grid, run_id: int, spec: RunSpec, secure: bool, census: Census,
@@ -103,7 +104,7 @@ class Federation:
 
     def run_round(self, rnd: int) -> bool:
         """One round; False when the run stops before it (budget, failures)."""
-        start, started_at = time.perf_counter(), time.time()
+        start, started_at, self.waits = time.perf_counter(), time.time(), {}
         self.state.stopped = self._failure_stop()
         train_messages = list(self.strategy.configure_train(
             rnd, to_record(self.arrays), self._shared_config(), self.grid))
@@ -115,8 +116,8 @@ class Federation:
         if self.state.stopped:
             return False
         self._write_ahead(rnd, sampled)
-        new_arrays, train = self.strategy.aggregate_train(rnd, self.grid.send_and_receive(
-            train_messages, timeout=self.spec.failure.round_timeout))
+        new_arrays, train = self.strategy.aggregate_train(
+            rnd, self._exchange(train_messages, "train"))
         self._charge(self.lora.last_train)
         evaluation, eval_messages = None, 0
         if new_arrays is None:
@@ -183,8 +184,17 @@ class Federation:
         """(metrics over the valid replies or None, evaluation messages sent)."""
         messages = list(self.strategy.configure_evaluate(
             rnd, arrays, self._shared_config(), self.grid))
-        replies = self.grid.send_and_receive(messages, timeout=self.spec.failure.round_timeout)
+        replies = self._exchange(messages, "evaluate")
         return self.strategy.aggregate_evaluate(rnd, replies), len(messages)
+
+    def _exchange(self, messages: list[Message], phase: str) -> list[Message]:
+        """Send and wait for the replies; the wait is timed (the clients' side of the
+        round, transport included) into `waits`."""
+        start = time.perf_counter()
+        replies = list(self.grid.send_and_receive(
+            messages, timeout=self.spec.failure.round_timeout))
+        self.waits[phase] = time.perf_counter() - start
+        return replies
 
     def _failures(self, evaluated: bool) -> dict[str, dict[str, str]]:
         """{phase: {site: reason}} of this round."""
@@ -214,6 +224,7 @@ class Federation:
             "clients": sampled, "replies": len(accepted), "lost": bool(train["lost"]),
             "failures": failures,
             "aggregation_error": train.get("aggregation-error"),
+            "train_s": self.waits.get("train"), "evaluate_s": self.waits.get("evaluate"),
             "started_at": started_at, "wall_s": time.perf_counter() - start,
         }
 

@@ -21,6 +21,14 @@ def test_app_modules_import_without_torch_transformers_peft_or_opacus():
     assert out == "[]"
 
 
+def test_the_strategies_a_user_imports_pull_in_no_torch_or_dp_accounting():
+    code = ("import sys; from strategies import FfaFedAvg, LoraFedAvg, client_config, "
+            f"to_record; print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_preload_imports_once_and_surfaces_import_errors():
     future = preload("strategies.federation")
     assert preload("strategies.federation") is future

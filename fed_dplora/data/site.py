@@ -10,6 +10,12 @@ from fed_dplora.data.sources import (TEST_FRACTION, LabelledText, Splits, load_h
                                      load_local, split)
 
 
+# Sites whose data one simulation worker keeps (raw and tokenized) across rounds: above
+# the number of simulated sites, every worker loads each site once (evaluation visits
+# every site each round; experiments/bench_scale.py measures 100 sites).
+SITES_CACHED = 256
+
+
 @dataclass(frozen=True)
 class SitePlacement:
     """Simulation: this client's partition. Deployment: its own data path, all of it."""

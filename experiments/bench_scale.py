@@ -1,0 +1,139 @@
+"""Scale: many simulated sites through `flwr run`, memory per round and time per client.
+
+FFA, sample-level DP, small demo sites, on a real local SuperLink and Ray simulation
+(`experiments.flwr_job`). Three measurements:
+
+1. Memory: `--sites` sites, `--per-round` sampled a round, `--rounds` rounds. The
+   resident memory of the SuperLink's whole process tree (the simulation and every Ray
+   worker) is sampled every 0.5 s; each round's value is the largest sample while it ran.
+   Flat after round 2 means no per-site or per-round growth (target: <= 10%).
+2. Time against sampled sites: short runs with 10, 20 and 50 sites a round. The train
+   phase (the server's wait for the train replies) should grow in proportion.
+3. The server's own time per round: wall time less its waits for train and evaluate
+   replies (`train_s`, `evaluate_s` in metrics.jsonl).
+
+    python -m experiments.bench_scale [--sites 100] [--per-round 10] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from experiments.flwr_job import LocalFederation
+from fed_dplora.results import read_metrics
+
+log = logging.getLogger("fed_dplora.bench_scale")
+
+
+class TreeMemory:
+    """Resident memory of a process and all its descendants, sampled in the background."""
+
+    def __init__(self, pattern: str, period_s: float = 0.5) -> None:
+        self.pattern, self.period_s = pattern, period_s
+        self.samples: list[tuple[float, float]] = []  # (UNIX time, MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            pids = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True,
+                                  text=True).stdout.split()
+            total = 0
+            for pid in pids:
+                try:
+                    root = psutil.Process(int(pid))
+                    total += sum(p.memory_info().rss for p in [root, *root.children(True)])
+                except psutil.Error:
+                    continue  # a process ended while we looked
+            self.samples.append((time.time(), total / 2**20))
+
+    def peak_between(self, start: float, end: float) -> float:
+        return max((mb for t, mb in self.samples if start <= t <= end), default=float("nan"))
+
+
+def run_config(args, out: Path, name: str, per_round: int, rounds: int) -> dict:
+    return {"num-server-rounds": rounds, "clients-per-round": per_round,
+            "local-steps": args.local_steps, "batch-size": args.batch,
+            "physical-batch-size": args.batch, "data.demo-records-per-site": args.records,
+            "output-dir": str(out), "run-name": name,
+            "privacy.target-epsilon": 1000.0}  # room for every round at any sampling
+
+
+def memory_per_round(args, out: Path) -> list[dict]:
+    with LocalFederation(args.sites) as federation:
+        with TreeMemory(f"flower-superlink.*{federation.home}") as memory:
+            folder = federation.run(run_config(args, out, "memory", args.per_round,
+                                               args.rounds))
+    rows = read_metrics(folder)
+    return [{"round": r["round"], "rss_mb": memory.peak_between(
+                r["started_at"], r["started_at"] + r["wall_s"]),
+             "wall_s": r["wall_s"], "train_s": r["train_s"], "evaluate_s": r["evaluate_s"],
+             "server_s": r["wall_s"] - r["train_s"] - r["evaluate_s"]} for r in rows]
+
+
+def time_per_sampled_site(args, out: Path) -> list[dict]:
+    results = []
+    with LocalFederation(args.sites) as federation:
+        for per_round in args.compare:
+            rows = read_metrics(federation.run(run_config(
+                args, out, f"per-round-{per_round}", per_round, args.compare_rounds)))[1:]
+            train = statistics.median(r["train_s"] for r in rows)
+            results.append({"per_round": per_round, "train_s": train,
+                            "train_s_per_site": train / per_round,
+                            "evaluate_s": statistics.median(r["evaluate_s"] for r in rows),
+                            "server_s": statistics.median(
+                                r["wall_s"] - r["train_s"] - r["evaluate_s"] for r in rows)})
+    return results
+
+
+def report(memory: list[dict], timing: list[dict]) -> None:
+    log.info("round | peak RSS MB | wall s | train wait s | evaluate wait s | server s")
+    for r in memory:
+        log.info("%5d | %11.0f | %6.1f | %12.1f | %15.1f | %8.2f", r["round"], r["rss_mb"],
+                 r["wall_s"], r["train_s"], r["evaluate_s"], r["server_s"])
+    base = memory[1]["rss_mb"]  # after round 2: every worker has built its trainer
+    log.info("RSS growth after round 2: %+.1f%% (round 2 %.0f MB -> last round %.0f MB)",
+             100 * (memory[-1]["rss_mb"] / base - 1), base, memory[-1]["rss_mb"])
+    log.info("sites a round | train wait s (median) | per site | evaluate wait s | server s")
+    for r in timing:
+        log.info("%13d | %20.2f | %8.3f | %15.1f | %8.2f", r["per_round"], r["train_s"],
+                 r["train_s_per_site"], r["evaluate_s"], r["server_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=100)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--compare", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--compare-rounds", type=int, default=3)
+    parser.add_argument("--records", type=int, default=100, help="demo records per site")
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        memory = memory_per_round(args, Path(tmp))
+        timing = time_per_sampled_site(args, Path(tmp))
+    report(memory, timing)
+
+
+if __name__ == "__main__":
+    main()
