@@ -67,7 +67,8 @@ class Stepper:
         if mode == "plain":
             self.accumulator = PlainAccumulator(self.model, batch)
         else:
-            self.forward = wrap_for_per_sample_grads(self.model, mode == "dp-functorch")
+            self.forward = wrap_for_per_sample_grads(self.model, device,
+                                                     mode == "dp-functorch")
             self.accumulator = DpSgdAccumulator(self.forward, DpSgdConfig(1.0, 1.0, batch),
                                                 SeededRandom(0, device))
         self.optimizer = make_optimizer(self.model, "sgd", 0.1)

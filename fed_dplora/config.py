@@ -40,11 +40,11 @@ class PrivacySpec:
 
     level: PrivacyLevel = "sample"
     target_epsilon: float = 8.0
-    delta: float | None = None  # None: 1 / (10 * largest client dataset)
+    delta: float | None = None  # None: min(1e-5, 1 / (10 * largest client dataset))
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None  # None: calibrated from the target
     client_target_epsilon: float = 8.0
-    client_delta: float | None = None  # None: 1 / (10 * number of clients)
+    client_delta: float | None = None  # None: min(1e-5, 1 / (10 * number of clients))
     client_clip_norm: float = 1.0
     client_noise_multiplier: float | None = None  # None: calibrated from the target
     client_sampling: ClientSampling = "poisson"
@@ -225,8 +225,8 @@ _POSITIVE_FLOAT = (
 )
 # "auto" or a number: key -> (upper bound exclusive or None, what "auto" means)
 _AUTO_OR_NUMBER = {
-    "privacy.delta": (1.0, "1 / (10 * largest client dataset)"),
-    "privacy.client-delta": (1.0, "1 / (10 * number of clients)"),
+    "privacy.delta": (1.0, "min(1e-5, 1 / (10 * largest client dataset))"),
+    "privacy.client-delta": (1.0, "min(1e-5, 1 / (10 * number of clients))"),
     "privacy.noise-multiplier": (None, "calibrated from privacy.target-epsilon"),
     "privacy.client-noise-multiplier": (
         None, "calibrated from privacy.client-target-epsilon"),

@@ -65,9 +65,9 @@ class LocalTrainer:
     def __init__(self, recipe: ModelRecipe, device: torch.device, private: bool) -> None:
         self.device = device
         self.model = build_lora_model(recipe, device)
-        guards.check_on_device(self.model, device)
         self.private = private
-        self.forward_module = wrap_for_per_sample_grads(self.model) if private else self.model
+        self.forward_module = (wrap_for_per_sample_grads(self.model, device) if private
+                               else self.model)
         # The moved/frozen checks cost two passes over every weight: once per trainer
         # (its model, hooks and optimizer construction are the same every round).
         self.update_verified = False

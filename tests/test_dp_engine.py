@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fed_dplora.lora.model as model_module
 from fed_dplora.dp import guards
 from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PoissonSampling,
                                   wrap_for_per_sample_grads)
@@ -53,7 +54,7 @@ def hand_clipped_mean(model, clip):
 
 
 def engine_gradient(model, clip, physical=4, functorch=False):
-    gsm = wrap_for_per_sample_grads(model, functorch)
+    gsm = wrap_for_per_sample_grads(model, CPU, functorch)
     acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, clip, len(BATCH)), SeededRandom(0))
     acc.begin()
     for lo in range(0, len(BATCH), physical):  # two physical batches: virtual batching
@@ -103,7 +104,7 @@ def test_no_clipping_no_noise_equals_plain_mean_gradient(tiny_bert):
                          ids=["seeded", "secure"])
 def test_empty_batch_still_gets_noise_of_the_stated_std(tiny_bert, source):
     model = build_lora_model(recipe(tiny_bert, "vanilla"), CPU)
-    gsm = wrap_for_per_sample_grads(model)
+    gsm = wrap_for_per_sample_grads(model, CPU)
     sigma, clip, batch = 1.7, 0.5, 8
     acc = DpSgdAccumulator(gsm, DpSgdConfig(sigma, clip, batch), source)
     draws = []
@@ -146,9 +147,9 @@ def test_parameter_without_per_sample_gradient_is_an_error(tiny_bert):
 def test_trainable_module_opacus_cannot_privatize_is_an_error():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     with pytest.raises(guards.CoverageError, match="BatchNorm"):
-        wrap_for_per_sample_grads(model)
+        wrap_for_per_sample_grads(model, CPU)
     model[1].requires_grad_(False)
-    wrap_for_per_sample_grads(model)  # frozen BatchNorm is harmless
+    wrap_for_per_sample_grads(model, CPU)  # frozen BatchNorm is harmless
 
 
 def test_stale_parameter_copies_are_caught(tiny_bert):
@@ -190,10 +191,25 @@ def test_zero_clipped_signal_is_caught_and_empty_batch_is_not():
 
 def test_parameter_off_device_is_caught(tiny_bert):
     model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
-    guards.check_on_device(model, CPU)
+    guards.check_on_device(model, CPU, "now")
     model.base_model.model.classifier.modules_to_save.default.to("meta")
     with pytest.raises(guards.GuardError, match="meta"):
-        guards.check_on_device(model, CPU)
+        guards.check_on_device(model, CPU, "now")
+
+
+def test_a_model_placed_on_its_device_after_peft_or_after_opacus_is_refused(
+        tiny_bert, monkeypatch):
+    """The order is checked at each wrap, not only the final device ("meta" stands in
+    for the accelerator here; experiments/gpu_check runs the CUDA case)."""
+    meta = torch.device("meta")
+    model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
+    with pytest.raises(guards.GuardError, match="expected meta before Opacus wraps it"):
+        wrap_for_per_sample_grads(model, meta)  # PEFT model still on CPU: moved later
+    built_elsewhere = model_module.build_base_model
+    monkeypatch.setattr(model_module, "build_base_model",
+                        lambda r, device: built_elsewhere(r, CPU))  # base left on CPU
+    with pytest.raises(guards.GuardError, match="expected meta before PEFT wraps it"):
+        build_lora_model(recipe(tiny_bert, "ffa"), meta)
 
 
 def test_poisson_sampling_draws_each_record_independently_with_probability_q():

@@ -84,7 +84,12 @@ def test_both_levels_keep_separate_ledgers_with_their_own_delta():
     independent = rdp.RdpAccountant()
     independent.compose(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.1)), 30)
     assert client.epsilon(FEDERATION) == pytest.approx(independent.get_epsilon(1e-3), rel=0.01)
-    assert sample.epsilon("k") == pytest.approx(ledger_with(ROUNDS).epsilon("k"))
+    # The sample ledger, at its own delta, is untouched by the client-level charges.
+    steps = rdp.RdpAccountant()
+    for q, sigma, count in ROUNDS:
+        steps.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), count)
+    assert sample.epsilon("k") == pytest.approx(steps.get_epsilon(DELTA), rel=0.01)
+    assert sample.epsilon("k") != pytest.approx(client.epsilon(FEDERATION), rel=0.05)
     assert sample.kind == "sample" and client.kind == "client-poisson"
 
 
@@ -168,6 +173,8 @@ def test_invalid_mechanism_is_refused_before_any_state_changes():
         ledger.record_many({"a": (dp_sgd_step(0.1, 1.0), 10),
                             "b": (dp_fedavg_round("fixed", 5, 2, 1.0), 1)})
     assert ledger.counts == {} and ledger.max_epsilon() == 0.0  # all or nothing
+    ledger.record_many({})  # a round that charged nobody
+    assert ledger.counts == {}
     client = client_level_ledger(DELTA, "fixed")
     with pytest.raises(ValueError, match="charges SampledWithoutReplacementDpEvent"):
         client.record(FEDERATION, dp_sgd_step(0.1, 1.0), 1)
@@ -179,7 +186,8 @@ def test_invalid_mechanism_is_refused_before_any_state_changes():
 
 def test_sample_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_over_n():
     plan = plan_sample_level(8.0, None, 64, {"small": 640, "large": 6400}, 50)
-    assert plan.delta == auto_delta([640, 6400]) == 1 / 64000
+    assert plan.delta == auto_delta([640, 6400]) == 1e-5  # 1/(10 n) would be 1.6e-5
+    assert auto_delta([200_000, 1000]) == 1 / 2_000_000  # below 1/(10 n) for every n
     assert plan.sampling_probability == {"small": 0.1, "large": 0.01}
     assert plan.noise_multiplier["small"] > plan.noise_multiplier["large"]
     for client in ("small", "large"):
@@ -194,7 +202,7 @@ def test_sample_plan_calibrates_each_client_and_refuses_delta_at_or_above_one_ov
 
 def test_client_plan_calibrates_z_and_refuses_delta_at_or_above_one_over_clients():
     plan = plan_client_level(8.0, None, "poisson", 20, 5, 10, clip_norm=0.5)
-    assert plan.delta == 1 / 200
+    assert plan.delta == 1e-5  # 1/(10 N) = 0.005 would be far too weak for 20 clients
     assert plan.noise_std == pytest.approx(plan.noise_multiplier * 0.5 / 5)
     ledger = client_level_ledger(plan.delta, "poisson")
     ledger.record(FEDERATION, plan.round_event, 10)

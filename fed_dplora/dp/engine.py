@@ -24,7 +24,7 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from fed_dplora.dp.guards import CoverageError, check_supported_by_opacus
+from fed_dplora.dp.guards import CoverageError, check_on_device, check_supported_by_opacus
 from fed_dplora.dp.noise import RandomSource
 from fed_dplora.privacy.events import sampling_probability
 
@@ -66,14 +66,15 @@ class StepStats:
     noise_multiplier: float
 
 
-def wrap_for_per_sample_grads(model: nn.Module, functorch: bool = False
+def wrap_for_per_sample_grads(model: nn.Module, device: torch.device, functorch: bool = False
                               ) -> GradSampleModule:
-    """Attach Opacus hooks to the already device-placed, PEFT-wrapped model.
+    """Attach Opacus hooks to the PEFT-wrapped model, which must already be on `device`.
 
     `functorch=True` computes every per-sample gradient with torch.func instead of
     Opacus' per-layer formulas (compared in experiments/bench_dp_step.py; both pass
     the exactness tests).
     """
+    check_on_device(model, device, "before Opacus wraps it")
     check_supported_by_opacus(model)
     # Opacus hooks on the first LoRA layers see inputs that need no grad (frozen base);
     # torch then warns once per process although the per-sample gradients are exact.

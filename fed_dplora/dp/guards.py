@@ -7,7 +7,6 @@ parameters while the model's own weights never moved; loss and epsilon looked no
 from __future__ import annotations
 
 import torch
-from opacus.validators import ModuleValidator
 from torch import nn
 
 
@@ -19,17 +18,22 @@ class CoverageError(GuardError):
     """A trainable tensor would be updated without per-sample clipping and noise."""
 
 
-def check_on_device(model: nn.Module, device: torch.device) -> None:
-    """Every parameter and buffer sits on `device` (device first, then PEFT, then Opacus)."""
+def check_on_device(model: nn.Module, device: torch.device, stage: str) -> None:
+    """Every parameter and buffer sits on `device` at `stage`. Called before PEFT wraps
+    the base and before Opacus wraps the PEFT model, so the order (device, then PEFT,
+    then Opacus) is checked, not only the final placement: a model moved afterwards
+    can leave hooks or the optimizer on stale parameter objects."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.device.type != device.type:
-            raise GuardError(f"{name} is on {tensor.device}, expected {device}: build the "
-                             "base model on its device before wrapping it with PEFT/Opacus")
+            raise GuardError(f"{name} is on {tensor.device}, expected {device} {stage}: "
+                             "place the base model on its device first, then wrap it "
+                             "with PEFT, then with Opacus (fed_dplora.lora.model)")
 
 
 def check_supported_by_opacus(model: nn.Module) -> None:
     """No module that owns a trainable tensor is one Opacus cannot privatize (BatchNorm,
     which mixes samples, for example). Frozen modules are left alone."""
+    from opacus.validators import ModuleValidator  # Opacus only where DP training runs
     errors = [f"{name}: {error}" for name, module in model.named_modules()
               if any(p.requires_grad for p in module.parameters(recurse=False))
               for error in ModuleValidator.validate(module, strict=False)]

@@ -1,9 +1,10 @@
 """One model factory for server and clients: device, PEFT LoRA, FFA freeze, seeded init.
 
-Order (enforced here, checked by `dp.guards.check_on_device`): the base model is moved
-to its device first, PEFT wraps it there, FFA freezes every `lora_A`, then `train()`.
-Opacus wraps the result later (`dp.engine`), never the other way round: wrapping first
-leaves the optimizer or the hooks on stale parameter objects.
+Order (enforced here, and checked by `dp.guards.check_on_device` before each wrap): the
+base model is moved to its device first, PEFT wraps it there, FFA freezes every
+`lora_A`, then `train()`. Opacus wraps the result later (`dp.engine`, which checks the
+device again), never the other way round: wrapping first leaves the optimizer or the
+hooks on stale parameter objects.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from fed_dplora.config import DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec, RunSpec
+from fed_dplora.dp import guards
 
 
 HEAD = "classifier"
@@ -133,6 +135,7 @@ def build_base_model(recipe: ModelRecipe, device: torch.device) -> TextClassifie
 def build_lora_model(recipe: ModelRecipe, device: torch.device) -> PeftModel:
     """Base on device -> PEFT LoRA -> seeded A (frozen under FFA) -> train()."""
     base = build_base_model(recipe, device)
+    guards.check_on_device(base, device, "before PEFT wraps it")
     config = LoraConfig(r=recipe.lora.rank, lora_alpha=recipe.lora.alpha,
                         target_modules=list(recipe.lora.target_modules),
                         lora_dropout=0.0, modules_to_save=[HEAD])

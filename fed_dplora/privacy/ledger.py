@@ -57,6 +57,8 @@ class Ledger:
 
     def record_many(self, charges: dict[str, tuple[dpa.DpEvent, int]]) -> None:
         """Charge several accounts: {account: (event, count)}; all valid or none charged."""
+        if not charges:
+            return
         for event, count in charges.values():
             if count < 0:
                 raise ValueError(f"count must be >= 0, got {count}")
