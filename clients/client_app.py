@@ -11,13 +11,17 @@ leave it half-initialized.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
+from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import runtime
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SITES_CACHED, SitePlacement, load_site
@@ -27,41 +31,73 @@ from strategies.codec import to_arrays, to_record
 app = ClientApp()
 EVAL_BATCH = 128
 LOCAL_SITE = "clients.local_site"
+log = logging.getLogger("fed_dplora.client")
+
+
+def _site_errors(handler: Callable[[Message, Context], Message]):
+    """Unless the site shares everything, an error leaves the site as its type alone:
+    its text could quote a record. The full error goes to the site's own log."""
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            mode = runtime.share_metrics(context.node_config)
+            if mode == p.SHARE_ALL:
+                raise
+            log.exception("%s failed at this site", handler.__name__)
+            raise RuntimeError(f"{type(exc).__name__} at this site (details in the "
+                               f"site's log; {p.SHARE_METRICS}={mode})") from None
+    return guarded
 
 
 @app.query()
+@_site_errors
 def query(msg: Message, context: Context) -> Message:
-    """Round 0: this client's stable site id, training-set size and label values."""
+    """Round 0: this client's stable site id, training-set size, label values, and how
+    it will draw its DP randomness (the server's write-ahead record needs it)."""
     placement = _placement(context)
     splits = _site(parse_run_config(context.run_config), placement)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
-                          p.LABEL_NAMES: list(labels)})
+                          p.LABEL_NAMES: list(labels),
+                          p.RANDOMNESS: _randomness(msg.content[p.CONFIG], context),
+                          p.SHARE_METRICS: runtime.share_metrics(context.node_config)})
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)
 
 
 @app.train()
+@_site_errors
 def train(msg: Message, context: Context) -> Message:
     spec = parse_run_config(context.run_config)
     config = _checked_config(msg)
+    fresh = _randomness(config, context) == p.FRESH  # the site decides, not the server
+    plan = _local_site().round_plan(spec, config, fresh)
+    declined = _site_declines(spec, context, plan)
+    if declined:
+        return Message(RecordDict({p.CONFIG: ConfigRecord({p.DECLINED: declined})}),
+                       reply_to=msg)
     trainer, (train_data, _) = _prepare(spec, context, config)
-    # A site may insist on secure noise whatever the server asks.
-    plan = _local_site().round_plan(
-        spec, config, bool(context.node_config.get("secure-noise", False)))
     arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data)
-    metrics = MetricRecord({
+    metrics = MetricRecord({  # what the accountant needs (n: the census sent it already)
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
         p.SAMPLING_PROBABILITY: report.sampling_probability,
-        p.NOISE_MULTIPLIER: report.noise_multiplier, p.TRAIN_LOSS: report.train_loss,
-        p.CLIP_FRACTION: report.clip_fraction, p.COMPUTE_S: report.compute_s})
+        p.NOISE_MULTIPLIER: report.noise_multiplier})
+    if runtime.share_metrics(context.node_config) == p.SHARE_ALL:
+        metrics.update({p.TRAIN_LOSS: report.train_loss, p.CLIP_FRACTION: report.clip_fraction,
+                        p.COMPUTE_S: report.compute_s})
     content = RecordDict({p.ARRAYS: to_record(arrays), p.METRICS: metrics,
                           p.CONFIG: ConfigRecord({p.A_FINGERPRINT: trainer.a_fingerprint()})})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
+@_site_errors
 def evaluate(msg: Message, context: Context) -> Message:
+    if runtime.share_metrics(context.node_config) == p.SHARE_DP_ONLY:
+        raise PermissionError(f"this site shares no evaluation metrics ({p.SHARE_METRICS}="
+                              f"{p.SHARE_DP_ONLY!r} in its node config)")
     spec = parse_run_config(context.run_config)
     trainer, (_, test_data) = _prepare(spec, context, _checked_config(msg))
     report = trainer.evaluate(to_arrays(msg.content[p.ARRAYS]), test_data, EVAL_BATCH)
@@ -76,6 +112,31 @@ def _checked_config(msg: Message) -> ConfigRecord:
         raise ValueError(f"server speaks wire version {config.get(p.WIRE)}, this client "
                          f"{p.WIRE_VERSION}: install the same fed-dplora on both sides")
     return config
+
+
+def _site_declines(spec: RunSpec, context: Context, plan) -> str | None:
+    """Charge the round to the site's own ledger, or say why its limits refuse it."""
+    ledger = runtime.site_ledger(context.node_config)
+    if ledger is None:
+        return None
+    from fed_dplora.privacy.events import sampling_probability
+    from fed_dplora.site_ledger import RoundAsk, SiteDeclines, dataset_key
+    splits = _site(spec, _placement(context))
+    ask = RoundAsk(str(context.run_id), sampling_probability(plan.batch_size,
+                                                                 len(splits.train)),
+                   plan.noise_multiplier, plan.local_steps)
+    try:
+        epsilon = ledger.charge_or_decline(
+            dataset_key(splits.train.texts, splits.train.labels), ask)
+    except SiteDeclines as why:
+        log.warning("declining round %s: %s", ask.run, why)
+        return str(why)
+    log.info("site ledger %s: epsilon %.4f after this round", ledger.path, epsilon)
+    return None
+
+
+def _randomness(config: ConfigRecord, context: Context) -> str:
+    return runtime.randomness(context.node_config, bool(config.get(p.SECURE_NOISE, False)))
 
 
 def _placement(context: Context) -> SitePlacement:

@@ -26,8 +26,7 @@ def prepare(spec: RunSpec, placement: SitePlacement, splits, labels: tuple[str, 
     return trainer, _tokenized(spec, placement, labels, splits)
 
 
-def round_plan(spec: RunSpec, config: Mapping, site_insists_on_secure_noise: bool
-               ) -> RoundPlan:
+def round_plan(spec: RunSpec, config: Mapping, fresh_randomness: bool) -> RoundPlan:
     """This round's plan from the run config and the server's round config."""
     return RoundPlan(
         local_steps=spec.train.local_steps, batch_size=spec.train.batch_size,
@@ -35,7 +34,7 @@ def round_plan(spec: RunSpec, config: Mapping, site_insists_on_secure_noise: boo
         learning_rate=spec.train.learning_rate, optimizer=spec.train.optimizer,
         noise_multiplier=config.get(p.NOISE_MULTIPLIER),
         max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]),
-        secure_noise=bool(config.get(p.SECURE_NOISE, False)) or site_insists_on_secure_noise)
+        secure_noise=fresh_randomness)
 
 
 @lru_cache(maxsize=1)

@@ -33,11 +33,13 @@ class Checkpoint:
     stopped: str | None = None  # why the run ended early (budget), if it did
     lost_rounds: list[int] = field(default_factory=list)  # charged, never committed
     failed_rounds: list[int] = field(default_factory=list)  # below min-replies: no update
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why its limits refused
 
     def save(self, folder: Path) -> Path:
         state = {"round": self.round, "ledgers": self.ledgers, "census": self.census,
                  "pending": self.pending, "stopped": self.stopped,
-                 "lost_rounds": self.lost_rounds, "failed_rounds": self.failed_rounds}
+                 "lost_rounds": self.lost_rounds, "failed_rounds": self.failed_rounds,
+                 "declined": self.declined}
         buffer = io.BytesIO()
         np.savez(buffer, **self.arrays,
                  **{_STATE_KEY: np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)})
@@ -65,7 +67,7 @@ class Checkpoint:
             state = json.loads(saved[_STATE_KEY].tobytes().decode())
         return cls(state["round"], arrays, state["ledgers"], state["census"],
                    state["pending"], state["stopped"], state["lost_rounds"],
-                   state.get("failed_rounds", []))
+                   state.get("failed_rounds", []), state.get("declined", {}))
 
 
 def _fsync_dir(folder: Path) -> None:

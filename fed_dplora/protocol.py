@@ -11,13 +11,23 @@ METRICS = "metrics"
 NUM_TRAIN_EXAMPLES = "num-train-examples"
 LABEL_NAMES = "label-names"
 SITE_ID = "site-id"  # stable across runs: the ledger's account for this client
+RANDOMNESS = "randomness"  # how the site draws DP sampling and noise (clients.runtime):
+FRESH = "fresh"  # OS CSPRNG: nobody can predict it
+SEEDED = "seeded"  # from the server's round seed: a simulation, reproducible
+SEEDED_BY_SITE = "seeded-by-site"  # a deployed site opted out: its epsilon is void
+SHARE_METRICS = "share-metrics"  # what else the site sends (node config, census reply):
+SHARE_ALL = "all"  # train loss, clip fraction, timings, evaluation, error texts
+SHARE_EVALUATION = "evaluation"  # DP tensors, accountant's inputs, evaluation metrics
+SHARE_DP_ONLY = "dp-only"  # DP tensors and the accountant's inputs only
+SHARE_MODES = (SHARE_ALL, SHARE_EVALUATION, SHARE_DP_ONLY)
 
 # Config sent with every train / evaluate message
 WIRE = "wire-version"
 ROUND = "server-round"
 ROUND_SEED = "round-seed"
 NOISE_MULTIPLIER = "noise-multiplier"  # absent: no sample-level DP this round
-SECURE_NOISE = "secure-noise"  # draw DP-SGD sampling and noise from the OS CSPRNG
+SECURE_NOISE = "secure-noise"  # the server asks for OS CSPRNG randomness (a client
+# outside Flower's simulation uses it whatever is asked)
 # Reply metrics (train)
 NUM_EXAMPLES = "num-examples"
 STEPS = "steps"
@@ -26,6 +36,7 @@ TRAIN_LOSS = "train-loss"
 CLIP_FRACTION = "clip-fraction"
 COMPUTE_S = "compute-s"
 A_FINGERPRINT = "a-fingerprint"  # in the reply's ConfigRecord (a string)
+DECLINED = "declined"  # in a train reply's ConfigRecord: why the site's own limits refused
 # Reply metrics (evaluate)
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"

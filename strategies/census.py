@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -25,6 +25,8 @@ class Census:
     node_of: dict[str, int]  # site id -> this run's Flower node id
     sizes: dict[str, int]  # site id -> training records
     labels: tuple[str, ...]
+    randomness: dict[str, str] = field(default_factory=dict)  # site -> protocol.FRESH ...
+    share_metrics: dict[str, str] = field(default_factory=dict)  # site -> protocol.SHARE_*
 
     @property
     def sites(self) -> list[str]:
@@ -34,16 +36,17 @@ class Census:
         return {"sizes": self.sizes, "labels": list(self.labels)}
 
 
-def census(grid: Grid, nodes: list[int], timeout: float) -> Census:
-    """Ask every node for its site id, training-set size and label values (round 0).
+def census(grid: Grid, nodes: list[int], timeout: float, secure: bool) -> Census:
+    """Ask every node for its site id, training-set size, label values and how it will
+    draw its DP randomness when the server asks for `secure` noise (round 0).
 
     A node that fails or stays silent is left out of the run, with a warning."""
-    config = ConfigRecord({p.WIRE: p.WIRE_VERSION})
+    config = ConfigRecord({p.WIRE: p.WIRE_VERSION, p.SECURE_NOISE: secure})
     messages = [Message(RecordDict({p.CONFIG: config}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    node_of, sizes, labels = {}, {}, set()
+    node_of, sizes, labels, randomness, shares = {}, {}, set(), {}, {}
     for reply in replies:
         node = asked.pop(reply.metadata.reply_to_message_id, None)
         if node is None or reply.has_error():
@@ -58,9 +61,11 @@ def census(grid: Grid, nodes: list[int], timeout: float) -> Census:
                 "each SuperNode its own --node-config 'site-id=\"...\"'")
         node_of[site], sizes[site] = node, int(config[p.NUM_TRAIN_EXAMPLES])
         labels |= set(config[p.LABEL_NAMES])
+        randomness[site] = str(config[p.RANDOMNESS])
+        shares[site] = str(config[p.SHARE_METRICS])
     for node in asked.values():
         log.warning("census: node %d did not answer within %g s; left out", node, timeout)
-    return _checked(Census(node_of, sizes, sorted_label_names(labels)))
+    return _checked(Census(node_of, sizes, sorted_label_names(labels), randomness, shares))
 
 
 def _checked(census: Census) -> Census:

@@ -106,14 +106,15 @@ class Federation:
         """One round; False when the run stops before it (budget, failures)."""
         start, started_at, self.waits = time.perf_counter(), time.time(), {}
         self.state.stopped = self._failure_stop()
+        if self.state.stopped:
+            return False
         train_messages = list(self.strategy.configure_train(
             rnd, to_record(self.arrays), self._shared_config(), self.grid))
         sampled = self._sites_of(train_messages)
         refusal = self.accountant.refusal(sampled)
-        if refusal and not self.state.stopped:
+        if refusal:
             log.warning("stopping before round %d: %s", rnd, refusal)
             self.state.stopped = f"budget: stopped before round {rnd}: {refusal}"
-        if self.state.stopped:
             return False
         self._write_ahead(rnd, sampled)
         new_arrays, train = self.strategy.aggregate_train(
@@ -124,6 +125,7 @@ class Federation:
             self.state.failed_rounds.append(rnd)
         else:
             self.arrays = to_arrays(new_arrays)
+            self._mark_released()
             evaluation, eval_messages = self._evaluate(rnd, new_arrays)
         row = self._row(rnd, sampled, train, evaluation, eval_messages, started_at, start)
         self._commit(rnd, row)
@@ -134,7 +136,7 @@ class Federation:
         self.state.save(self.run.path)
         load_trainable_arrays(self.model, self.arrays)
         log.info("final adapter: %s", self.run.save_adapter(self.model))
-        run_report.write_final(self.run, self.plan, self.accountant, self.planned.sites,
+        run_report.write_final(self.run, self.plan, self.accountant, self.planned,
                                self.state, self.secure, started)
 
     def _failure_stop(self) -> str | None:
@@ -147,7 +149,8 @@ class Federation:
             reason = (f"failures: {streak} rounds in a row had fewer than min-replies valid "
                       f"replies (max-lost-rounds={limit}); see the log for each site's error")
         elif not self.lora.askable_nodes(self.grid):
-            reason = "failures: no site is left to ask (all gone or excluded for failing)"
+            reason = ("failures: no site is left to ask (all gone, excluded for failing, or "
+                      "out of their own privacy budget)")
         else:
             return None
         log.error("stopping: %s", reason)
@@ -161,10 +164,18 @@ class Federation:
         return sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
 
     def _write_ahead(self, rnd: int, sampled: list[str]) -> None:
-        """A crash from here on leaves a record of the round in flight."""
-        self.state.pending = {"round": rnd, "sample_charges":
-                              self.accountant.planned_sample_charges(sampled)}
+        """A crash from here on leaves a record of the round in flight: what each site
+        was asked to do, which of them draw fresh randomness, and (`_mark_released`)
+        whether the aggregate left the server."""
+        fresh = [s for s in sampled if self.planned.randomness.get(s) == p.FRESH]
+        self.state.pending = {"round": rnd, "fresh_sites": fresh, "released": False,
+                              "sample_charges": self.accountant.planned_sample_charges(sampled)}
         self.state.ledgers = self.accountant.state()
+        self.state.save(self.run.path)
+
+    def _mark_released(self) -> None:
+        """Before the new aggregate is broadcast for evaluation."""
+        self.state.pending["released"] = True
         self.state.save(self.run.path)
 
     def _charge(self, screened: Screened) -> None:
@@ -197,12 +208,13 @@ class Federation:
         return replies
 
     def _failures(self, evaluated: bool) -> dict[str, dict[str, str]]:
-        """{phase: {site: reason}} of this round."""
-        phases = {"train": self.lora.last_train}
+        """{phase: {site: reason}} of this round; "declined": out of the site's budget."""
+        phases = {"train": self.lora.last_train.failed,
+                  "declined": self.lora.last_train.declined}
         if evaluated:
-            phases["evaluate"] = self.lora.last_evaluate
-        return {phase: {self.site_of[n]: reason for n, reason in screened.failed.items()}
-                for phase, screened in phases.items()}
+            phases["evaluate"] = self.lora.last_evaluate.failed
+        return {phase: {self.site_of[n]: reason for n, reason in failed.items()}
+                for phase, failed in phases.items()}
 
     def _row(self, rnd: int, sampled: list[str], train: MetricRecord,
              evaluation: MetricRecord | None, eval_sent: int, started_at: float,
@@ -229,10 +241,11 @@ class Federation:
         }
 
     def _commit(self, rnd: int, row: dict) -> None:
-        self.run.append_metrics(row)
+        self.run.append_metrics(run_report.shareable(row, self.secure))
         self.state = Checkpoint(rnd, self.arrays, self.accountant.state(),
                                 self.planned.as_dict(), lost_rounds=self.state.lost_rounds,
-                                failed_rounds=self.state.failed_rounds)
+                                failed_rounds=self.state.failed_rounds,
+                                declined={**self.state.declined, **row["failures"]["declined"]})
         self.state.save(self.run.path)
         run_report.log_round(row, self.spec.num_server_rounds)
 
@@ -241,8 +254,11 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, node_of: dict
                 secure: bool, model: torch.nn.Module) -> tuple[LoraFedAvg, Strategy]:
     """The Flower strategy the rounds go through, with this project's hooks."""
     kind = FfaFedAvg if spec.method == "ffa" else LoraFedAvg
+    evaluators = {node_of[s] for s, mode in planned.share_metrics.items()
+                  if s in node_of and mode != p.SHARE_DP_ONLY}
     lora = kind.for_model(
         model, min_replies=spec.failure.min_replies, nodes=set(node_of.values()),
+        evaluators=evaluators,
         max_site_failures=spec.failure.max_site_failures, min_available_nodes=0,
         node_sampler=SiteSampler(spec, planned.sites, node_of, secure),
         node_config=SiteConfigs(spec, plan, {n: s for s, n in node_of.items()}))

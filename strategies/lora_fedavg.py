@@ -39,8 +39,9 @@ from strategies.screening import Expected, Screened, SiteHealth, expected_arrays
 
 log = logging.getLogger("fed_dplora.server")
 
-TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER,
-                 p.TRAIN_LOSS, p.CLIP_FRACTION)
+# What a privacy ledger needs from every train reply; train loss and clip fraction come
+# only from sites that share them (node config share-metrics).
+TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER)
 EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY)
 
 # (server round, nodes that may be asked) -> the nodes asked to train this round
@@ -56,7 +57,7 @@ class LoraFedAvg(FedAvg):
                  a_fingerprint: str | None = None, min_replies: int | None = None,
                  max_site_failures: int = 3, node_sampler: NodeSampler | None = None,
                  node_config: NodeConfig | None = None, nodes: set[int] | None = None,
-                 **fedavg_kwargs) -> None:
+                 evaluators: set[int] | None = None, **fedavg_kwargs) -> None:
         super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
                          configrecord_key=p.CONFIG, **fedavg_kwargs)
         self.shared_arrays = shared_arrays or {}  # tensors that never travel (FFA's A)
@@ -66,6 +67,7 @@ class LoraFedAvg(FedAvg):
         self.node_sampler = node_sampler or self.sample_securely
         self.node_config = node_config or per_node_seed
         self.nodes = nodes  # None: every connected node may be asked
+        self.evaluators = evaluators  # None: every node that may be asked evaluates
         self.last_train: Screened | None = None
         self.last_evaluate: Screened | None = None
         self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
@@ -103,10 +105,11 @@ class LoraFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Every node that may be asked evaluates (fraction_evaluate of them)."""
-        if self.fraction_evaluate == 0.0:
+        """The nodes that may be asked and evaluate (fraction_evaluate of them)."""
+        nodes = [n for n in self.askable_nodes(grid)
+                 if self.evaluators is None or n in self.evaluators]
+        if self.fraction_evaluate == 0.0 or not nodes:
             return []
-        nodes = self.askable_nodes(grid)
         count = max(int(len(nodes) * self.fraction_evaluate), 1)
         nodes = sorted(random.SystemRandom().sample(nodes, count))
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
@@ -134,8 +137,10 @@ class LoraFedAvg(FedAvg):
         return self.last_train
 
     def is_lost(self, screened: Screened) -> bool:
-        """Fewer valid replies than `min_replies` (None: every node asked)."""
-        needed = len(screened.asked) if self.min_replies is None else self.min_replies
+        """Fewer valid replies than `min_replies` (None: every node asked that did not
+        decline by its own privacy limits)."""
+        needed = (len(screened.asked) - len(screened.declined) if self.min_replies is None
+                  else self.min_replies)
         lost = len(screened.accepted) < needed
         if lost:
             log.warning("round lost: %d valid replies of %d asked, min-replies %d",
@@ -157,9 +162,10 @@ class LoraFedAvg(FedAvg):
                                 "lost": int(error is None)})
         if error is not None:
             metrics["aggregation-error"] = error
-        for key in (p.TRAIN_LOSS, p.CLIP_FRACTION):
-            if rows:
-                metrics[key] = float(np.mean([r[key] for r in rows]))
+        for key in (p.TRAIN_LOSS, p.CLIP_FRACTION):  # from the sites that share them
+            shared = [r[key] for r in rows if key in r]
+            if shared:
+                metrics[key] = float(np.mean(shared))
         return metrics
 
     def askable_nodes(self, grid: Grid) -> list[int]:

@@ -8,6 +8,7 @@ import logging
 import time
 from datetime import datetime
 
+from fed_dplora import protocol as p
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.privacy.central import CentralAccountant
@@ -72,28 +73,41 @@ def planned_census(spec: RunSpec, census: Census, checkpoint: Checkpoint | None)
                             f"min-replies={needed}")
     if departed:
         log.warning("resume: site(s) %s are gone; the run goes on without them", departed)
-    return Census(census.node_of, dict(sizes), tuple(checkpoint.census["labels"]))
+    return Census(census.node_of, dict(sizes), tuple(checkpoint.census["labels"]),
+                  census.randomness, census.share_metrics)
 
 
 def restore(checkpoint: Checkpoint, accountant: CentralAccountant, secure: bool
             ) -> Checkpoint:
-    """Ledgers from the checkpoint; a round lost in flight is charged when it may have
-    leaked (secure noise: its fresh draws reached the server and will not repeat)."""
+    """Ledgers from the checkpoint, and the charge of a round a crash left in flight."""
     accountant.restore(checkpoint.ledgers)
     pending = checkpoint.pending
     if pending and pending["round"] > checkpoint.round:
-        if secure:
-            accountant.charge_planned(pending["sample_charges"])
-            checkpoint.lost_rounds.append(pending["round"])
-            log.warning("round %d was interrupted after clients were asked to train; its "
-                        "sample-level cost is charged and the round runs again",
-                        pending["round"])
-        else:
-            log.info("round %d was interrupted; replaying it with the same seeds",
-                     pending["round"])
+        _charge_in_flight(pending, accountant, secure, checkpoint)
         checkpoint.pending = None
     return checkpoint
 
+
+def _charge_in_flight(pending: dict, accountant: CentralAccountant, secure: bool,
+                      checkpoint: Checkpoint) -> None:
+    """A round in flight replays bit for bit only where every party drew seeded
+    randomness. Whatever used fresh randomness may have released something that will
+    not repeat, so it is charged: a fresh site's DP-SGD steps (it was asked to train),
+    and the client-level round if the aggregate left the server (`released`)."""
+    charges = pending["sample_charges"]
+    fresh = sorted(charges) if secure else pending.get("fresh_sites", [])
+    accountant.charge_planned({site: charges[site] for site in fresh if site in charges})
+    released = bool(pending.get("released")) and (secure or bool(fresh))
+    if released:
+        accountant.charge_client_round()
+    if fresh or released:
+        checkpoint.lost_rounds.append(pending["round"])
+        log.warning("round %d was interrupted after fresh randomness was used (sites %s, "
+                    "aggregate %s): that is charged and the round runs again",
+                    pending["round"], fresh, "released" if released else "not released")
+    else:
+        log.info("round %d was interrupted; replaying it with the same seeds",
+                 pending["round"])
 
 def log_plan(spec: RunSpec, plan: PrivacyPlan, census: Census, secure: bool) -> None:
     if not plan.enabled:
@@ -154,16 +168,19 @@ def log_round(row: dict, rounds: int) -> None:
                     row["round"], row["replies"], len(row["clients"]))
     for phase, failed in row["failures"].items():
         for site, reason in failed.items():
-            log.warning("round %d %s: site %s failed: %s", row["round"], phase, site, reason)
+            log.warning("round %d: site %s %s: %s", row["round"], site,
+                        "declined" if phase == "declined" else f"failed to {phase}", reason)
 
 
 def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant,
-                sites: list[str], state: Checkpoint, secure: bool, started: float) -> None:
+                planned: Census, state: Checkpoint, secure: bool, started: float) -> None:
     """privacy_report.json, then summary.json: written last, it marks a finished run."""
     if plan.enabled:
-        report = {**accountant.report(sites), "secure_noise": secure,
+        report = {**accountant.report(planned.sites), "secure_noise": secure,
+                  **randomness_report(planned.randomness, secure),
                   "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
-                  "failed_rounds": state.failed_rounds, "stopped": state.stopped}
+                  "failed_rounds": state.failed_rounds, "declined_sites": state.declined,
+                  "stopped": state.stopped}
         run.write_json("privacy_report.json", report)
         log.info("privacy report: %s", run.path / "privacy_report.json")
     run.write_json("summary.json", {
@@ -172,6 +189,38 @@ def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant
         "epsilon_sample": accountant.epsilon_sample(),
         "epsilon_client": accountant.epsilon_client(),
         "wall_s": time.perf_counter() - started})
+
+
+# Per-round fields that tell who took part (ids, counts, bytes, failures, the max of the
+# per-site epsilons, aggregates of the participants' replies, how long they took).
+PARTICIPATION_FIELDS = ("clients", "replies", "bytes_up", "bytes_down", "failures", "lost",
+                        "epsilon_sample", "train_loss", "clip_fraction",
+                        "update_clip_fraction", "aggregation_error", "train_s")
+
+
+def shareable(row: dict, secret_sampling: bool) -> dict:
+    """The metrics line written to be shared. With secret sampling (secure noise) it
+    carries no participation signal: client-level amplification by sampling assumes
+    nobody learns who took part. The coordinator's log keeps the whole row."""
+    if not secret_sampling:
+        return row
+    return {k: v for k, v in row.items() if k not in PARTICIPATION_FIELDS}
+
+
+def randomness_report(randomness: dict[str, str], secure: bool) -> dict:
+    """Each site's own randomness, whose epsilon is void, and what sampling assumes."""
+    void = sorted(s for s, mode in randomness.items() if mode == p.SEEDED_BY_SITE)
+    report = {"randomness": randomness, "epsilon_void_sites": void}
+    if void:
+        report["epsilon_void_note"] = (
+            "these sites opted out of fresh randomness outside Flower's simulation "
+            "(node config secure-noise=false): their noise and sampling can be recomputed "
+            "from the run seed, so no epsilon protects their records")
+    if not secure:
+        report["sampling_note"] = (
+            "seeded simulation: amplification by client sampling (client level) assumes "
+            "the participants are secret; here they follow from the run seed")
+    return report
 
 
 def _run_name(spec: RunSpec, run_id: int) -> str:

@@ -52,6 +52,7 @@ class Screened:
     asked: list[int]
     accepted: dict[int, Accepted]  # node -> its validated reply
     failed: dict[int, str]  # node -> reason
+    declined: dict[int, str] = field(default_factory=dict)  # node -> its own limits' reason
 
 
 def expected_arrays(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -65,23 +66,28 @@ def screen(sent: list[Message], replies: Iterable[Message], expected: Expected
     node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
     accepted: dict[int, Accepted] = {}
     failed: dict[int, str] = {}
+    declined: dict[int, str] = {}
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id)
-        if node is None or node in accepted or node in failed:
+        if node is None or node in accepted or node in failed or node in declined:
             log.warning("ignoring a reply to no message of this round (from node %d)",
                         reply.metadata.src_node_id)
             continue
         if reply.has_error():
             failed[node] = f"error reply: {reply.error.reason}"
             continue
+        why = reply.content.config_records.get(p.CONFIG, {}).get(p.DECLINED)
+        if why:
+            declined[node] = str(why)  # the site's own budget: it trained nothing
+            continue
         result = validate(reply.content, expected)
         if isinstance(result, str):
             failed[node] = result
         else:
             accepted[node] = result
-    for node in sorted(set(node_of.values()) - set(accepted) - set(failed)):
+    for node in sorted(set(node_of.values()) - set(accepted) - set(failed) - set(declined)):
         failed[node] = "no reply before the round timeout"
-    return Screened(sorted(node_of.values()), accepted, failed)
+    return Screened(sorted(node_of.values()), accepted, failed, declined)
 
 
 def validate(content: RecordDict, expected: Expected) -> Accepted | str:
@@ -119,8 +125,7 @@ def _metrics_problem(metrics: dict, required: tuple[str, ...]) -> str | None:
     missing = [k for k in required if k not in metrics]
     if missing:
         return f"metrics {missing} missing"
-    bad = [k for k in required if isinstance(metrics[k], list)
-           or not math.isfinite(float(metrics[k]))]
+    bad = [k for k, v in metrics.items() if isinstance(v, list) or not math.isfinite(float(v))]
     if bad:
         return f"metrics {bad} are not finite numbers"
     if p.NUM_EXAMPLES in required and metrics[p.NUM_EXAMPLES] <= 0:
@@ -144,14 +149,18 @@ def _arrays_problem(arrays: dict[str, np.ndarray],
 
 @dataclass
 class SiteHealth:
-    """Consecutive failures per node; a node that fails `max_failures` times in a row
-    is no longer asked (with a warning)."""
+    """Consecutive failures per node; a node that fails `max_failures` times in a row,
+    or declines a round by its own privacy limits, is no longer asked (with a warning)."""
 
     max_failures: int = 3
     streak: dict[int, int] = field(default_factory=dict)
     excluded: set[int] = field(default_factory=set)
 
     def update(self, screened: Screened, phase: str, server_round: int) -> None:
+        for node, why in sorted(screened.declined.items()):
+            self.excluded.add(node)
+            log.warning("round %d: node %d is out of budget by its own limits and is no "
+                        "longer asked: %s", server_round, node, why)
         for node in screened.accepted:
             self.streak[node] = 0
         for node, reason in sorted(screened.failed.items()):

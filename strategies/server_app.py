@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     secure = _secure_noise(spec, grid)
     nodes = wait_for_nodes(grid, spec.clients_per_round)
     federation = preload("strategies.federation")  # loads while the clients answer
-    sites = census(grid, nodes, spec.failure.round_timeout)
+    sites = census(grid, nodes, spec.failure.round_timeout, secure)
     federation.result().run_federation(grid, context, spec, secure, sites, started)
 
 

@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clients import runtime  # noqa: E402
 from clients.client_app import app as client_app  # noqa: E402
 from fed_dplora.checkpoint import Checkpoint  # noqa: E402
 from strategies.server_app import app as server_app  # noqa: E402
@@ -32,16 +33,17 @@ for _heavy in ("clients.local_site", "strategies.federation"):
     importlib.import_module(_heavy)
 
 SERVER_NODE = 0
+IN_SIMULATION = runtime.in_simulation
 
 
 class LocalGrid(Grid):
     """Delivers each message to the ClientApp of its node, in this process, in order."""
 
-    def __init__(self, run_config: dict, num_nodes: int, node_configs: list[dict] | None = None
-                 ) -> None:
+    def __init__(self, run_config: dict, num_nodes: int, node_configs: list[dict] | None = None,
+                 deployment: bool = False, run_id: int = 1) -> None:
         configs = node_configs or [{"partition-id": i, "num-partitions": num_nodes}
                                    for i in range(num_nodes)]
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config=cfg,
+        self.contexts = {100 + i: Context(run_id=run_id, node_id=100 + i, node_config=cfg,
                                           state=RecordDict(), run_config=run_config)
                          for i, cfg in enumerate(configs)}
         # After the census (round 0): nodes whose ClientApp raises, or never answers.
@@ -49,6 +51,8 @@ class LocalGrid(Grid):
         self.silent: set[int] = set()
         # node -> f(message type, reply) -> the reply the server receives instead
         self.tamper: dict[int, Callable[[str, Message], Message]] = {}
+        # This grid stands in for Flower's simulation runtime, unless told otherwise.
+        self.deployment = deployment
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -69,6 +73,7 @@ class LocalGrid(Grid):
         try:
             if node in self.failing and message.metadata.message_type != "query":
                 raise RuntimeError("simulated client crash")
+            runtime.in_simulation = lambda: not self.deployment
             reply = client_app(message, self.contexts[node])
             if node in self.tamper:
                 reply = self.tamper[node](message.metadata.message_type, reply)
@@ -77,6 +82,7 @@ class LocalGrid(Grid):
             return Message(Error(code=0, reason=repr(exc)), reply_to=message)
         finally:
             TaskIdentity.node_id = SERVER_NODE
+            runtime.in_simulation = IN_SIMULATION
 
     # Unused by the ServerApp.
     def set_run(self, run) -> None:

@@ -87,8 +87,10 @@ def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env,
     assert sorted(report["sample"]["epsilon_rdp"]) == [f"partition-{i}"
                                                         for i in range(SUPERNODES)]
     assert report["sample"]["epsilon_pld_max"] <= report["sample"]["epsilon_rdp_max"]
-    # `flwr run` is a simulation: "auto" noise is seeded (reproducible), not secure
+    # `flwr run` is a simulation: "auto" noise is seeded (reproducible), not secure, and
+    # every client found itself inside Flower's simulation runtime (clients.runtime).
     assert report["secure_noise"] is False and report["lost_rounds"] == []
+    assert set(report["randomness"].values()) == {"seeded"}
 
     # The saved adapter reproduces the final federated evaluation exactly.
     model, spec, labels = load_final_model(run_dir)

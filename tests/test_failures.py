@@ -219,4 +219,4 @@ def test_a_site_that_fails_the_census_is_left_out_of_the_run(config):
     rows, report, _ = run(config, grid)
     assert sorted(report["sample"]["epsilon_rdp"]) == ["partition-0", "partition-2"]
     assert all(r["clients"] == ["partition-0", "partition-2"] for r in rows)
-    assert all(r["failures"] == {"train": {}, "evaluate": {}} for r in rows)
+    assert all(r["failures"] == {"train": {}, "declined": {}, "evaluate": {}} for r in rows)

@@ -1,0 +1,80 @@
+"""A site's own policies, decided in the client's process, never taken from the server:
+where it runs (Flower's simulation or a deployment), how it draws its DP randomness,
+and what it shares besides the DP tensors.
+
+Flower's simulation runs every ClientApp inside a Ray actor of its class
+`ClientAppActor`; a deployed SuperNode runs it in its own `flwr-clientapp` process,
+never inside Ray. A client outside the simulation draws its DP sampling and noise from
+the OS CSPRNG whatever the server asks (see `randomness`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from fed_dplora.protocol import (FRESH, SEEDED, SEEDED_BY_SITE, SHARE_ALL, SHARE_DP_ONLY,
+                                 SHARE_METRICS, SHARE_MODES)
+
+SIMULATION_ACTOR_MODULE = "flwr.simulation.ray_transport.ray_actor"
+
+
+def in_simulation() -> bool:
+    """True inside Flower's simulation runtime (a Ray `ClientAppActor`)."""
+    if SIMULATION_ACTOR_MODULE not in sys.modules or "ray" not in sys.modules:
+        return False
+    import ray
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def randomness(node_config: Mapping, server_asks_secure: bool) -> str:
+    """This site's mode: outside the simulation always fresh, unless the site itself set
+    `--node-config 'secure-noise=false'`; inside it, seeded unless the server asks for
+    secure noise or the node config sets `secure-noise=true`."""
+    own = node_config.get("secure-noise")
+    if not in_simulation():
+        return SEEDED_BY_SITE if own is False else FRESH
+    return FRESH if server_asks_secure or own is True else SEEDED
+
+
+def share_metrics(node_config: Mapping) -> str:
+    """`--node-config 'share-metrics="..."'`: "all" (the simulation's default),
+    "evaluation" (DP tensors, the accountant's inputs and evaluation metrics) or
+    "dp-only" (a deployment's default: DP tensors and the accountant's inputs)."""
+    mode = node_config.get(SHARE_METRICS)
+    if mode is None:
+        return SHARE_ALL if in_simulation() else SHARE_DP_ONLY
+    if mode not in SHARE_MODES:
+        raise ValueError(f"node config {SHARE_METRICS}={mode!r}: valid values are "
+                         f"{list(SHARE_MODES)}")
+    return mode
+
+
+def site_ledger(node_config: Mapping):
+    """The site's own ledger (node config `privacy-ledger`, a file path), with its limits
+    `max-epsilon`, `max-delta` and `min-noise-multiplier`. On by default outside the
+    simulation, at $FLWR_HOME/fed-dplora/site-ledger.json (flwr has no SuperNode state
+    folder); inside it only where `privacy-ledger` is given (a sweep would exhaust it).
+    Returns a `fed_dplora.site_ledger.SiteLedger`, or None."""
+    path = node_config.get("privacy-ledger")
+    if not path:
+        if in_simulation():
+            return None
+        home = os.environ.get("FLWR_HOME") or Path.home() / ".flwr"
+        path = Path(home) / "fed-dplora" / "site-ledger.json"
+    from fed_dplora.site_ledger import MAX_AUTO_DELTA, SiteLedger, SiteLimits  # dp-accounting
+    return SiteLedger(path, SiteLimits(
+        _positive(node_config, "max-epsilon"),
+        _positive(node_config, "max-delta") or MAX_AUTO_DELTA,
+        _positive(node_config, "min-noise-multiplier")))
+
+
+def _positive(node_config: Mapping, key: str) -> float | None:
+    value = node_config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"node config {key}={value!r}: expected a number > 0")
+    return float(value)
