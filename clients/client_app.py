@@ -129,7 +129,7 @@ def _site_declines(spec: RunSpec, context: Context, plan) -> str | None:
         epsilon = ledger.charge_or_decline(
             dataset_key(splits.train.texts, splits.train.labels), ask)
     except SiteDeclines as why:
-        log.warning("declining round %s: %s", ask.run, why)
+        log.warning("declining a round of run %s: %s", ask.run, why)
         return str(why)
     log.info("site ledger %s: epsilon %.4f after this round", ledger.path, epsilon)
     return None
