@@ -65,6 +65,13 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def private_flwr_home(tmp_path, monkeypatch):
+    """Nothing a test runs writes under the real FLWR_HOME (a deployed client's default
+    site ledger lives there)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
 @pytest.fixture()
 def config(tiny_bert, tmp_path) -> dict:
     """The default run config, shrunk to a few seconds a round on the tiny BERT."""

@@ -63,6 +63,15 @@ def foreign_a(kind, reply):
     return Message(content, reply_to=_request(reply))
 
 
+def error_on(message_type: str, reason: str):
+    """A tamper hook: the node answers `message_type` messages with an error."""
+    def tamper(kind, reply):
+        if kind != message_type:
+            return reply
+        return Message(Error(0, reason), reply_to=_request(reply))
+    return tamper
+
+
 def run(config: dict, grid: LocalGrid) -> tuple[list[dict], dict, Path]:
     run_federation(config, NODES, grid)
     folder = Path(config["output-dir"]) / config["run-name"]
@@ -115,9 +124,7 @@ def test_a_failing_site_costs_its_round_not_the_run(failing, how, reason):
 
 def test_a_site_that_fails_to_evaluate_is_left_out_of_the_metrics(failing):
     grid = LocalGrid(failing, NODES)
-    grid.tamper[BAD] = lambda kind, reply: (
-        Message(Error(0, "disk full"), reply_to=_request(reply)) if kind == "evaluate"
-        else reply)
+    grid.tamper[BAD] = error_on("evaluate", "disk full")
     rows, _, _ = run(failing, grid)
     for row in rows:
         assert row["failures"]["train"] == {}
@@ -213,9 +220,7 @@ def test_dp_accounting_agrees_with_the_charge_of_a_failed_site(failing):
 
 def test_a_site_that_fails_the_census_is_left_out_of_the_run(config):
     grid = LocalGrid(config, NODES)
-    grid.tamper[BAD] = lambda kind, reply: (
-        Message(Error(0, "no data mounted"), reply_to=_request(reply)) if kind == "query"
-        else reply)
+    grid.tamper[BAD] = error_on("query", "no data mounted")
     rows, report, _ = run(config, grid)
     assert sorted(report["sample"]["epsilon_rdp"]) == ["partition-0", "partition-2"]
     assert all(r["clients"] == ["partition-0", "partition-2"] for r in rows)

@@ -4,6 +4,7 @@ by each site, and a charge for every release whatever crashes when."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,14 @@ def test_a_deployed_site_draws_fresh_randomness_whatever_the_server_asks(config)
     assert report["randomness"] == {"partition-0": "fresh", "partition-1": "fresh",
                                     "partition-2": "seeded-by-site"}
     assert report["epsilon_void_sites"] == ["partition-2"]
+    # A deployed site keeps its own ledger by default, under FLWR_HOME.
+    default = Path(os.environ["FLWR_HOME"]) / "fed-dplora" / "site-ledger.json"
+    assert len(json.loads(default.read_text())) == NODES  # one dataset per site
+
+
+def test_a_simulated_site_keeps_no_ledger_unless_asked(config):
+    run_federation(config, NODES)
+    assert not (Path(os.environ["FLWR_HOME"]) / "fed-dplora").exists()
 
 
 def test_flowers_simulation_is_detected_in_process_and_nothing_else_is():

@@ -12,21 +12,21 @@ from fed_dplora.preload import preload
 HEAVY = ("torch", "transformers", "peft", "opacus", "dp_accounting", "flwr_datasets")
 
 
+def heavy_modules_after(statement: str) -> str:
+    """Which of HEAVY a fresh interpreter has imported after running `statement`."""
+    code = f"import sys; {statement}; print([m for m in {HEAVY!r} if m in sys.modules])"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_app_modules_import_without_torch_transformers_peft_or_opacus():
     # Flower imports both apps in the simulation driver while it starts Ray.
-    code = ("import sys, clients.client_app, strategies.server_app; "
-            f"print([m for m in {HEAVY!r} if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "[]"
+    assert heavy_modules_after("import clients.client_app, strategies.server_app") == "[]"
 
 
 def test_the_strategies_a_user_imports_pull_in_no_torch_or_dp_accounting():
-    code = ("import sys; from strategies import FfaFedAvg, LoraFedAvg, client_config, "
-            f"to_record; print([m for m in {HEAVY!r} if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    assert out == "[]"
+    assert heavy_modules_after(
+        "from strategies import FfaFedAvg, LoraFedAvg, client_config, to_record") == "[]"
 
 
 def test_preload_imports_once_and_surfaces_import_errors():
