@@ -25,8 +25,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    started = time.perf_counter()
     _configure_logging()
+    try:
+        _run(grid, context)
+    except Exception as exc:
+        # Flower logs the traceback after this: the first ERROR line says what is wrong.
+        log.error("%s: %s", type(exc).__name__, exc)
+        raise
+
+
+def _run(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
     _refuse_runtime_env()
     spec = parse_run_config(context.run_config)
     secure = _secure_noise(spec, grid)

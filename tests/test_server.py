@@ -4,6 +4,7 @@ client-level DP-FedAvg and "both", budget stops, checkpoints, kill-and-resume.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -239,3 +240,10 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_run(config, tm
     assert report["lost_rounds"] == [] and ckpt.round == 4
     for name, array in ref_ckpt.arrays.items():
         np.testing.assert_array_equal(ckpt.arrays[name], array)
+
+
+def test_a_bad_input_is_the_first_error_line_before_flowers_traceback(config, caplog):
+    with pytest.raises(ValueError, match="local-steps=0"):
+        run_federation({**config, "local-steps": 0}, NODES)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors[0] == "ConfigError: local-steps=0: must be > 0"
