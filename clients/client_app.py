@@ -57,11 +57,15 @@ def query(msg: Message, context: Context) -> Message:
     """Round 0: this client's stable site id, training-set size, label values, and how
     it will draw its DP randomness (the server's write-ahead record needs it)."""
     placement = _placement(context)
-    splits = _site(parse_run_config(context.run_config), placement)
+    spec = parse_run_config(context.run_config)
+    if spec.device == "cuda":  # fail before training; "auto" stays light (no torch here)
+        _local_site().check_device(spec)
+    splits = _site(spec, placement)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
                           p.LABEL_NAMES: list(labels),
+                          p.TRAIN_LABEL_NAMES: sorted(set(splits.train.labels)),
                           p.RANDOMNESS: _randomness(msg.content[p.CONFIG], context),
                           p.SHARE_METRICS: runtime.share_metrics(context.node_config)})
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)

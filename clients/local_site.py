@@ -26,6 +26,11 @@ def prepare(spec: RunSpec, placement: SitePlacement, splits, labels: tuple[str, 
     return trainer, _tokenized(spec, placement, labels, splits)
 
 
+def check_device(spec: RunSpec) -> None:
+    """The run's device exists here (raises ModelError naming the key if not)."""
+    resolve_device(spec.device)
+
+
 def round_plan(spec: RunSpec, config: Mapping, fresh_randomness: bool) -> RoundPlan:
     """This round's plan from the run config and the server's round config."""
     return RoundPlan(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,13 @@ class Checkpoint:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from (a run saves "
                                     "one after its first round)")
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {k: saved[k] for k in saved.files if k != _STATE_KEY}
-            state = json.loads(saved[_STATE_KEY].tobytes().decode())
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                arrays = {k: saved[k] for k in saved.files if k != _STATE_KEY}
+                state = json.loads(saved[_STATE_KEY].tobytes().decode())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is damaged ({err}); a run cannot resume from it: "
+                             "restore it from a backup, or start a new run") from err
         return cls(state["round"], arrays, state["ledgers"], state["census"],
                    state["pending"], state["stopped"], state["lost_rounds"],
                    state.get("failed_rounds", []), state.get("declined", {}))

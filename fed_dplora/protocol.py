@@ -10,6 +10,7 @@ METRICS = "metrics"
 # Query (round 0): what the server needs before it can calibrate and build the model.
 NUM_TRAIN_EXAMPLES = "num-train-examples"
 LABEL_NAMES = "label-names"
+TRAIN_LABEL_NAMES = "train-label-names"  # census: the labels of the training split alone
 SITE_ID = "site-id"  # stable across runs: the ledger's account for this client
 RANDOMNESS = "randomness"  # how the site draws DP sampling and noise (clients.runtime):
 FRESH = "fresh"  # OS CSPRNG: nobody can predict it

@@ -33,7 +33,11 @@ class RunFolder:
                                   "it, or choose another run-name")
         tmp = Path(output_dir) / f".{run_name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            raise OSError(f"output-dir={str(output_dir)!r}: cannot create a run folder there "
+                          f"({err.strerror}); choose a folder this process can write") from err
         cls(tmp).write_json("config.json", config)
         os.replace(tmp, path)
         return cls(path)

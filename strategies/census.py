@@ -47,11 +47,12 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool) -> Census
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     node_of, sizes, labels, randomness, shares = {}, {}, set(), {}, {}
+    trained, failed = set(), {}
     for reply in replies:
         node = asked.pop(reply.metadata.reply_to_message_id, None)
         if node is None or reply.has_error():
-            log.warning("census: node %s is left out of this run: %s", node,
-                        reply.error.reason if reply.has_error() else "unexpected reply")
+            failed[node] = reply.error.reason if reply.has_error() else "unexpected reply"
+            log.warning("census: node %s is left out of this run: %s", node, failed[node])
             continue
         config = reply.content[p.CONFIG]
         site = str(config[p.SITE_ID])
@@ -61,16 +62,24 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool) -> Census
                 "each SuperNode its own --node-config 'site-id=\"...\"'")
         node_of[site], sizes[site] = node, int(config[p.NUM_TRAIN_EXAMPLES])
         labels |= set(config[p.LABEL_NAMES])
+        trained |= set(config[p.TRAIN_LABEL_NAMES])
         randomness[site] = str(config[p.RANDOMNESS])
         shares[site] = str(config[p.SHARE_METRICS])
     for node in asked.values():
+        failed[node] = f"no answer within {timeout:g} s"
         log.warning("census: node %d did not answer within %g s; left out", node, timeout)
-    return _checked(Census(node_of, sizes, sorted_label_names(labels), randomness, shares))
+    census = Census(node_of, sizes, sorted_label_names(labels), randomness, shares)
+    return _checked(census, failed, labels - trained)
 
 
-def _checked(census: Census) -> Census:
+def _checked(census: Census, failed: dict, untrained: set[str]) -> Census:
     if not census.sizes:
-        raise ClientFailure("census: no site answered; see the log for each node's error")
+        raise ClientFailure("census: no site answered: " + "; ".join(
+            f"node {node}: {reason}" for node, reason in failed.items()))
+    if untrained:
+        raise ClientFailure(f"label(s) {sorted(untrained)} occur only in test splits, never "
+                            "in any site's training data: the model could not learn them; "
+                            "check data.label-column and each site's files")
     empty = [site for site, size in census.sizes.items() if size == 0]
     if empty:
         raise ClientFailure(f"site(s) {empty} have no training records")

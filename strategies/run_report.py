@@ -25,9 +25,7 @@ def open_run(spec: RunSpec, run_id: int, census: Census
     """A new run folder, or (resume) the named one and its last checkpoint."""
     name = spec.run_name or _run_name(spec, run_id)
     if not spec.resume:
-        if len(census.sites) < spec.clients_per_round:
-            raise ClientFailure(f"clients-per-round={spec.clients_per_round} but only "
-                                f"{len(census.sites)} site(s) answered the census")
+        check_sites(spec, census)
         run = RunFolder.create(spec.output_dir, name,
                                {**spec.to_dict(), "label_names": list(census.labels)})
         log.info("run folder: %s (continue it after a crash with resume=true "
@@ -49,6 +47,19 @@ def open_run(spec: RunSpec, run_id: int, census: Census
     run.truncate_metrics(checkpoint.round)
     log.info("resuming %s after round %d", run.path.resolve(), checkpoint.round)
     return run, checkpoint
+
+
+def check_sites(spec: RunSpec, census: Census) -> None:
+    """Enough sites for a round, each with at least one logical batch of records."""
+    if len(census.sites) < spec.clients_per_round:
+        raise ClientFailure(f"clients-per-round={spec.clients_per_round} but only "
+                            f"{len(census.sites)} site(s) answered the census")
+    small = {s: n for s, n in census.sizes.items() if n < spec.train.batch_size}
+    if small:
+        raise ClientFailure(
+            f"site(s) {small} hold fewer training records than batch-size="
+            f"{spec.train.batch_size}: every step would take all of them (q = 1, no "
+            "amplification by sampling); lower batch-size below the smallest site")
 
 
 def planned_census(spec: RunSpec, census: Census, checkpoint: Checkpoint | None) -> Census:
