@@ -130,3 +130,10 @@ def test_vanilla_reports_nonzero_aggregation_error_and_failures_are_visible(
     statuses = run_statuses(flwr_env, tmp_path)
     assert statuses.count("finished:failed") == 1, bad.stdout[-3000:] + bad.stderr[-2000:]
     assert "local-steps=0: must be > 0" in bad.stdout + bad.stderr
+    # A misspelt key never reaches our ServerApp: Flower refuses the run itself, and
+    # names the key only in the SuperLink's log (docs/deployment.md, section 7).
+    misspelt = flwr_run(flwr_env, common + " privacy.epsilon=8.0", tmp_path)
+    assert misspelt.returncode != 0
+    assert "[code: 15] Invalid run configuration." in misspelt.stdout + misspelt.stderr
+    superlink_log = Path(flwr_env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+    assert "Key 'privacy.epsilon' is not present" in superlink_log.read_text()
