@@ -12,6 +12,7 @@ from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model,
                           PreTrainedTokenizerFast)
 
 from fed_dplora.data.demo import generate_site
+from flwr_cli import flwr_environment, stop_local_superlink
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -70,6 +71,15 @@ def private_flwr_home(tmp_path, monkeypatch):
     """Nothing a test runs writes under the real FLWR_HOME (a deployed client's default
     site ledger lives there)."""
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+@pytest.fixture()
+def flwr_env(tmp_path):
+    """The environment of a user's `flwr` commands, in a private FLWR_HOME on free ports;
+    the local SuperLink they start is stopped afterwards."""
+    home = tmp_path / "flwr-home"
+    yield flwr_environment(home)
+    stop_local_superlink(home)
 
 
 @pytest.fixture()

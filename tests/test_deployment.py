@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,16 +22,9 @@ import pytest
 from fed_dplora.data.demo import generate_site
 from fed_dplora.results import load_final_model, read_metrics
 from fed_dplora.trial_certs import write_trial_certs
-
-REPO = Path(__file__).resolve().parents[1]
+from flwr_cli import REPO, free_port
 SITES = ("site-a", "site-b")
 pytestmark = pytest.mark.deployment
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Deployment:

@@ -8,10 +8,6 @@ checked with `flwr ls`.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,44 +19,9 @@ from fed_dplora.lora.model import load_tokenizer
 from fed_dplora.results import load_final_model, read_metrics
 from fed_dplora.train import evaluate_model
 
-REPO = Path(__file__).resolve().parents[1]
-SUPERNODES = 3
+from flwr_cli import SUPERNODES, flwr_run, run_statuses
+
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def flwr_env(tmp_path):
-    home = tmp_path / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(home),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    yield env
-    pids = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"],
-                          capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        os.kill(int(pid), signal.SIGTERM)
-
-
-def flwr_run(env, run_config: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["flwr", "run", str(REPO), "--stream", "--run-config", run_config,
-         "--federation-config", f"num-supernodes={SUPERNODES} client-resources-num-cpus=1"],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
-
-
-def run_statuses(env, cwd: Path) -> list[str]:
-    out = subprocess.run(["flwr", "ls", "--format", "json"], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=120).stdout
-    return [run["status"] for run in json.loads(out)["runs"]]
 
 
 def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env, tmp_path):
