@@ -29,9 +29,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 VALID_DAYS = 30
 
 
-def write_trial_certs(folder: str | Path, sites: list[str], hosts: tuple[str, ...] = ()
-                      ) -> Path:
-    """The CA, the SuperLink's certificate and one key pair per site, in `folder`."""
+def write_trial_certs(folder: str | Path, sites: list[str], hosts: tuple[str, ...] = (),
+                      loopback: bool = True) -> Path:
+    """The CA, the SuperLink's certificate and one key pair per site, in `folder`
+    (`loopback=False`: the certificate names only `hosts`, not 127.0.0.1/localhost)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -40,7 +41,8 @@ def write_trial_certs(folder: str | Path, sites: list[str], hosts: tuple[str, ..
     _write_pair(folder, "ca", ca, ca_key)
     link_key = ec.generate_private_key(ec.SECP384R1())
     link = _certificate(_name("fed-dplora SuperLink"), ca.subject, link_key.public_key(),
-                        ca_key, ca=False, hosts=("localhost", "127.0.0.1", *hosts))
+                        ca_key, ca=False,
+                        hosts=(*(("localhost", "127.0.0.1") if loopback else ()), *hosts))
     _write_pair(folder, "superlink", link, link_key)
     for site in sites:
         key = ec.generate_private_key(ec.SECP384R1())

@@ -30,9 +30,10 @@ pytestmark = pytest.mark.deployment
 class Deployment:
     """One SuperLink (TLS, SuperNode auth), its CLI connection "hospitals", SuperNodes."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, loopback: bool = True) -> None:
         self.tmp, self.port = tmp, free_port()
-        self.certs = write_trial_certs(tmp / "certs", [*SITES, "stranger"])
+        self.certs = write_trial_certs(tmp / "certs", [*SITES, "stranger"],
+                                       ("superlink.example.org",), loopback)
         self.env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home")}
         self.processes: dict[str, subprocess.Popen] = {}
         home = Path(self.env["FLWR_HOME"])
@@ -211,3 +212,20 @@ def test_a_site_that_leaves_costs_rounds_not_the_run_and_rejoins(
     # site-b was charged for round 2 (asked, then failed), not for rounds it was gone.
     assert report["sample"]["epsilon_rdp"]["site-b"] <= report["sample"]["epsilon_rdp"][
         "site-a"]
+
+
+def test_a_superlink_certificate_for_another_address_is_refused(tmp_path):
+    """The CA is right, but the certificate names superlink.example.org, not 127.0.0.1."""
+    elsewhere = Deployment(tmp_path, loopback=False)
+    try:
+        c = elsewhere.certs
+        elsewhere.start("superlink", "flower-superlink", "--ssl-ca-certfile",
+                        str(c / "ca.crt"), "--ssl-certfile", str(c / "superlink.crt"),
+                        "--ssl-keyfile", str(c / "superlink.key"), "--enable-supernode-auth",
+                        "--port", str(elsewhere.port))
+        time.sleep(5)
+        node = elsewhere.supernode("site-a")
+        assert node.wait(timeout=120) != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in elsewhere.log("site-a")
+    finally:
+        elsewhere.stop_all()
