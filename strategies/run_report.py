@@ -190,13 +190,14 @@ def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant
         report = {**accountant.report(planned.sites), "secure_noise": secure,
                   **randomness_report(planned.randomness, secure),
                   "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
-                  "failed_rounds": state.failed_rounds, "declined_sites": state.declined,
+                  "rounds_lost_to_failures": len(state.failed_rounds),
+                  "declined_sites": state.declined,
                   "stopped": state.stopped}
         run.write_json("privacy_report.json", report)
         log.info("privacy report: %s", run.path / "privacy_report.json")
     run.write_json("summary.json", {
         "finished": True, "rounds_completed": state.round, "stopped": state.stopped,
-        "failed_rounds": state.failed_rounds,
+        "rounds_lost_to_failures": len(state.failed_rounds),  # which: checkpoint, log
         "epsilon_sample": accountant.epsilon_sample(),
         "epsilon_client": accountant.epsilon_client(),
         "wall_s": time.perf_counter() - started})

@@ -141,7 +141,8 @@ def test_rounds_below_min_replies_are_lost_charged_and_stop_the_run(config):
     assert [(r["round"], r["lost"], r["eval_accuracy"]) for r in rows] == [
         (1, True, None), (2, True, None)]
     assert report["stopped"].startswith("failures: 2 rounds in a row")
-    assert report["failed_rounds"] == [1, 2]
+    assert report["rounds_lost_to_failures"] == 2  # which rounds: the checkpoint and log
+    assert Checkpoint.load(folder).failed_rounds == [1, 2]
     # Lost rounds are charged: every site was asked, and may have released.
     assert steps_charged(folder) == {f"partition-{i}": 2 * 2 for i in range(NODES)}
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
