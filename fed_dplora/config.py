@@ -236,37 +236,9 @@ _AUTO_OR_NUMBER = {
 def _convert(key: str, value: Any, default: Any) -> Any:
     """Convert one flat value to the type of its dataclass default, or raise."""
     if key in _AUTO_OR_NUMBER:
-        upper, meaning = _AUTO_OR_NUMBER[key]
-        valid = "a number in (0, 1)" if upper else "a number > 0"
-        if value == "auto":
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}={value!r}: expected \"auto\" ({meaning}) or {valid}")
-        if not 0.0 < float(value) < (upper or float("inf")):
-            raise ConfigError(f"{key}={value!r}: must be {valid}, or \"auto\" ({meaning})")
-        return float(value)
-    if key == "privacy.secure-noise":
-        if value == "auto":
-            return None
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true, false or \"auto\" "
-                              "(secure in deployment, seeded in simulation)")
-        return value
-    if key == "min-replies":
-        if value == "all":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r}: expected \"all\" (every site asked "
-                              "must answer) or a whole number >= 1")
-        return value
-    if key == "lora.target-modules":
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a comma-separated string, "
-                              "e.g. \"query,value\"")
-        modules = tuple(m.strip() for m in value.split(",") if m.strip())
-        if not modules:
-            raise ConfigError(f"{key}: name at least one module, e.g. \"query,value\"")
-        return modules
+        return _auto_or_number(key, value)
+    if key in _SPECIAL:
+        return _SPECIAL[key](key, value)
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -278,6 +250,51 @@ def _convert(key: str, value: Any, default: Any) -> Any:
     if key in _POSITIVE_INT + _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{key}={value!r}: must be > 0")
     return value
+
+
+def _auto_or_number(key: str, value: Any) -> float | None:
+    upper, meaning = _AUTO_OR_NUMBER[key]
+    valid = "a number in (0, 1)" if upper else "a number > 0"
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}={value!r}: expected \"auto\" ({meaning}) or {valid}")
+    if not 0.0 < float(value) < (upper or float("inf")):
+        raise ConfigError(f"{key}={value!r}: must be {valid}, or \"auto\" ({meaning})")
+    return float(value)
+
+
+def _secure_noise(key: str, value: Any) -> bool | None:
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true, false or \"auto\" "
+                          "(secure in deployment, seeded in simulation)")
+    return value
+
+
+def _min_replies(key: str, value: Any) -> int | None:
+    if value == "all":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r}: expected \"all\" (every site asked "
+                          "must answer) or a whole number >= 1")
+    return value
+
+
+def _target_modules(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r}: expected a comma-separated string, "
+                          "e.g. \"query,value\"")
+    modules = tuple(m.strip() for m in value.split(",") if m.strip())
+    if not modules:
+        raise ConfigError(f"{key}: name at least one module, e.g. \"query,value\"")
+    return modules
+
+
+# Keys whose values are not simply their default's type.
+_SPECIAL = {"privacy.secure-noise": _secure_noise, "min-replies": _min_replies,
+            "lora.target-modules": _target_modules}
 
 
 def parse_run_config(flat: Mapping[str, Any]) -> RunSpec:
