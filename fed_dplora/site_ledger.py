@@ -81,13 +81,15 @@ class SiteLedger:
         `SiteDeclines` (nothing charged) when it would pass a limit."""
         with self._locked() as state:
             runs = state.setdefault(dataset, {})
-            self._check(runs, ask)
+            ledger = _ledger(runs, self.limits.max_delta)
+            self._check(ledger, ask)
             if ask.noise_multiplier is not None:
-                event = json.dumps(event_to_json(
-                    dp_sgd_step(ask.sampling_probability, ask.noise_multiplier)))
+                event = dp_sgd_step(ask.sampling_probability, ask.noise_multiplier)
+                key = json.dumps(event_to_json(event))
                 counts = runs.setdefault(ask.run, {})
-                counts[event] = counts.get(event, 0) + ask.steps
-            return self.epsilons(runs)[TOTAL]
+                counts[key] = counts.get(key, 0) + ask.steps
+                ledger.record(TOTAL, event, ask.steps)
+            return ledger.epsilon(TOTAL)
 
     def spend(self, dataset: str) -> dict[str, float]:
         """Epsilon per run and in total for one dataset (RDP, at the site's delta)."""
@@ -101,7 +103,8 @@ class SiteLedger:
         ledger = _ledger(runs, self.limits.max_delta)
         return {**{run: ledger.epsilon(run) for run in runs}, TOTAL: ledger.epsilon(TOTAL)}
 
-    def _check(self, runs: dict[str, dict[str, int]], ask: RoundAsk) -> None:
+    def _check(self, ledger: Ledger, ask: RoundAsk) -> None:
+        """Raise `SiteDeclines` if the round would pass a limit (`ledger`: spend so far)."""
         limits = self.limits
         if ask.noise_multiplier is None:
             if limits.any:
@@ -115,7 +118,6 @@ class SiteLedger:
                                f"min-noise-multiplier {limits.min_noise_multiplier:g}")
         if limits.max_epsilon is None:
             return
-        ledger = _ledger(runs, limits.max_delta)
         after = ledger.epsilon_if(TOTAL, dp_sgd_step(ask.sampling_probability,
                                                      ask.noise_multiplier), ask.steps)
         if after > limits.max_epsilon:
@@ -144,9 +146,9 @@ def _ledger(runs: dict[str, dict[str, int]], delta: float) -> Ledger:
     (which dominates every run, so a PLD report computes the total alone)."""
     ledger = sample_level_ledger(delta)
     for run, counts in runs.items():
-        for event, count in counts.items():
-            ledger.record_many({run: (event_from_json(json.loads(event)), count),
-                                TOTAL: (event_from_json(json.loads(event)), count)})
+        for key, count in counts.items():
+            event = event_from_json(json.loads(key))
+            ledger.record_many({run: (event, count), TOTAL: (event, count)})
     return ledger
 
 

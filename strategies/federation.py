@@ -87,7 +87,8 @@ class Federation:
         run_report.log_plan(spec, plan, planned, secure)
         model = build_lora_model(ModelRecipe.from_spec(spec, len(planned.labels)),
                                  torch.device("cpu"))
-        lora, strategy = _strategies(spec, plan, planned, census.node_of, secure, model)
+        site_of = {node: site for site, node in planned.node_of.items()}
+        lora, strategy = _strategies(spec, plan, planned, site_of, secure, model)
         accountant = CentralAccountant(plan, spec.train.local_steps)
         run.write_json("privacy_plan.json",
                        run_report.plan_summary(spec, plan, planned, secure))
@@ -98,7 +99,6 @@ class Federation:
                  "data; the server imports its training half), privacy plan and model "
                  "%.1f s", time.perf_counter() - started, census_s,
                  time.perf_counter() - started - census_s)
-        site_of = {node: site for site, node in census.node_of.items()}
         return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
                    lora, strategy, model, state.arrays, state)
 
@@ -250,10 +250,11 @@ class Federation:
         run_report.log_round(row, self.spec.num_server_rounds)
 
 
-def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, node_of: dict[str, int],
+def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict[int, str],
                 secure: bool, model: torch.nn.Module) -> tuple[LoraFedAvg, Strategy]:
     """The Flower strategy the rounds go through, with this project's hooks."""
     kind = FfaFedAvg if spec.method == "ffa" else LoraFedAvg
+    node_of = planned.node_of  # the planned sites connected now (site_of's inverse)
     evaluators = {node_of[s] for s, mode in planned.share_metrics.items()
                   if s in node_of and mode != p.SHARE_DP_ONLY}
     lora = kind.for_model(
@@ -261,7 +262,7 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, node_of: dict
         evaluators=evaluators,
         max_site_failures=spec.failure.max_site_failures, min_available_nodes=0,
         node_sampler=SiteSampler(spec, planned.sites, node_of, secure),
-        node_config=SiteConfigs(spec, plan, {n: s for s, n in node_of.items()}))
+        node_config=SiteConfigs(spec, plan, site_of))
     if not plan.client:
         return lora, lora
     return lora, ClientLevelDpFedAvg(
