@@ -40,7 +40,9 @@ def open_run(spec: RunSpec, run_id: int, census: Census
         raise ValueError(f"resume: run-config differs from {run.path}/config.json in "
                          f"{changed}; a resumed run must use the same configuration")
     if not Checkpoint.exists(run.path):
-        # The write-ahead checkpoint precedes any training: nothing was spent yet.
+        # The write-ahead checkpoint precedes any training: nothing was spent yet, and
+        # the run starts as a fresh one would.
+        check_sites(spec, census)
         log.info("resuming %s from the start: it has no checkpoint yet", run.path.resolve())
         return run, None
     checkpoint = Checkpoint.load(run.path)

@@ -4,6 +4,7 @@ them). Certificates and unknown SuperNode keys: tests/test_deployment.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 import strategies.census
 from fed_dplora.checkpoint import CHECKPOINT_FILE
+from fed_dplora.config import parse_run_config
 from local_grid import LocalGrid, run_federation
 
 NODES = 3
@@ -112,3 +114,12 @@ def test_a_site_whose_data_path_is_missing_is_left_out_with_its_reason(config, t
     assert "census: node 102 is left out of this run" in warnings
     assert "not-mounted/notes.csv" in warnings
     assert (Path(config["output-dir"]) / "run" / "summary.json").exists()
+
+
+def test_resuming_a_run_that_never_trained_checks_its_sites_like_a_new_run(config):
+    resumed = {**config, "resume": True, "batch-size": 512, "physical-batch-size": 64}
+    folder = Path(config["output-dir"]) / "run"
+    folder.mkdir(parents=True)  # a run folder created, then a crash before round 1
+    (folder / "config.json").write_text(json.dumps(parse_run_config(resumed).to_dict()))
+    with pytest.raises(Exception, match="hold fewer training records than batch-size=512"):
+        run_federation(resumed, NODES)
