@@ -26,6 +26,7 @@ from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SITES_CACHED, SitePlacement, load_site
 from fed_dplora.data.sources import Splits, sorted_label_names
+from fed_dplora.tasks import uses_labels
 from strategies.codec import to_arrays, to_record
 
 app = ClientApp()
@@ -61,11 +62,13 @@ def query(msg: Message, context: Context) -> Message:
     if spec.device == "cuda":  # fail before training; "auto" stays light (no torch here)
         _local_site().check_device(spec)
     splits = _site(spec, placement)
+    labelled = uses_labels(spec.task)
     labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
-                          p.LABEL_NAMES: list(labels),
-                          p.TRAIN_LABEL_NAMES: sorted(set(splits.train.labels)),
+                          p.LABEL_NAMES: list(labels) if labelled else [],
+                          p.TRAIN_LABEL_NAMES: sorted(set(splits.train.labels)) if labelled
+                          else [],
                           p.RANDOMNESS: _randomness(msg.content[p.CONFIG], context),
                           p.SHARE_METRICS: runtime.share_metrics(context.node_config)})
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)
@@ -106,7 +109,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     trainer, (_, test_data) = _prepare(spec, context, _checked_config(msg))
     report = trainer.evaluate(to_arrays(msg.content[p.ARRAYS]), test_data, EVAL_BATCH)
     metrics = MetricRecord({p.EVAL_LOSS: report.loss, p.EVAL_ACCURACY: report.accuracy,
-                            p.NUM_EXAMPLES: report.num_examples})
+                            p.NUM_EXAMPLES: report.num_examples,
+                            p.EVAL_WEIGHT: report.weight})
     return Message(RecordDict({p.METRICS: metrics}), reply_to=msg)
 
 

@@ -15,6 +15,7 @@ from fed_dplora.config import RunSpec
 from fed_dplora.data.site import SITES_CACHED, SitePlacement
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
+from fed_dplora.tasks import uses_labels
 from fed_dplora.train import LocalTrainer, RoundPlan
 
 
@@ -51,5 +52,6 @@ def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
 def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...], splits
                ) -> tuple[TokenizedData, TokenizedData]:
     tokenizer = load_tokenizer(spec.model)
-    return (tokenize(splits.train, tokenizer, spec.model.max_length, labels),
-            tokenize(splits.test, tokenizer, spec.model.max_length, labels))
+    names = labels if uses_labels(spec.task) else None
+    return (tokenize(splits.train, tokenizer, spec.model.max_length, names),
+            tokenize(splits.test, tokenizer, spec.model.max_length, names))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+TaskName = Literal["sequence-classification", "causal-lm"]
 Method = Literal["ffa", "vanilla"]
 PrivacyLevel = Literal["none", "sample", "client", "both"]
 Partitioner = Literal["iid", "dirichlet", "pathological", "natural"]
@@ -74,7 +75,16 @@ class ModelSpec:
 class LoraSpec:
     rank: int = 8
     alpha: int = 16
-    target_modules: tuple[str, ...] = ("query", "value")
+    target_modules: tuple[str, ...] = ()  # (): "auto", the architecture's default
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """causal-lm: the server writes greedy continuations of these prompts each round."""
+
+    prompts: tuple[str, ...] = ("The patient was admitted with", "The stock market",
+                                "Scientists have discovered")
+    max_new_tokens: int = 24
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ class DataSpec:
     classes_per_client: int = 1  # pathological
     partition_column: str = ""  # natural: one client per value of this column
     demo_records_per_site: int = 2000
+    max_records: int = 0  # > 0: read only the first N records of each data file
 
     @property
     def is_demo(self) -> bool:
@@ -116,6 +127,7 @@ class FailureSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
+    task: TaskName = "sequence-classification"
     method: Method = "ffa"
     num_server_rounds: int = 5
     clients_per_round: int = 2
@@ -130,6 +142,7 @@ class RunSpec:
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     failure: FailureSpec = FailureSpec()
+    generation: GenerationSpec = GenerationSpec()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,14 +154,17 @@ class RunSpec:
         # .get: run folders written before a section existed load with its defaults
         sections = {name: section(**values.get(name, {}))
                     for name, section in _SECTIONS.items()}
-        lora = sections["lora"]
+        lora, generation = sections["lora"], sections["generation"]
         sections["lora"] = dataclasses.replace(
             lora, target_modules=tuple(lora.target_modules))
+        sections["generation"] = dataclasses.replace(
+            generation, prompts=tuple(generation.prompts))
         return cls(**top, **sections)
 
 
 # flat key -> (section, field); section None is RunSpec itself.
 _KEYS: dict[str, tuple[str | None, str]] = {
+    "task": (None, "task"),
     "method": (None, "method"),
     "num-server-rounds": (None, "num_server_rounds"),
     "clients-per-round": (None, "clients_per_round"),
@@ -188,10 +204,13 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "data.classes-per-client": ("data", "classes_per_client"),
     "data.partition-column": ("data", "partition_column"),
     "data.demo-records-per-site": ("data", "demo_records_per_site"),
+    "data.max-records": ("data", "max_records"),
     "min-replies": ("failure", "min_replies"),
     "round-timeout": ("failure", "round_timeout"),
     "max-lost-rounds": ("failure", "max_lost_rounds"),
     "max-site-failures": ("failure", "max_site_failures"),
+    "generation.prompts": ("generation", "prompts"),
+    "generation.max-new-tokens": ("generation", "max_new_tokens"),
 }
 
 _SECTIONS = {
@@ -201,9 +220,11 @@ _SECTIONS = {
     "data": DataSpec,
     "train": TrainSpec,
     "failure": FailureSpec,
+    "generation": GenerationSpec,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "task": get_args(TaskName),
     "method": get_args(Method),
     "privacy.level": get_args(PrivacyLevel),
     "data.partitioner": get_args(Partitioner),
@@ -217,7 +238,7 @@ _POSITIVE_INT = (
     "num-server-rounds", "clients-per-round", "local-steps", "batch-size",
     "physical-batch-size", "model.max-length", "lora.rank", "lora.alpha",
     "data.demo-records-per-site", "data.classes-per-client", "max-lost-rounds",
-    "max-site-failures",
+    "max-site-failures", "generation.max-new-tokens",
 )
 _POSITIVE_FLOAT = (
     "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
@@ -249,6 +270,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: valid values are {list(_CHOICES[key])}")
     if key in _POSITIVE_INT + _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{key}={value!r}: must be > 0")
+    if key == "data.max-records" and value < 0:
+        raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every record)")
     return value
 
 
@@ -283,18 +306,30 @@ def _min_replies(key: str, value: Any) -> int | None:
 
 
 def _target_modules(key: str, value: Any) -> tuple[str, ...]:
+    if value == "auto":
+        return ()
     if not isinstance(value, str):
-        raise ConfigError(f"{key}={value!r}: expected a comma-separated string, "
+        raise ConfigError(f"{key}={value!r}: expected \"auto\" (the architecture's "
+                          "query and value projections) or a comma-separated string, "
                           "e.g. \"query,value\"")
     modules = tuple(m.strip() for m in value.split(",") if m.strip())
     if not modules:
-        raise ConfigError(f"{key}: name at least one module, e.g. \"query,value\"")
+        raise ConfigError(f"{key}: name at least one module, e.g. \"query,value\", "
+                          "or \"auto\"")
     return modules
+
+
+def _prompts(key: str, value: Any) -> tuple[str, ...]:
+    prompts = tuple(p.strip() for p in value.split("|")) if isinstance(value, str) else ()
+    if not prompts or not all(prompts):
+        raise ConfigError(f"{key}={value!r}: expected prompts separated by \"|\", "
+                          "none empty, e.g. \"The patient|Discharge summary:\"")
+    return prompts
 
 
 # Keys whose values are not simply their default's type.
 _SPECIAL = {"privacy.secure-noise": _secure_noise, "min-replies": _min_replies,
-            "lora.target-modules": _target_modules}
+            "lora.target-modules": _target_modules, "generation.prompts": _prompts}
 
 
 def parse_run_config(flat: Mapping[str, Any]) -> RunSpec:
@@ -347,6 +382,10 @@ def _check_combinations(spec: RunSpec) -> None:
             "data.partitioner=\"natural\" and data.partition-column go together: the "
             "column whose values name the clients (one client per value), e.g. "
             "data.partition-column=\"site\"")
+    if spec.task == "causal-lm" and data.partitioner in ("dirichlet", "pathological"):
+        raise ConfigError(
+            f"data.partitioner={data.partitioner!r} splits by label; task=\"causal-lm\" "
+            "reads text only: use \"iid\" or \"natural\"")
     if data.is_demo and data.partitioner != "iid":
         raise ConfigError(
             f"data.partitioner={data.partitioner!r} applies to data.path or hub data; "

@@ -1,6 +1,6 @@
 """Message keys and wire-schema version shared by the ServerApp and the ClientApp."""
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: evaluation replies carry EVAL_WEIGHT (causal-lm)
 
 # Record keys
 ARRAYS = "arrays"
@@ -41,3 +41,5 @@ DECLINED = "declined"  # in a train reply's ConfigRecord: why the site's own lim
 # Reply metrics (evaluate)
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+EVAL_WEIGHT = "eval-weight"  # what loss and accuracy are means over: test records
+# (classification) or predicted tokens (causal-lm); the server weights sites by it

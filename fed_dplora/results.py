@@ -72,7 +72,11 @@ class RunFolder:
         os.replace(tmp, self.path / name)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with (self.path / "metrics.jsonl").open("a") as handle:
+        self.append_jsonl("metrics.jsonl", row)
+
+    def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
+        """One JSON line, flushed to disk before returning."""
+        with (self.path / name).open("a") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

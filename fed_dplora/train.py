@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fed_dplora.data.tokenize import TokenizedData
 from fed_dplora.dp import guards
@@ -18,6 +17,8 @@ from fed_dplora.dp.noise import random_source
 from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
+from fed_dplora.tasks import task_for
+from fed_dplora.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ class TrainReport:
 
 @dataclass(frozen=True)
 class EvalReport:
+    """Mean loss and accuracy per unit of `weight`: test records (classification) or
+    predicted tokens (causal LM: next-token loss and accuracy)."""
+
     loss: float
     accuracy: float
     num_examples: int
+    weight: int
 
 
 class LocalTrainer:
@@ -64,6 +69,7 @@ class LocalTrainer:
 
     def __init__(self, recipe: ModelRecipe, device: torch.device, private: bool) -> None:
         self.device = device
+        self.task = task_for(recipe.task)
         self.model = build_lora_model(recipe, device)
         self.private = private
         self.forward_module = (wrap_for_per_sample_grads(self.model, device) if private
@@ -120,7 +126,7 @@ class LocalTrainer:
             ids, mask, labels = data.batch(chunk, self.device)
             with mixed_precision(self.device):
                 logits = self.forward_module(ids, mask)
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = self.task.loss_sum(logits, ids, mask, labels)
             loss.backward()
             accumulator.add_physical_batch(len(chunk))
             loss_sum += float(loss.detach())
@@ -162,17 +168,17 @@ class LocalTrainer:
     def evaluate(self, arrays: dict[str, np.ndarray], data: TokenizedData,
                  batch_size: int) -> EvalReport:
         load_trainable_arrays(self.model, arrays)
-        return evaluate_model(self.model, data, batch_size, self.device)
+        return evaluate_model(self.model, self.task, data, batch_size, self.device)
 
 
-def mixed_precision(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast for forward passes on CUDA; full fp32 everywhere else.
+def mixed_precision(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """Forward passes under bf16 autocast ("bf16"; "auto": on CUDA only) or in fp32.
 
     Parameters, per-sample gradients' clipping and sums, noise and the optimizer stay in
     fp32 (the accumulator casts per-sample gradients up before their norms).
     """
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -185,19 +191,20 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, data: TokenizedData, batch_size: int,
+def evaluate_model(model: torch.nn.Module, task: Task, data: TokenizedData, batch_size: int,
                    device: torch.device) -> EvalReport:
-    """Mean loss and accuracy over `data` (dropout off; back to train mode after)."""
+    """The task's mean loss and accuracy over `data` (dropout off; back to train mode
+    after)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, weight = 0.0, 0, 0
     by_length = sorted(range(len(data)), key=data.length)  # less padding per batch
     for lo in range(0, len(data), batch_size):
         ids, mask, labels = data.batch(by_length[lo:lo + batch_size], device)
         with mixed_precision(device):
-            logits = model(ids, mask).float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
+            logits = model(ids, mask)
+        sums = task.eval_sums(logits, ids, mask, labels)
+        loss_sum, correct, weight = (loss_sum + sums.loss, correct + sums.correct,
+                                     weight + sums.weight)
     model.train(was_training)
-    n = len(data)
-    return EvalReport(loss_sum / max(n, 1), correct / max(n, 1), n)
+    return EvalReport(loss_sum / max(weight, 1), correct / max(weight, 1), len(data), weight)

@@ -36,9 +36,11 @@ class Census:
         return {"sizes": self.sizes, "labels": list(self.labels)}
 
 
-def census(grid: Grid, nodes: list[int], timeout: float, secure: bool) -> Census:
+def census(grid: Grid, nodes: list[int], timeout: float, secure: bool,
+           labelled: bool = True) -> Census:
     """Ask every node for its site id, training-set size, label values and how it will
-    draw its DP randomness when the server asks for `secure` noise (round 0).
+    draw its DP randomness when the server asks for `secure` noise (round 0). For a
+    text-only task (`labelled` False) the sites send no labels.
 
     A node that fails or stays silent is left out of the run, with a warning."""
     config = ConfigRecord({p.WIRE: p.WIRE_VERSION, p.SECURE_NOISE: secure})
@@ -69,10 +71,10 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool) -> Census
         failed[node] = f"no answer within {timeout:g} s"
         log.warning("census: node %d did not answer within %g s; left out", node, timeout)
     census = Census(node_of, sizes, sorted_label_names(labels), randomness, shares)
-    return _checked(census, failed, labels - trained)
+    return _checked(census, failed, labels - trained, labelled)
 
 
-def _checked(census: Census, failed: dict, untrained: set[str]) -> Census:
+def _checked(census: Census, failed: dict, untrained: set[str], labelled: bool) -> Census:
     if not census.sizes:
         raise ClientFailure("census: no site answered: " + "; ".join(
             f"node {node}: {reason}" for node, reason in failed.items()))
@@ -83,7 +85,7 @@ def _checked(census: Census, failed: dict, untrained: set[str]) -> Census:
     empty = [site for site, size in census.sizes.items() if size == 0]
     if empty:
         raise ClientFailure(f"site(s) {empty} have no training records")
-    if len(census.labels) < 2:
+    if labelled and len(census.labels) < 2:
         raise ClientFailure(f"the federation's data has labels {list(census.labels)}; "
                             "classification needs at least two")
     return census

@@ -43,6 +43,7 @@ from strategies import run_report
 from strategies.census import Census
 from strategies.client_level_dp import ClientLevelDpFedAvg
 from strategies.codec import payload_bytes, to_arrays, to_record
+from strategies.lm_outputs import LmOutputs
 from strategies.lora_fedavg import FfaFedAvg, LoraFedAvg
 from strategies.screening import Screened
 from strategies.sites import SiteConfigs, SiteSampler
@@ -75,6 +76,7 @@ class Federation:
     model: torch.nn.Module
     arrays: dict[str, np.ndarray]  # the global tensors that travel
     state: Checkpoint
+    lm: LmOutputs | None  # causal-lm: perplexity and greedy samples each round
     waits: dict[str, float] = field(default_factory=dict)  # this round's, by phase
 
     @classmethod
@@ -95,12 +97,15 @@ class Federation:
         state = Checkpoint(0, trainable_arrays(model), {}, planned.as_dict())
         if checkpoint:
             state = run_report.restore(checkpoint, accountant, secure)
+        lm = LmOutputs.for_run(spec, run, model)
+        if lm and not checkpoint:
+            lm.write_samples(0, state.arrays)
         log.info("set-up %.1f s: nodes and census %.1f s (clients start and load their "
                  "data; the server imports its training half), privacy plan and model "
                  "%.1f s", time.perf_counter() - started, census_s,
                  time.perf_counter() - started - census_s)
         return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
-                   lora, strategy, model, state.arrays, state)
+                   lora, strategy, model, state.arrays, state, lm)
 
     def run_round(self, rnd: int) -> bool:
         """One round; False when the run stops before it (budget, failures)."""
@@ -127,6 +132,8 @@ class Federation:
             self.arrays = to_arrays(new_arrays)
             self._mark_released()
             evaluation, eval_messages = self._evaluate(rnd, new_arrays)
+            if self.lm:
+                self.lm.write_samples(rnd, self.arrays)
         row = self._row(rnd, sampled, train, evaluation, eval_messages, started_at, start)
         self._commit(rnd, row)
         return True
@@ -225,6 +232,7 @@ class Federation:
         return {
             "round": rnd, "eval_loss": evaluation.get(p.EVAL_LOSS),
             "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
+            **(self.lm.row_fields(evaluation.get(p.EVAL_LOSS)) if self.lm else {}),
             "train_loss": train.get(p.TRAIN_LOSS), "clip_fraction": train.get(p.CLIP_FRACTION),
             "update_clip_fraction": train.get("update-clip-fraction"),
             "epsilon_sample": self.accountant.epsilon_sample(),

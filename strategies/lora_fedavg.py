@@ -42,7 +42,7 @@ log = logging.getLogger("fed_dplora.server")
 # What a privacy ledger needs from every train reply; train loss and clip fraction come
 # only from sites that share them (node config share-metrics).
 TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER)
-EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY)
+EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY, p.EVAL_WEIGHT)
 
 # (server round, nodes that may be asked) -> the nodes asked to train this round
 NodeSampler = Callable[[int, list[int]], list[int]]
@@ -117,19 +117,20 @@ class LoraFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Loss and accuracy over the union of the valid replies' test sets."""
+        """Loss and accuracy over the union of the valid replies' test sets, each site
+        weighted by what its means are over (records, or tokens for causal-lm)."""
         screened = self._screen(server_round, MessageType.EVALUATE, replies)
         self.last_evaluate = screened
-        rows = list(screened.accepted.values())
-        total = sum(r.metrics[p.NUM_EXAMPLES] for r in rows)
+        rows = [r.metrics for r in screened.accepted.values()]
+        total = sum(m[p.EVAL_WEIGHT] for m in rows)
         if not total:
             return None
         return MetricRecord({
-            p.NUM_EXAMPLES: int(total), "replies": len(rows), "failures": len(screened.failed),
-            p.EVAL_LOSS: sum(r.metrics[p.EVAL_LOSS] * r.metrics[p.NUM_EXAMPLES]
-                             for r in rows) / total,
-            p.EVAL_ACCURACY: sum(r.metrics[p.EVAL_ACCURACY] * r.metrics[p.NUM_EXAMPLES]
-                                 for r in rows) / total})
+            p.NUM_EXAMPLES: int(sum(m[p.NUM_EXAMPLES] for m in rows)),
+            p.EVAL_WEIGHT: int(total), "replies": len(rows),
+            "failures": len(screened.failed),
+            p.EVAL_LOSS: sum(m[p.EVAL_LOSS] * m[p.EVAL_WEIGHT] for m in rows) / total,
+            p.EVAL_ACCURACY: sum(m[p.EVAL_ACCURACY] * m[p.EVAL_WEIGHT] for m in rows) / total})
 
     # Shared with the client-level DP wrapper.
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.preload import preload
+from fed_dplora.tasks import uses_labels
 from strategies.census import census, wait_for_nodes
 
 log = logging.getLogger("fed_dplora.server")
@@ -41,7 +42,7 @@ def _run(grid: Grid, context: Context) -> None:
     secure = _secure_noise(spec, grid)
     nodes = wait_for_nodes(grid, spec.clients_per_round)
     federation = preload("strategies.federation")  # loads while the clients answer
-    sites = census(grid, nodes, spec.failure.round_timeout, secure)
+    sites = census(grid, nodes, spec.failure.round_timeout, secure, uses_labels(spec.task))
     federation.result().run_federation(grid, context, spec, secure, sites, started)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model,
-                          PreTrainedTokenizerFast)
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from fed_dplora.data.demo import generate_site
 from flwr_cli import flwr_environment, stop_local_superlink
@@ -63,6 +63,32 @@ def tiny_gpt2(tmp_path_factory) -> str:
                         n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     GPT2Model(config).save_pretrained(folder)
     _tokenizer(vocab, bert=False).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_lm(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random GPT-2 language model (Conv1D layers, tied LM head)."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2-lm")
+    vocab = _vocab()
+    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
+                        n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    _tokenizer(vocab, bert=False).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_lm(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random Llama language model (q_proj/v_proj, RoPE, RMSNorm)."""
+    folder = tmp_path_factory.mktemp("tiny-llama-lm")
+    vocab = _vocab()
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=64, max_position_embeddings=128,
+                         tie_word_embeddings=False, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    _tokenizer(vocab, bert=True).save_pretrained(folder)
     return str(folder)
 
 

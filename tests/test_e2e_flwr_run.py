@@ -8,6 +8,7 @@ checked with `flwr ls`.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.model import load_tokenizer
 from fed_dplora.results import load_final_model, read_metrics
+from fed_dplora.tasks import task_for
 from fed_dplora.train import evaluate_model
 
 from flwr_cli import SUPERNODES, flwr_run, run_statuses
@@ -63,8 +65,9 @@ def test_ffa_dp_run_writes_metrics_and_a_reloadable_adapter(tiny_bert, flwr_env,
     correct = total = 0
     for site in range(SUPERNODES):
         test = load_site(spec, SitePlacement(site, SUPERNODES)).test
-        report = evaluate_model(model, tokenize(test, tokenizer, spec.model.max_length,
-                                                labels), 128, torch.device("cpu"))
+        report = evaluate_model(model, task_for(spec.task),
+                                tokenize(test, tokenizer, spec.model.max_length, labels),
+                                128, torch.device("cpu"))
         correct += report.accuracy * report.num_examples
         total += report.num_examples
     assert correct / total == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-9)
@@ -98,3 +101,25 @@ def test_vanilla_reports_nonzero_aggregation_error_and_failures_are_visible(
     assert "[code: 15] Invalid run configuration." in misspelt.stdout + misspelt.stderr
     superlink_log = Path(flwr_env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
     assert "Key 'privacy.epsilon' is not present" in superlink_log.read_text()
+
+
+def test_causal_lm_run_of_a_gpt2_model(tiny_gpt2_lm, flwr_env, tmp_path):
+    """task="causal-lm" through the real `flwr run .`: GPT-2 (Conv1D) LoRA, DP, 2 rounds."""
+    out = tmp_path / "runs"
+    config = (f'task="causal-lm" model.name="{tiny_gpt2_lm}" output-dir="{out}" '
+              'num-server-rounds=2 clients-per-round=2 local-steps=2 batch-size=32 '
+              'physical-batch-size=16 data.demo-records-per-site=150 learning-rate=0.5 '
+              'generation.max-new-tokens=4')
+    proc = flwr_run(flwr_env, config, tmp_path)
+    assert run_statuses(flwr_env, tmp_path) == ["finished:completed"], proc.stdout[-3000:]
+    (run_dir,) = out.iterdir()
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in rows)
+    assert 0 < rows[0]["epsilon_sample"] < rows[1]["epsilon_sample"] <= 8.0
+    model, _, labels = load_final_model(run_dir)
+    assert labels == ()
+    shipped = sum(p.numel() * 4 for n, p in model.named_parameters() if ".lora_B." in n)
+    assert all(r["bytes_up"] == 2 * shipped for r in rows)  # FFA: B only, no head
+    samples = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert sorted({json.loads(s)["round"] for s in samples}) == [0, 1, 2]

@@ -8,6 +8,7 @@ from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
 from fed_dplora.data.sources import (TEST_FRACTION, LabelledText, Splits, load_hub,
                                      load_local, split)
+from fed_dplora.tasks import uses_labels
 
 
 # Sites whose data one simulation worker keeps (raw and tokenized) across rounds: above
@@ -27,18 +28,20 @@ class SitePlacement:
 
 def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
     data = spec.data
+    # A text-only task reads no label column (every record gets the label "").
+    label_column = data.label_column if uses_labels(spec.task) else ""
     if placement.data_path:
-        return load_local(placement.data_path, data.text_column, data.label_column,
-                          spec.seed)
+        return load_local(placement.data_path, data.text_column, label_column, spec.seed,
+                          max_records=data.max_records)
     if data.is_demo:
         texts, labels = generate_site(placement.partition_id, data.demo_records_per_site,
                                       spec.seed)
         return split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, spec.seed)
     if data.path:
-        whole = load_local(data.path, data.text_column, data.label_column, spec.seed,
-                           data.partition_column)
+        whole = load_local(data.path, data.text_column, label_column, spec.seed,
+                           data.partition_column, data.max_records)
     else:
-        whole = load_hub(data.name, data.text_column, data.label_column)
+        whole = load_hub(data.name, data.text_column, label_column)
     # Here only: flwr-datasets (with datasets, scipy, seaborn) takes ~1.5 s to import,
     # which a site with its own data or the demo task should not pay at start-up.
     from fed_dplora.data.partition import partition

@@ -4,6 +4,9 @@ Local data (`data.path`): a csv / tsv / jsonl / parquet file, or a folder holdin
 `train.*` file and a `test.*` (or `dev.*`) file. Delimited files may have a header row
 with the configured text and label columns, or no header and exactly two columns
 (text, label), as SST-2 and AG News ship. Labels may be integers or strings.
+
+A text-only task (causal-lm) reads with `label_column=""`: only the text column is
+needed (a headerless file's first column), and every record gets the label "".
 """
 
 from __future__ import annotations
@@ -43,21 +46,22 @@ class Splits:
 
 
 def load_local(path: str | Path, text_column: str, label_column: str,
-               seed: int, group_column: str = "") -> Splits:
+               seed: int, group_column: str = "", max_records: int = 0) -> Splits:
     """Read `path` (file or train/test folder); a single file is split 80/20 by seed.
 
-    `group_column` (natural partitioning) is read into `LabelledText.groups`.
+    `group_column` (natural partitioning) is read into `LabelledText.groups`;
+    `max_records` > 0 keeps only the first that many rows of each file.
     """
     path = Path(path).expanduser()
     if path.is_dir():
         train_file = _find(path, ("train",))
         test_file = _find(path, ("test", "dev"))
-        return Splits(_read_file(train_file, text_column, label_column, group_column),
-                      _read_file(test_file, text_column, label_column, group_column))
+        return Splits(*(_read_file(file, text_column, label_column, group_column,
+                                   max_records) for file in (train_file, test_file)))
     if not path.is_file():
         raise DataError(f"data.path={str(path)!r}: no such file or folder")
-    return split(_read_file(path, text_column, label_column, group_column), TEST_FRACTION,
-                 seed)
+    return split(_read_file(path, text_column, label_column, group_column, max_records),
+                 TEST_FRACTION, seed)
 
 
 def load_hub(name: str, text_column: str, label_column: str) -> Splits:
@@ -97,7 +101,7 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path:
 
 
 def _read_file(path: Path, text_column: str, label_column: str,
-               group_column: str = "") -> LabelledText:
+               group_column: str = "", max_records: int = 0) -> LabelledText:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported suffix {suffix!r}; use {' / '.join(SUFFIXES)}")
@@ -111,6 +115,8 @@ def _read_file(path: Path, text_column: str, label_column: str,
                                     text_column, label_column)
     except (ValueError, OSError, pd.errors.ParserError) as err:
         raise DataError(f"{path}: cannot parse as {suffix[1:]}: {err}") from err
+    if max_records:
+        frame = frame.head(max_records)
     return _from_frame(frame, text_column, label_column, str(path), group_column)
 
 
@@ -118,13 +124,19 @@ def _read_delimited(path: Path, sep: str, text_column: str,
                     label_column: str) -> pd.DataFrame:
     with path.open(newline="", encoding="utf-8") as handle:
         first = next(csv.reader(handle, delimiter=sep, quoting=csv.QUOTE_NONE), [])
-    header = text_column in first and label_column in first
-    if not header and (text_column in first or label_column in first):
+    header = text_column in first and (not label_column or label_column in first)
+    if not header and (text_column in first or (label_column and label_column in first)):
         raise DataError(
             f"{path}: first row {first[:5]} looks like a header but lacks "
             f"data.text-column={text_column!r} or data.label-column={label_column!r}; "
             f"set both to names in it (for example data.text-column="
             f"{next((c for c in first if c != label_column), first[0])!r})")
+    if not header and not label_column and len(first) in (1, 2):
+        log.info("%s has no header row with %r: reading its first column as the text",
+                 path, text_column)
+        return pd.read_csv(path, sep=sep, header=None, usecols=[0], names=[text_column],
+                           quoting=csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL,
+                           dtype=str, keep_default_na=False)
     if not header and len(first) != 2:
         raise DataError(
             f"{path}: first row has columns {first[:5]}; set data.text-column and "
@@ -142,16 +154,17 @@ def _read_delimited(path: Path, sep: str, text_column: str,
 
 def _from_frame(frame: pd.DataFrame, text_column: str, label_column: str,
                 source: str, group_column: str = "") -> LabelledText:
-    wanted = [text_column, label_column] + ([group_column] if group_column else [])
+    wanted = [c for c in (text_column, label_column, group_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
         raise DataError(f"{source}: no column(s) {missing}; columns are "
                         f"{list(frame.columns)} (set data.text-column / data.label-column"
                         " / data.partition-column)")
     texts = frame[text_column].astype(str).tolist()
-    labels = frame[label_column].astype(str).str.strip().tolist()
+    labels = (frame[label_column].astype(str).str.strip().tolist() if label_column
+              else [""] * len(texts))
     empty = [i for i, t in enumerate(texts) if not t.strip()]
-    if empty or any(not lab for lab in labels):
+    if empty or (label_column and any(not lab for lab in labels)):
         raise DataError(f"{source}: empty text or label in row(s) "
                         f"{empty[:5] or [i for i, v in enumerate(labels) if not v][:5]}")
     if not texts:

@@ -1,0 +1,145 @@
+"""Perplexity table, plot and samples of a causal-lm sweep folder.
+
+    python -m experiments.lm_report experiments/results/<name>
+
+Writes into the sweep folder: `results.md` (the base model's perplexity, computed here on
+the same test splits; per cell the federated perplexity after each round, next-token
+accuracy, epsilon and wall time; then the greedy continuation of every prompt before
+fine-tuning and after it, per cell) and `perplexity_vs_round.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from experiments.sweep import CELLS  # noqa: E402
+from fed_dplora.config import RunSpec  # noqa: E402
+from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
+from fed_dplora.data.tokenize import tokenize  # noqa: E402
+from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer  # noqa: E402
+from fed_dplora.results import read_metrics  # noqa: E402
+from fed_dplora.tasks import task_for  # noqa: E402
+from fed_dplora.train import evaluate_model  # noqa: E402
+
+log = logging.getLogger("fed_dplora.report")
+
+
+def collect(sweep: Path) -> list[dict[str, Any]]:
+    """One entry per finished cell: its config, metrics rows and samples."""
+    cells = []
+    for folder in sorted((sweep / CELLS).iterdir()):
+        if not (folder / "summary.json").is_file():
+            continue
+        samples = [json.loads(line) for line in
+                   (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+        cells.append({"name": folder.name,
+                      "config": json.loads((folder / "config.json").read_text()),
+                      "summary": json.loads((folder / "summary.json").read_text()),
+                      "metrics": read_metrics(folder), "samples": samples,
+                      "sites": len(json.loads((folder / "privacy_plan.json").read_text())
+                                   ["client_sizes"])})
+    return cells
+
+
+def label(cell: dict[str, Any]) -> str:
+    config = cell["config"]
+    privacy = ("no DP" if config["privacy"]["level"] == "none"
+               else f"ε = {config['privacy']['target_epsilon']:g}")
+    return f"{config['method']}, {privacy}"
+
+
+def base_perplexity(cell: dict[str, Any]) -> tuple[float, float]:
+    """(perplexity, next-token accuracy) of the base model (LoRA B = 0) over every site's
+    test split, token-weighted as the federation computes it."""
+    config = dict(cell["config"])
+    config.pop("label_names")
+    spec = RunSpec.from_dict(config)
+    model = build_lora_model(ModelRecipe.from_spec(spec, 0), torch.device("cpu"))
+    tokenizer = load_tokenizer(spec.model)
+    loss = hits = tokens = 0.0
+    sites = cell["sites"]
+    for site in range(sites):
+        test = load_site(spec, SitePlacement(site, sites)).test
+        report = evaluate_model(model, task_for(spec.task), tokenize(
+            test, tokenizer, spec.model.max_length, None), 64, torch.device("cpu"))
+        loss, hits = loss + report.loss * report.weight, hits + report.accuracy * report.weight
+        tokens += report.weight
+    return math.exp(loss / tokens), hits / tokens
+
+
+def table(cells: list[dict[str, Any]]) -> list[str]:
+    rounds = max(len(c["metrics"]) for c in cells)
+    head = ("| cell | " + " | ".join(f"ppl r{r}" for r in range(1, rounds + 1))
+            + " | next-token acc | ε (sample) | wall s |")
+    ppl, acc = base_perplexity(cells[0])
+    lines = [head, "|" + "---|" * (rounds + 4),
+             f"| base model (before) | {ppl:.2f}" + " | " * (rounds - 1)
+             + f" | {acc:.4f} | - | - |"]
+    for cell in cells:
+        rows = cell["metrics"]
+        ppl = [f"{r['eval_perplexity']:.2f}" for r in rows] + ["-"] * (rounds - len(rows))
+        eps = rows[-1]["epsilon_sample"]
+        lines.append(f"| {label(cell)} | " + " | ".join(ppl)
+                     + f" | {rows[-1]['eval_accuracy']:.4f} | "
+                     + ("-" if eps is None else f"{eps:.3f}")
+                     + f" | {cell['summary'].get('wall_s', 0):.0f} |")
+    return lines
+
+
+def samples(cells: list[dict[str, Any]]) -> list[str]:
+    """Each prompt: the base model's continuation (round 0), then each cell's last."""
+    first = cells[0]["samples"]
+    lines = []
+    for prompt in dict.fromkeys(s["prompt"] for s in first):
+        before = next(s["continuation"] for s in first
+                      if s["round"] == 0 and s["prompt"] == prompt)
+        lines += ["", f"**{prompt}** …", "", f"- before fine-tuning: {before!r}"]
+        for cell in cells:
+            last = max(s["round"] for s in cell["samples"])
+            text = next(s["continuation"] for s in cell["samples"]
+                        if s["round"] == last and s["prompt"] == prompt)
+            lines.append(f"- {label(cell)}, after round {last}: {text!r}")
+    return lines
+
+
+def plot(cells: list[dict[str, Any]], out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for cell in cells:
+        rows = cell["metrics"]
+        ax.plot([r["round"] for r in rows], [r["eval_perplexity"] for r in rows],
+                marker="o", label=label(cell))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test perplexity (token-weighted, all sites)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cells = collect(args.sweep)
+    if not cells:
+        raise SystemExit(f"{args.sweep}: no finished cell (no {CELLS}/*/summary.json)")
+    plot(cells, args.sweep / "perplexity_vs_round.png")
+    text = ["# Perplexity", ""] + table(cells) + ["", "# Samples"] + samples(cells)
+    (args.sweep / "results.md").write_text("\n".join(text) + "\n")
+    log.info("wrote %s", args.sweep / "results.md")
+
+
+if __name__ == "__main__":
+    main()
