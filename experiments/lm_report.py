@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.sweep import CELLS  # noqa: E402
@@ -43,7 +44,7 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
             continue
         samples = [json.loads(line) for line in
                    (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
-        cells.append({"name": folder.name,
+        cells.append({"name": folder.name, "folder": str(folder),
                       "config": json.loads((folder / "config.json").read_text()),
                       "summary": json.loads((folder / "summary.json").read_text()),
                       "metrics": read_metrics(folder), "samples": samples,
@@ -78,11 +79,11 @@ def base_perplexity(cell: dict[str, Any]) -> tuple[float, float]:
     return math.exp(loss / tokens), hits / tokens
 
 
-def table(cells: list[dict[str, Any]]) -> list[str]:
+def table(cells: list[dict[str, Any]], ppl: float, acc: float) -> list[str]:
+    """Perplexity per round of each cell, below the base model's (`ppl`, `acc`)."""
     rounds = max(len(c["metrics"]) for c in cells)
     head = ("| cell | " + " | ".join(f"ppl r{r}" for r in range(1, rounds + 1))
             + " | next-token acc | ε (sample) | wall s |")
-    ppl, acc = base_perplexity(cells[0])
     lines = [head, "|" + "---|" * (rounds + 4),
              f"| base model (before) | {ppl:.2f}" + " | " * (rounds - 1)
              + f" | {acc:.4f} | - | - |"]
@@ -113,13 +114,29 @@ def samples(cells: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(cells: list[dict[str, Any]], out: Path) -> None:
+def setup(cell: dict[str, Any]) -> str:
+    """One sentence with what every cell shares."""
+    c = cell["config"]
+    sizes = json.loads((Path(cell["folder"]) / "privacy_plan.json").read_text())["client_sizes"]
+    return (f"{c['model']['name']} ({c['task']}), LoRA r={c['lora']['rank']}, "
+            f"{c['data']['path'] or c['data']['name']} (first {c['data']['max_records']} "
+            f"rows), {len(sizes)} sites of {sorted(set(sizes.values()))} training records, "
+            f"max-length {c['model']['max_length']}, {c['num_server_rounds']} rounds x "
+            f"{c['train']['local_steps']} steps of expected batch {c['train']['batch_size']}, "
+            f"{c['train']['optimizer']} lr {c['train']['learning_rate']:g} (not tuned), "
+            f"seed {c['seed']}. Perplexity and next-token accuracy are token-weighted over "
+            "every site's test split.")
+
+
+def plot(cells: list[dict[str, Any]], base: float, out: Path) -> None:
+    """Perplexity vs round, every cell starting from the base model's at round 0."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for cell in cells:
         rows = cell["metrics"]
-        ax.plot([r["round"] for r in rows], [r["eval_perplexity"] for r in rows],
+        ax.plot([0] + [r["round"] for r in rows], [base] + [r["eval_perplexity"] for r in rows],
                 marker="o", label=label(cell))
-    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0: base model)")
     ax.set_ylabel("test perplexity (token-weighted, all sites)")
     ax.legend()
     fig.tight_layout()
@@ -135,8 +152,11 @@ def main() -> None:
     cells = collect(args.sweep)
     if not cells:
         raise SystemExit(f"{args.sweep}: no finished cell (no {CELLS}/*/summary.json)")
-    plot(cells, args.sweep / "perplexity_vs_round.png")
-    text = ["# Perplexity", ""] + table(cells) + ["", "# Samples"] + samples(cells)
+    ppl, acc = base_perplexity(cells[0])
+    plot(cells, ppl, args.sweep / "perplexity_vs_round.png")
+    text = (["# Perplexity", "", setup(cells[0]), ""] + table(cells, ppl, acc)
+            + ["", "# Samples", "", "Greedy continuations written by the server "
+               "(samples.jsonl of each cell)."] + samples(cells))
     (args.sweep / "results.md").write_text("\n".join(text) + "\n")
     log.info("wrote %s", args.sweep / "results.md")
 

@@ -54,42 +54,41 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(folder)
 
 
+def _tiny_gpt2_config(vocab: dict[str, int]) -> GPT2Config:
+    return GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
+                      n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def _model_folder(tmp_path_factory, name: str, model, bert_tokenizer: bool) -> str:
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    _tokenizer(_vocab(), bert=bert_tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random GPT-2 with dropout off, as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    vocab = _vocab()
-    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
-                        n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2Model(config).save_pretrained(folder)
-    _tokenizer(vocab, bert=False).save_pretrained(folder)
-    return str(folder)
+    return _model_folder(tmp_path_factory, "tiny-gpt2",
+                         GPT2Model(_tiny_gpt2_config(_vocab())), bert_tokenizer=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_lm(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide random GPT-2 language model (Conv1D layers, tied LM head)."""
-    folder = tmp_path_factory.mktemp("tiny-gpt2-lm")
-    vocab = _vocab()
-    config = GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2,
-                        n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    _tokenizer(vocab, bert=False).save_pretrained(folder)
-    return str(folder)
+    """The same GPT-2 as a language model (Conv1D layers, tied LM head)."""
+    return _model_folder(tmp_path_factory, "tiny-gpt2-lm",
+                         GPT2LMHeadModel(_tiny_gpt2_config(_vocab())), bert_tokenizer=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_lm(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random Llama language model (q_proj/v_proj, RoPE, RMSNorm)."""
-    folder = tmp_path_factory.mktemp("tiny-llama-lm")
-    vocab = _vocab()
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, max_position_embeddings=128,
                          tie_word_embeddings=False, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    _tokenizer(vocab, bert=True).save_pretrained(folder)
-    return str(folder)
+    return _model_folder(tmp_path_factory, "tiny-llama-lm", LlamaForCausalLM(config),
+                         bert_tokenizer=True)
 
 
 @pytest.fixture(autouse=True)

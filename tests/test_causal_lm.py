@@ -29,7 +29,7 @@ from fed_dplora.results import read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.causal_lm import CausalLanguageModel, greedy_continuations
 from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
-from test_model_factory import CPU
+from test_model_factory import CPU, with_nonzero_b
 
 LM = task_for("causal-lm")
 # Token ids of six records of different lengths (one of a single token: no target).
@@ -50,13 +50,7 @@ def padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 def model_with_nonzero_b(path: str, method: str):
-    model = build_lora_model(lm_recipe(path, method), CPU)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:  # B = 0 would give vanilla's A a zero gradient
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return model
+    return with_nonzero_b(build_lora_model(lm_recipe(path, method), CPU))
 
 
 def record_loss(model, row: list[int]) -> torch.Tensor:
@@ -265,13 +259,3 @@ def test_a_causal_lm_federation_writes_perplexity_and_samples(tiny_llama_lm, con
     assert [(s["round"], s["prompt"]) for s in samples] == [
         (r, p) for r in (0, 1, 2) for p in ("the patient", "chest pain")]
     assert json.loads((run_dir / "config.json").read_text())["label_names"] == []
-
-
-def test_max_records_reads_only_the_first_rows_of_each_file(tmp_path):
-    data = tmp_path / "data.tsv"
-    data.write_text("".join(f"text number {i}\t{i % 2}\n" for i in range(50)))
-    splits = load_local(data, "text", "label", seed=0, max_records=20)
-    assert sorted(splits.train.texts + splits.test.texts) == sorted(
-        f"text number {i}" for i in range(20))
-    with pytest.raises(ConfigError, match="must be >= 0"):
-        parse_run_config({"data.max-records": -1})

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from fed_dplora.config import DataSpec, RunSpec
+from fed_dplora.config import ConfigError, DataSpec, RunSpec, parse_run_config
 from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.data.partition import partition
 from fed_dplora.data.site import SitePlacement, load_site
@@ -94,3 +94,13 @@ def test_site_placement_uses_a_node_data_path_whole(tmp_path):
         f"note {i},{'a' if i % 2 else 'b'}\n" for i in range(50)))
     splits = load_site(RunSpec(), SitePlacement(data_path=str(tmp_path / "site.csv")))
     assert len(splits.train) + len(splits.test) == 50
+
+
+def test_max_records_reads_only_the_first_rows_of_each_file(tmp_path):
+    data = tmp_path / "data.tsv"
+    data.write_text("".join(f"text number {i}\t{i % 2}\n" for i in range(50)))
+    splits = load_local(data, "text", "label", seed=0, max_records=20)
+    assert sorted(splits.train.texts + splits.test.texts) == sorted(
+        f"text number {i}" for i in range(20))
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        parse_run_config({"data.max-records": -1})

@@ -15,7 +15,7 @@ from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PoissonSampling
                                   wrap_for_per_sample_grads)
 from fed_dplora.dp.noise import SecureRandom, SeededRandom
 from fed_dplora.lora.model import build_lora_model
-from test_model_factory import CPU, recipe
+from test_model_factory import CPU, recipe, with_nonzero_b
 
 BATCH = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15, 16, 17, 18], [19, 20, 21], [22]]
 LABELS = torch.tensor([0, 1, 2, 1, 0, 2])
@@ -29,13 +29,8 @@ def padded(rows):
 
 
 def model_with_nonzero_b(path, method, targets, pooling):
-    model = build_lora_model(recipe(path, method, targets=targets, pooling=pooling), CPU)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:  # B = 0 would give vanilla's A a zero gradient
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return model
+    return with_nonzero_b(build_lora_model(
+        recipe(path, method, targets=targets, pooling=pooling), CPU))
 
 
 def hand_clipped_mean(model, clip):

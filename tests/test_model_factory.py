@@ -21,6 +21,16 @@ def recipe(path: str, method: str, seed: int = 0, targets=("query", "value"),
                        LoraSpec(rank=4, alpha=8, target_modules=targets), method, 3, seed)
 
 
+def with_nonzero_b(model):
+    """B = 0 (LoRA's init) would give vanilla's A a zero gradient: seeded random B."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
+
+
 def test_ffa_trains_only_b_and_head(tiny_bert):
     model = build_lora_model(recipe(tiny_bert, "ffa"), CPU)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
