@@ -6,7 +6,6 @@ import json
 import statistics
 import tomllib
 
-import pytest
 from scipy import stats
 
 from experiments import tuning
