@@ -85,7 +85,7 @@ def train(msg: Message, context: Context) -> Message:
     if declined:
         return Message(RecordDict({p.CONFIG: ConfigRecord({p.DECLINED: declined})}),
                        reply_to=msg)
-    trainer, (train_data, _) = _prepare(spec, context, config)
+    trainer, (train_data, _, _) = _prepare(spec, context, config)
     arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data)
     metrics = MetricRecord({  # what the accountant needs (n: the census sent it already)
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
@@ -106,12 +106,24 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise PermissionError(f"this site shares no evaluation metrics ({p.SHARE_METRICS}="
                               f"{p.SHARE_DP_ONLY!r} in its node config)")
     spec = parse_run_config(context.run_config)
-    trainer, (_, test_data) = _prepare(spec, context, _checked_config(msg))
-    report = trainer.evaluate(to_arrays(msg.content[p.ARRAYS]), test_data, EVAL_BATCH)
-    metrics = MetricRecord({p.EVAL_LOSS: report.loss, p.EVAL_ACCURACY: report.accuracy,
-                            p.NUM_EXAMPLES: report.num_examples,
-                            p.EVAL_WEIGHT: report.weight})
+    trainer, (_, test_data, validation) = _prepare(spec, context, _checked_config(msg))
+    arrays = to_arrays(msg.content[p.ARRAYS])
+    metrics = MetricRecord(_eval_metrics(trainer.evaluate(arrays, test_data, EVAL_BATCH)))
+    if validation is not None:
+        metrics.update(_eval_metrics(trainer.evaluate(arrays, validation, EVAL_BATCH),
+                                     p.VALIDATION))
     return Message(RecordDict({p.METRICS: metrics}), reply_to=msg)
+
+
+def _eval_metrics(report, prefix: str = "") -> dict:
+    """An evaluation's reply metrics (keys prefixed for the validation split)."""
+    metrics = {p.EVAL_LOSS: report.loss, p.EVAL_ACCURACY: report.accuracy,
+               p.NUM_EXAMPLES: report.num_examples, p.EVAL_WEIGHT: report.weight}
+    if report.classes is not None:
+        metrics.update({p.EVAL_CLASS_TRUE: list(report.classes.true),
+                        p.EVAL_CLASS_PREDICTED: list(report.classes.predicted),
+                        p.EVAL_CLASS_CORRECT: list(report.classes.correct)})
+    return {prefix + key: value for key, value in metrics.items()}
 
 
 def _checked_config(msg: Message) -> ConfigRecord:

@@ -20,8 +20,9 @@ from fed_dplora.train import LocalTrainer, RoundPlan
 
 
 def prepare(spec: RunSpec, placement: SitePlacement, splits, labels: tuple[str, ...]
-            ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData]]:
-    """The reused trainer and this site's (train, test) data, tokenized once."""
+            ) -> tuple[LocalTrainer, tuple[TokenizedData, TokenizedData, TokenizedData | None]]:
+    """The reused trainer and this site's (train, test, validation or None) data,
+    tokenized once."""
     recipe = ModelRecipe.from_spec(spec, len(labels))
     trainer = _trainer(recipe, spec.device, spec.privacy.sample_level)
     return trainer, _tokenized(spec, placement, labels, splits)
@@ -50,8 +51,9 @@ def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
 
 @lru_cache(maxsize=SITES_CACHED)
 def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...], splits
-               ) -> tuple[TokenizedData, TokenizedData]:
+               ) -> tuple[TokenizedData, TokenizedData, TokenizedData | None]:
     tokenizer = load_tokenizer(spec.model)
     names = labels if uses_labels(spec.task) else None
-    return (tokenize(splits.train, tokenizer, spec.model.max_length, names),
-            tokenize(splits.test, tokenizer, spec.model.max_length, names))
+    return tuple(None if part is None else
+                 tokenize(part, tokenizer, spec.model.max_length, names)
+                 for part in (splits.train, splits.test, splits.validation))

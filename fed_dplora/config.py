@@ -99,6 +99,7 @@ class DataSpec:
     partition_column: str = ""  # natural: one client per value of this column
     demo_records_per_site: int = 2000
     max_records: int = 0  # > 0: read only the first N records of each data file
+    validation_fraction: float = 0.0  # > 0: each site holds out this much of its training
 
     @property
     def is_demo(self) -> bool:
@@ -205,6 +206,7 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "data.partition-column": ("data", "partition_column"),
     "data.demo-records-per-site": ("data", "demo_records_per_site"),
     "data.max-records": ("data", "max_records"),
+    "data.validation-fraction": ("data", "validation_fraction"),
     "min-replies": ("failure", "min_replies"),
     "round-timeout": ("failure", "round_timeout"),
     "max-lost-rounds": ("failure", "max_lost_rounds"),
@@ -272,6 +274,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: must be > 0")
     if key == "data.max-records" and value < 0:
         raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every record)")
+    if key == "data.validation-fraction" and not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}={value!r}: must be in [0, 1) (0: no validation split)")
     return value
 
 

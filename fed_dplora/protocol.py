@@ -41,5 +41,9 @@ DECLINED = "declined"  # in a train reply's ConfigRecord: why the site's own lim
 # Reply metrics (evaluate)
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+EVAL_CLASS_TRUE = "eval-class-true"  # classification, per class: test records,
+EVAL_CLASS_PREDICTED = "eval-class-predicted"  # predictions of the class,
+EVAL_CLASS_CORRECT = "eval-class-correct"  # and correct ones (lists, label order)
+VALIDATION = "val-"  # prefix of the same evaluation keys for the site's validation split
 EVAL_WEIGHT = "eval-weight"  # what loss and accuracy are means over: test records
 # (classification) or predicted tokens (causal-lm); the server weights sites by it

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fed_dplora.class_scores import ClassCounts, summed
 from fed_dplora.data.tokenize import TokenizedData
 from fed_dplora.dp import guards
 from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulator,
@@ -58,6 +59,7 @@ class EvalReport:
     accuracy: float
     num_examples: int
     weight: int
+    classes: ClassCounts | None = None  # classification: per-class counts
 
 
 class LocalTrainer:
@@ -197,14 +199,16 @@ def evaluate_model(model: torch.nn.Module, task: Task, data: TokenizedData, batc
     after)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, weight = 0.0, 0, 0
+    sums = []
     by_length = sorted(range(len(data)), key=data.length)  # less padding per batch
     for lo in range(0, len(data), batch_size):
         ids, mask, labels = data.batch(by_length[lo:lo + batch_size], device)
         with mixed_precision(device):
             logits = model(ids, mask)
-        sums = task.eval_sums(logits, ids, mask, labels)
-        loss_sum, correct, weight = (loss_sum + sums.loss, correct + sums.correct,
-                                     weight + sums.weight)
+        sums.append(task.eval_sums(logits, ids, mask, labels))
     model.train(was_training)
-    return EvalReport(loss_sum / max(weight, 1), correct / max(weight, 1), len(data), weight)
+    weight = sum(s.weight for s in sums)
+    classes = [s.classes for s in sums if s.classes is not None]
+    return EvalReport(sum(s.loss for s in sums) / max(weight, 1),
+                      sum(s.correct for s in sums) / max(weight, 1), len(data), weight,
+                      summed(classes) if classes else None)

@@ -44,7 +44,7 @@ from strategies.census import Census
 from strategies.client_level_dp import ClientLevelDpFedAvg
 from strategies.codec import payload_bytes, to_arrays, to_record
 from strategies.lm_outputs import LmOutputs
-from strategies.lora_fedavg import FfaFedAvg, LoraFedAvg
+from strategies.lora_fedavg import MACRO_F1, RECALL, FfaFedAvg, LoraFedAvg
 from strategies.screening import Screened
 from strategies.sites import SiteConfigs, SiteSampler
 
@@ -230,9 +230,7 @@ class Federation:
         failures = self._failures(evaluated=eval_sent > 0)
         evaluation = evaluation or {}
         return {
-            "round": rnd, "eval_loss": evaluation.get(p.EVAL_LOSS),
-            "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
-            **(self.lm.row_fields(evaluation.get(p.EVAL_LOSS)) if self.lm else {}),
+            "round": rnd, **self._evaluation_fields(evaluation),
             "train_loss": train.get(p.TRAIN_LOSS), "clip_fraction": train.get(p.CLIP_FRACTION),
             "update_clip_fraction": train.get("update-clip-fraction"),
             "epsilon_sample": self.accountant.epsilon_sample(),
@@ -247,6 +245,23 @@ class Federation:
             "train_s": self.waits.get("train"), "evaluate_s": self.waits.get("evaluate"),
             "started_at": started_at, "wall_s": time.perf_counter() - start,
         }
+
+    def _evaluation_fields(self, evaluation: MetricRecord | dict) -> dict:
+        """Pooled test metrics (classification: macro-F1, recall per label), validation
+        metrics where the sites hold a validation split, perplexity for causal-lm."""
+        fields = {"eval_loss": evaluation.get(p.EVAL_LOSS),
+                  "eval_accuracy": evaluation.get(p.EVAL_ACCURACY)}
+        if self.lm:
+            return {**fields, **self.lm.row_fields(evaluation.get(p.EVAL_LOSS))}
+        recall = evaluation.get(RECALL)
+        fields.update({
+            "eval_macro_f1": evaluation.get(MACRO_F1),
+            "eval_recall": None if recall is None else {
+                label: None if r < 0 else r for label, r in zip(self.planned.labels, recall)},
+            "val_loss": evaluation.get(p.VALIDATION + p.EVAL_LOSS),
+            "val_accuracy": evaluation.get(p.VALIDATION + p.EVAL_ACCURACY),
+            "val_macro_f1": evaluation.get(p.VALIDATION + MACRO_F1)})
+        return fields
 
     def _commit(self, rnd: int, row: dict) -> None:
         self.run.append_metrics(run_report.shareable(row, self.secure))

@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
+from fed_dplora.class_scores import ClassCounts, summed
 from fed_dplora.seeds import derived_seed
 from strategies.codec import to_record
 from strategies.screening import Expected, Screened, SiteHealth, expected_arrays, screen
@@ -43,6 +44,8 @@ log = logging.getLogger("fed_dplora.server")
 # only from sites that share them (node config share-metrics).
 TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER)
 EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY, p.EVAL_WEIGHT)
+MACRO_F1 = "eval-macro-f1"  # pooled evaluation metrics computed by the server
+RECALL = "eval-recall"  # per class, label order; -1 for a class without test records
 
 # (server round, nodes that may be asked) -> the nodes asked to train this round
 NodeSampler = Callable[[int, list[int]], list[int]]
@@ -117,20 +120,20 @@ class LoraFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Loss and accuracy over the union of the valid replies' test sets, each site
-        weighted by what its means are over (records, or tokens for causal-lm)."""
+        """Loss, accuracy (and for classification macro-F1 and per-class recall) over the
+        union of the valid replies' test sets, and of their validation splits where every
+        reply has one: each site weighted by what its means are over (records, or tokens
+        for causal-lm), class scores from the summed per-class counts."""
         screened = self._screen(server_round, MessageType.EVALUATE, replies)
         self.last_evaluate = screened
         rows = [r.metrics for r in screened.accepted.values()]
-        total = sum(m[p.EVAL_WEIGHT] for m in rows)
-        if not total:
+        if not sum(m[p.EVAL_WEIGHT] for m in rows):
             return None
-        return MetricRecord({
-            p.NUM_EXAMPLES: int(sum(m[p.NUM_EXAMPLES] for m in rows)),
-            p.EVAL_WEIGHT: int(total), "replies": len(rows),
-            "failures": len(screened.failed),
-            p.EVAL_LOSS: sum(m[p.EVAL_LOSS] * m[p.EVAL_WEIGHT] for m in rows) / total,
-            p.EVAL_ACCURACY: sum(m[p.EVAL_ACCURACY] * m[p.EVAL_WEIGHT] for m in rows) / total})
+        record = MetricRecord({"replies": len(rows), "failures": len(screened.failed)})
+        record.update(pooled_evaluation(rows))
+        if all(p.VALIDATION + p.EVAL_WEIGHT in m for m in rows):
+            record.update(pooled_evaluation(rows, p.VALIDATION))
+        return record
 
     # Shared with the client-level DP wrapper.
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
@@ -224,3 +227,22 @@ def per_node_seed(server_round: int, node: int, config: ConfigRecord) -> ConfigR
     if p.ROUND_SEED in config:
         config[p.ROUND_SEED] = derived_seed(int(config[p.ROUND_SEED]), server_round, str(node))
     return config
+
+
+def pooled_evaluation(rows: list[dict], prefix: str = "") -> dict:
+    """One split's metrics pooled over sites (keys as the sites send them)."""
+    key = lambda name: prefix + name  # noqa: E731
+    total = sum(m[key(p.EVAL_WEIGHT)] for m in rows)
+    pooled = {key(p.NUM_EXAMPLES): int(sum(m[key(p.NUM_EXAMPLES)] for m in rows)),
+              key(p.EVAL_WEIGHT): int(total),
+              key(p.EVAL_LOSS): sum(m[key(p.EVAL_LOSS)] * m[key(p.EVAL_WEIGHT)]
+                                    for m in rows) / total,
+              key(p.EVAL_ACCURACY): sum(m[key(p.EVAL_ACCURACY)] * m[key(p.EVAL_WEIGHT)]
+                                        for m in rows) / total}
+    if all(key(p.EVAL_CLASS_TRUE) in m for m in rows):
+        counts = summed([ClassCounts(*(tuple(int(x) for x in m[key(name)]) for name in (
+            p.EVAL_CLASS_TRUE, p.EVAL_CLASS_PREDICTED, p.EVAL_CLASS_CORRECT)))
+            for m in rows])
+        pooled[key(MACRO_F1)] = counts.macro_f1()
+        pooled[key(RECALL)] = [-1.0 if r is None else r for r in counts.recalls()]
+    return pooled

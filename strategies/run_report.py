@@ -170,11 +170,12 @@ def log_round(row: dict, rounds: int) -> None:
     """The round's line; a lost round, and each failed site, are named after it."""
     def num(value, fmt: str) -> str:
         return "off" if value is None else format(value, fmt)
-    perplexity = (f" | eval_ppl {num(row['eval_perplexity'], '.2f')}"
-                  if "eval_perplexity" in row else "")
+    extra = (f" | eval_ppl {num(row['eval_perplexity'], '.2f')}"
+             if "eval_perplexity" in row else
+             f" | macro_f1 {num(row['eval_macro_f1'], '.4f')}")
     log.info("round %d/%d | eval_loss %s%s | eval_acc %s | eps_sample %s | eps_client %s | "
              "up %.1f KB | down %.1f KB | agg_err %s | %.1f s", row["round"], rounds,
-             num(row["eval_loss"], ".4f"), perplexity, num(row["eval_accuracy"], ".4f"),
+             num(row["eval_loss"], ".4f"), extra, num(row["eval_accuracy"], ".4f"),
              num(row["epsilon_sample"], ".3f"), num(row["epsilon_client"], ".3f"),
              row["bytes_up"] / 1e3, row["bytes_down"] / 1e3,
              num(row["aggregation_error"], ".2e"), row["wall_s"])

@@ -125,7 +125,8 @@ def _metrics_problem(metrics: dict, required: tuple[str, ...]) -> str | None:
     missing = [k for k in required if k not in metrics]
     if missing:
         return f"metrics {missing} missing"
-    bad = [k for k, v in metrics.items() if isinstance(v, list) or not math.isfinite(float(v))]
+    bad = [k for k, v in metrics.items()
+           if not all(math.isfinite(float(x)) for x in (v if isinstance(v, list) else [v]))]
     if bad:
         return f"metrics {bad} are not finite numbers"
     if p.NUM_EXAMPLES in required and metrics[p.NUM_EXAMPLES] <= 0:

@@ -27,6 +27,16 @@ class SitePlacement:
 
 
 def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
+    """This site's train and test records, and its validation split if the run asks for
+    one (held out from its training records, seeded: the same on every run)."""
+    splits = _train_and_test(spec, placement)
+    if not spec.data.validation_fraction:
+        return splits
+    held_out = split(splits.train, spec.data.validation_fraction, spec.seed + 1)
+    return Splits(held_out.train, splits.test, held_out.test)
+
+
+def _train_and_test(spec: RunSpec, placement: SitePlacement) -> Splits:
     data = spec.data
     # A text-only task reads no label column (every record gets the label "").
     label_column = data.label_column if uses_labels(spec.task) else ""

@@ -43,6 +43,7 @@ class LabelledText:
 class Splits:
     train: LabelledText
     test: LabelledText
+    validation: LabelledText | None = None  # held out from train (data.validation-fraction)
 
 
 def load_local(path: str | Path, text_column: str, label_column: str,

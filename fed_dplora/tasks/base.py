@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fed_dplora.class_scores import ClassCounts
+
 
 @dataclass(frozen=True)
 class EvalSums:
@@ -17,6 +19,7 @@ class EvalSums:
     loss: float
     correct: int
     weight: int
+    classes: ClassCounts | None = None  # classification: per-class counts
 
 
 class Task(ABC):

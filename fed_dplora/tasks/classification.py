@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 
+from fed_dplora.class_scores import ClassCounts
 from fed_dplora.lora.seeded_init import seeded_uniform
 from fed_dplora.tasks.base import EvalSums, Task
 
@@ -60,5 +61,10 @@ class SequenceClassification(Task):
 
     def eval_sums(self, logits, input_ids, mask, labels) -> EvalSums:
         logits = logits.float()
+        predicted = logits.argmax(dim=-1)
+        hits = predicted == labels
+        width = logits.shape[-1]
+        counts = ClassCounts(*(tuple(torch.bincount(values, minlength=width).tolist())
+                               for values in (labels, predicted, labels[hits])))
         return EvalSums(float(F.cross_entropy(logits, labels, reduction="sum")),
-                        int((logits.argmax(dim=-1) == labels).sum()), len(labels))
+                        int(hits.sum()), len(labels), counts)

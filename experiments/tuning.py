@@ -1,0 +1,156 @@
+"""Choose each setting's learning rate on validation accuracy; report test results of the
+chosen settings only, with 95% intervals over seeds.
+
+    python -m experiments.tuning experiments/configs/<study>.toml
+
+Reads the study's sweep folder. A setting is (method, privacy, partition, LoRA rank);
+its candidates are the seed-0 cells that differ only in learning rate and optimizer. The
+candidate with the best final-round validation accuracy (ties: the smaller learning
+rate) is chosen. Writes into the sweep folder:
+- `tuning.md`: every candidate's validation and test accuracy, the chosen one marked;
+- `results.md`: per setting, the chosen hyper-parameters and the test macro-F1 and
+  accuracy of their seeds, mean and 95% t-interval;
+- `chosen.toml`: a sweep over the same base config with seeds 1 and 2 of every chosen
+  setting, and the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next.
+
+Tuning looks at the sites' validation splits many times: that is not covered by the
+reported epsilon (each cell's epsilon covers its own training run only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from experiments.sweep import CELLS, REPO
+from fed_dplora.results import read_metrics
+
+log = logging.getLogger("fed_dplora.tuning")
+TUNED = ("learning_rate", "optimizer")
+RANKS = (2, 8, 32)
+
+
+def cell_rows(sweep: Path) -> list[dict[str, Any]]:
+    """One row per finished cell: its setting, hyper-parameters, seed and final metrics."""
+    rows = []
+    for folder in sorted((sweep / CELLS).iterdir()):
+        if not (folder / "summary.json").is_file():
+            continue
+        config = json.loads((folder / "config.json").read_text())
+        last = read_metrics(folder)[-1]
+        privacy = config["privacy"]
+        partition = config["data"]["partitioner"]
+        if partition == "dirichlet":
+            partition += f":{config['data']['alpha']:g}"
+        rows.append({
+            "cell": folder.name, "method": config["method"], "partition": partition,
+            "privacy": ("none" if privacy["level"] == "none"
+                        else float(privacy["target_epsilon"])),
+            "rank": config["lora"]["rank"], "seed": config["seed"],
+            "learning_rate": config["train"]["learning_rate"],
+            "optimizer": config["train"]["optimizer"],
+            "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
+            "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"]})
+    return rows
+
+
+def setting(row: dict[str, Any]) -> tuple:
+    return (row["method"], str(row["privacy"]), row["partition"], row["rank"])
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """Per setting, the seed-0 candidate with the best validation accuracy."""
+    candidates = defaultdict(list)
+    for row in rows:
+        if row["seed"] == 0 and row["val_accuracy"] is not None:
+            candidates[setting(row)].append(row)
+    return {key: max(group, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))
+            for key, group in candidates.items()}
+
+
+def interval(values: list[float]) -> str:
+    """mean ± half-width of the 95% t-interval (n = 1: the value alone)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{mean:.4f} ± {half:.4f}"
+
+
+def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
+    lines = ["| method | privacy | partition | rank | chosen | seeds | test macro-F1 | "
+             "test accuracy | ε |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, best in sorted(chosen.items(), key=lambda kv: kv[0]):
+        runs = [r for r in rows if setting(r) == key
+                and all(r[t] == best[t] for t in TUNED)]
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {best['optimizer']} "
+            f"{best['learning_rate']:g} | {len(runs)} | "
+            f"{interval([r['macro_f1'] for r in runs])} | "
+            f"{interval([r['accuracy'] for r in runs])} | "
+            + ("-" if runs[0]["epsilon"] is None else f"{runs[0]['epsilon']:.2f}") + " |")
+    return lines
+
+
+def tuning_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
+    lines = ["| setting | optimizer | lr | val accuracy | test accuracy | chosen |",
+             "|---|---|---|---|---|---|"]
+    for row in sorted((r for r in rows if r["seed"] == 0), key=lambda r: (
+            setting(r), r["optimizer"], r["learning_rate"])):
+        mark = "**yes**" if chosen.get(setting(row)) is row else ""
+        lines.append(f"| {' / '.join(map(str, setting(row)))} | {row['optimizer']} | "
+                     f"{row['learning_rate']:g} | {row['val_accuracy']:.4f} | "
+                     f"{row['accuracy']:.4f} | {mark} |")
+    return lines
+
+
+def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
+    """The next sweep: seeds 1-2 of each chosen setting, and the rank study."""
+    grids = []
+    for (method, privacy, partition, rank), best in sorted(chosen.items()):
+        grid = {"partition": [partition], "privacy": ["none" if privacy == "none"
+                                                      else float(privacy)],
+                "method": [method], "optimizer": [best["optimizer"]],
+                "learning-rate": [best["learning_rate"]], "seed": [1, 2]}
+        grids.append(grid)
+        if privacy == "8.0" and partition == "iid" and rank == 8:
+            grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]} for r in RANKS if r != 8]
+    toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
+    lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
+             f"cpus-per-client = {study.get('cpus-per-client', 1)}", "", "[base]"]
+    lines += [f"{toml(k)} = {toml(v)}" for k, v in study["base"].items()]
+    lines += ["", "[grid]"] + [f"{toml(k)} = {toml(v)}" for k, v in grids[0].items()]
+    for grid in grids[1:]:
+        lines += ["", "[[extra]]", "grid = { " + ", ".join(
+            f"{toml(k)} = {toml(v)}" for k, v in grid.items()) + " }"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    study = tomllib.loads(args.config.read_text())
+    sweep = REPO / "experiments" / "results" / study["name"]
+    rows = cell_rows(sweep)
+    chosen = choose(rows)
+    (sweep / "tuning.md").write_text("\n".join(tuning_table(rows, chosen)) + "\n")
+    (sweep / "results.md").write_text("\n".join(
+        ["Test results of the settings chosen on validation accuracy (tuning is not "
+         "covered by ε).", ""] + results_table(rows, chosen)) + "\n")
+    (args.config.parent / f"{study['name']}_chosen.toml").write_text(follow_up(study, chosen))
+    log.info("%d finished cells, %d settings chosen: %s", len(rows), len(chosen),
+             sweep / "results.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The one-run audit's epsilon lower bound (Steinke et al. 2023), checked independently."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from experiments.audit_one_run import audit, epsilon_lower_bound, p_value
+
+
+def test_with_delta_zero_the_bound_is_where_the_binomial_tail_meets_alpha():
+    m, r, v, alpha = 1000, 200, 150, 0.05
+    tail = lambda eps: stats.binom.sf(v - 1, r, 1 / (1 + math.exp(-eps))) - alpha  # noqa: E731
+    assert epsilon_lower_bound(m, r, v, 0.0, alpha) == pytest.approx(
+        optimize.brentq(tail, 0.0, 10.0), abs=1e-6)
+    assert p_value(m, r, v, 1.0, 0.0) == pytest.approx(
+        stats.binom.sf(v - 1, r, 1 / (1 + math.exp(-1.0))))
+
+
+def test_the_delta_term_only_loosens_and_chance_guessing_bounds_nothing():
+    assert p_value(1000, 200, 150, 1.0, 1e-5) > p_value(1000, 200, 150, 1.0, 0.0)
+    assert epsilon_lower_bound(1000, 200, 150, 1e-5, 0.05) < epsilon_lower_bound(
+        1000, 200, 150, 0.0, 0.05)
+    assert epsilon_lower_bound(1000, 200, 100, 1e-5, 0.05) == 0.0
+    assert epsilon_lower_bound(1000, 200, 190, 1e-5, 0.05) > epsilon_lower_bound(
+        1000, 200, 170, 1e-5, 0.05)
+
+
+def test_the_bound_exceeds_the_true_epsilon_in_at_most_5_percent_of_runs():
+    """Randomized response at a known epsilon: the best possible auditor's guesses are
+    right with probability e^eps / (1 + e^eps), independently."""
+    rng = np.random.default_rng(0)
+    true_eps, over = 2.0, 0
+    for _ in range(300):
+        correct = int((rng.random(100) < 1 / (1 + math.exp(-true_eps))).sum())
+        over += epsilon_lower_bound(100, 100, correct, 0.0, 0.05) > true_eps
+    assert over <= 0.05 * 300 + 2 * math.sqrt(300 * 0.05 * 0.95)
+
+
+def test_the_audit_finds_a_clear_signal_and_none_in_noise():
+    rng = np.random.default_rng(1)
+    included = rng.random(500) < 0.5
+    separated = np.where(included, 0.1, 2.0) + rng.normal(0, 0.01, 500)
+    assert audit(separated, included, 1e-5)["epsilon_lower_bound"] > 2.0
+    assert audit(rng.normal(size=500), included, 1e-5)["epsilon_lower_bound"] < 0.5

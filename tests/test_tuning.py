@@ -1,0 +1,54 @@
+"""experiments.tuning: choice on validation accuracy, t-intervals, the follow-up sweep."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tomllib
+
+from scipy import stats
+
+from experiments import tuning
+from experiments.sweep import cells
+
+
+def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8):
+    folder = root / "cells" / name
+    folder.mkdir(parents=True)
+    level = "none" if privacy == "none" else "sample"
+    config = {"method": method, "seed": seed,
+              "privacy": {"level": level, "target_epsilon": 8.0 if level == "none" else privacy},
+              "data": {"partitioner": "iid", "alpha": 0.5}, "lora": {"rank": rank},
+              "train": {"learning_rate": lr, "optimizer": optimizer}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "summary.json").write_text("{}")
+    (folder / "metrics.jsonl").write_text(json.dumps({
+        "round": 1, "val_accuracy": val, "eval_accuracy": test, "eval_macro_f1": test - 0.1,
+        "epsilon_sample": None if level == "none" else privacy}) + "\n")
+
+
+def test_the_best_validation_accuracy_is_chosen_and_reported_on_test(tmp_path):
+    fake_cell(tmp_path, "a", "ffa", 8.0, 0.3, "sgd", 0, val=0.70, test=0.90)
+    fake_cell(tmp_path, "b", "ffa", 8.0, 1.0, "sgd", 0, val=0.80, test=0.60)
+    fake_cell(tmp_path, "c", "ffa", 8.0, 1.0, "sgd", 1, val=0.79, test=0.64)
+    fake_cell(tmp_path, "d", "ffa", 8.0, 1.0, "sgd", 2, val=0.81, test=0.65)
+    fake_cell(tmp_path, "e", "ffa", "none", 0.003, "adam", 0, val=0.9, test=0.91)
+    rows = tuning.cell_rows(tmp_path)
+    chosen = tuning.choose(rows)
+    assert chosen[("ffa", "8.0", "iid", 8)]["cell"] == "b"  # not "a", the test-set best
+    (line,) = [x for x in tuning.results_table(rows, chosen) if "| 8.0 |" in x]
+    tests = [0.60, 0.64, 0.65]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(tests) / 3 ** 0.5
+    assert f"{statistics.fmean(tests):.4f} ± {half:.4f}" in line and "| 3 |" in line
+
+
+def test_the_follow_up_sweep_runs_seeds_1_2_and_the_rank_study(tmp_path):
+    fake_cell(tmp_path, "b", "vanilla", 8.0, 1.0, "sgd", 0, val=0.8, test=0.6)
+    fake_cell(tmp_path, "e", "vanilla", "none", 0.003, "adam", 0, val=0.9, test=0.9)
+    study = {"name": "s", "clients": 4, "base": {"local-steps": 2, "num-server-rounds": 1}}
+    text = tuning.follow_up(study, tuning.choose(tuning.cell_rows(tmp_path)))
+    names = {c.name for c in cells(tomllib.loads(text), tmp_path)}
+    assert len(names) == 2 + 2 + 3 + 3  # seeds 1-2 of both settings; ranks 2, 32 x 3 seeds
+    assert any("lora.rank=32" in n and "seed=0" in n for n in names)
+    assert any("optimizer=adam" in n and "privacy=none" in n for n in names)
+    assert all("learning-rate=1.0" in n for n in names if "privacy=8.0" in n)
