@@ -3,9 +3,9 @@
     python -m experiments.report experiments/results/<name>
 
 Writes, into the sweep folder: `results.csv` (one row per finished cell),
-`results.md` (mean +- std over seeds of final and best eval accuracy, final epsilon,
-rounds, bytes per round, wall time, and the majority-class accuracy of the evaluation
-set, the baseline a classifier must beat) and PNG plots: accuracy vs round per method,
+`results.md` (mean +- std over seeds of final and best eval accuracy, final macro-F1
+where the runs report it, final epsilon, rounds, bytes per round, wall time, and the
+majority-class accuracy of the evaluation set, the baseline a classifier must beat) and PNG plots: accuracy vs round per method,
 accuracy vs epsilon (privacy-utility), accuracy vs LoRA rank, aggregation error vs round.
 """
 
@@ -37,7 +37,7 @@ log = logging.getLogger("fed_dplora.report")
 COLUMNS = ["cell", "dataset", "method", "privacy", "target_epsilon", "epsilon_sample",
            "epsilon_client", "delta", "rank", "learning_rate", "partition", "clients", "seed",
            "rounds",
-           "final_accuracy", "best_accuracy", "majority_accuracy", "bytes_up_per_round",
+           "final_accuracy", "final_macro_f1", "best_accuracy", "majority_accuracy", "bytes_up_per_round",
            "bytes_down_per_round", "wall_s"]
 GROUP_BY = ["dataset", "method", "privacy", "rank", "learning_rate", "partition", "clients"]
 
@@ -70,6 +70,7 @@ def collect(sweep: Path) -> list[dict[str, Any]]:
             "clients": clients,
             "seed": config["seed"], "rounds": last["round"],
             "final_accuracy": last["eval_accuracy"],
+            "final_macro_f1": last.get("eval_macro_f1"),  # runs before issue 15 lack it
             "best_accuracy": max(m["eval_accuracy"] for m in metrics),
             "majority_accuracy": majority_accuracy(spec.data, spec.seed, clients),
             "bytes_up_per_round": statistics.mean(m["bytes_up"] for m in metrics),
@@ -128,12 +129,13 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(GROUP_BY) + " | seeds | final acc | best acc | majority "
-             "class | final ε (sample) | rounds | KB up/round | KB down/round | wall s |",
-             "|" + "---|" * (len(GROUP_BY) + 9)]
+    lines = ["| " + " | ".join(GROUP_BY) + " | seeds | final acc | final macro-F1 | best acc "
+             "| majority class | final ε (sample) | rounds | KB up/round | KB down/round | "
+             "wall s |", "|" + "---|" * (len(GROUP_BY) + 10)]
     for key, members in groups(rows).items():
         lines.append("| " + " | ".join(map(str, key)) + f" | {len(members)} | "
                      f"{_mean_std([r['final_accuracy'] for r in members])} | "
+                     f"{_mean_std([r['final_macro_f1'] for r in members])} | "
                      f"{_mean_std([r['best_accuracy'] for r in members])} | "
                      f"{statistics.mean(r['majority_accuracy'] for r in members):.3f} | "
                      f"{_mean_std([r['epsilon_sample'] for r in members])} | "

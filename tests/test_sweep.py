@@ -56,6 +56,7 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
     assert list(rows[0]) == COLUMNS and len(rows) == 4
     private = [r for r in rows if r["privacy"] != "none"]
     assert len(private) == 2 and all(0 < float(r["epsilon_sample"]) <= 8.0 for r in private)
+    assert all(0 <= float(r["final_macro_f1"]) <= 1 for r in rows)
     assert "± " not in (out / "results.md").read_text()  # one seed: no std
     # The demo's pooled test set (2 sites x 30 records) by hand: its majority label.
     spec = parse_run_config({"data.demo-records-per-site": 150})
