@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 
-from experiments.sweep import CELLS  # noqa: E402
+from experiments.sweep import CELLS, finished_cells  # noqa: E402
 from fed_dplora.config import RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.tokenize import tokenize  # noqa: E402
@@ -39,9 +39,7 @@ log = logging.getLogger("fed_dplora.report")
 def collect(sweep: Path) -> list[dict[str, Any]]:
     """One entry per finished cell: its config, metrics rows and samples."""
     cells = []
-    for folder in sorted((sweep / CELLS).iterdir()):
-        if not (folder / "summary.json").is_file():
-            continue
+    for folder in finished_cells(sweep):
         samples = [json.loads(line) for line in
                    (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
         cells.append({"name": folder.name, "folder": str(folder),

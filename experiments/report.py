@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from experiments.sweep import CELLS  # noqa: E402
+from experiments.sweep import CELLS, finished_cells, partition_label  # noqa: E402
 from fed_dplora.config import DataSpec, RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.sources import load_local  # noqa: E402
@@ -45,16 +45,12 @@ GROUP_BY = ["dataset", "method", "privacy", "rank", "learning_rate", "partition"
 def collect(sweep: Path) -> list[dict[str, Any]]:
     """One row per finished cell (a run folder with its summary.json)."""
     rows = []
-    for folder in sorted((sweep / CELLS).iterdir()):
-        if not (folder / "summary.json").is_file():
-            continue
+    for folder in finished_cells(sweep):
         config = json.loads((folder / "config.json").read_text())
         metrics = read_metrics(folder)
         last = metrics[-1]
         privacy = config["privacy"]
-        partition = config["data"]["partitioner"]
-        if partition == "dirichlet":
-            partition += f":{config['data']['alpha']:g}"
+        partition = partition_label(config["data"])
         clients = len(json.loads((folder / "privacy_plan.json").read_text())["client_sizes"])
         spec = RunSpec.from_dict({k: v for k, v in config.items() if k != "label_names"})
         rows.append({

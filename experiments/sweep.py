@@ -161,6 +161,18 @@ def _finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file()  # the ServerApp writes it last
 
 
+def finished_cells(sweep: Path) -> list[Path]:
+    """The run folders of a sweep folder's finished cells, in name order."""
+    return [folder for folder in sorted((sweep / CELLS).iterdir()) if _finished(folder)]
+
+
+def partition_label(data: dict[str, Any]) -> str:
+    """A cell's partition as the grid's shorthand names it ("iid", "dirichlet:0.5")."""
+    if data["partitioner"] == "dirichlet":
+        return f"dirichlet:{data['alpha']:g}"
+    return data["partitioner"]
+
+
 def _as_list(key: str, value: Any) -> list:
     if not isinstance(value, list) or not value:
         raise SweepError(f"grid key {key!r}: give a non-empty list, e.g. {key} = [..]")

@@ -30,7 +30,7 @@ from typing import Any
 
 from scipy import stats
 
-from experiments.sweep import CELLS, REPO
+from experiments.sweep import REPO, finished_cells, partition_label
 from fed_dplora.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
@@ -41,17 +41,13 @@ RANKS = (2, 8, 32)
 def cell_rows(sweep: Path) -> list[dict[str, Any]]:
     """One row per finished cell: its setting, hyper-parameters, seed and final metrics."""
     rows = []
-    for folder in sorted((sweep / CELLS).iterdir()):
-        if not (folder / "summary.json").is_file():
-            continue
+    for folder in finished_cells(sweep):
         config = json.loads((folder / "config.json").read_text())
         last = read_metrics(folder)[-1]
         privacy = config["privacy"]
-        partition = config["data"]["partitioner"]
-        if partition == "dirichlet":
-            partition += f":{config['data']['alpha']:g}"
         rows.append({
-            "cell": folder.name, "method": config["method"], "partition": partition,
+            "cell": folder.name, "method": config["method"],
+            "partition": partition_label(config["data"]),
             "privacy": ("none" if privacy["level"] == "none"
                         else float(privacy["target_epsilon"])),
             "rank": config["lora"]["rank"], "seed": config["seed"],
