@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from experiments.sweep import CELLS, finished_cells  # noqa: E402
 from fed_dplora.config import RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
+from fed_dplora.data.sources import LabelledText  # noqa: E402
 from fed_dplora.data.tokenize import tokenize  # noqa: E402
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer  # noqa: E402
 from fed_dplora.results import read_metrics  # noqa: E402
@@ -59,22 +60,19 @@ def label(cell: dict[str, Any]) -> str:
 
 
 def base_perplexity(cell: dict[str, Any]) -> tuple[float, float]:
-    """(perplexity, next-token accuracy) of the base model (LoRA B = 0) over every site's
-    test split, token-weighted as the federation computes it."""
+    """(perplexity, next-token accuracy) of the base model (LoRA B = 0) on the pooled test
+    records of every site: token-weighted, as the federation computes it."""
     config = dict(cell["config"])
     config.pop("label_names")
     spec = RunSpec.from_dict(config)
     model = build_lora_model(ModelRecipe.from_spec(spec, 0), torch.device("cpu"))
-    tokenizer = load_tokenizer(spec.model)
-    loss = hits = tokens = 0.0
-    sites = cell["sites"]
-    for site in range(sites):
-        test = load_site(spec, SitePlacement(site, sites)).test
-        report = evaluate_model(model, task_for(spec.task), tokenize(
-            test, tokenizer, spec.model.max_length, None), 64, torch.device("cpu"))
-        loss, hits = loss + report.loss * report.weight, hits + report.accuracy * report.weight
-        tokens += report.weight
-    return math.exp(loss / tokens), hits / tokens
+    tests = [load_site(spec, SitePlacement(site, cell["sites"])).test
+             for site in range(cell["sites"])]
+    pooled = LabelledText(sum((t.texts for t in tests), ()), sum((t.labels for t in tests), ()))
+    report = evaluate_model(model, task_for(spec.task), tokenize(
+        pooled, load_tokenizer(spec.model), spec.model.max_length, None), 64,
+        torch.device("cpu"))
+    return math.exp(report.loss), report.accuracy
 
 
 def table(cells: list[dict[str, Any]], ppl: float, acc: float) -> list[str]:
