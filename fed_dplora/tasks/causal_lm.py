@@ -24,7 +24,6 @@ class CausalLanguageModel(nn.Module):
 
 
 class CausalLm(Task):
-    name = "causal-lm"
     trained_modules = ()  # LoRA only: the (often tied) embeddings and LM head stay frozen
 
     def build_base(self, source: str, num_labels: int, pooling: str, seed: int) -> nn.Module:

@@ -44,7 +44,6 @@ class TextClassifier(nn.Module):
 
 
 class SequenceClassification(Task):
-    name = "sequence-classification"
     trained_modules = (HEAD,)
 
     def build_base(self, source: str, num_labels: int, pooling: str, seed: int) -> nn.Module:
