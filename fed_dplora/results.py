@@ -1,4 +1,4 @@
-"""The run folder: config.json, metrics.jsonl (one line per round), adapter/, reports.
+"""The run folder: config.json, per-round metrics.jsonl and samples.jsonl, adapter/, reports.
 
 Every file appears whole or not at all: written beside its target, then renamed.
 """
@@ -53,15 +53,15 @@ class RunFolder:
     def read_json(self, name: str) -> dict[str, Any]:
         return json.loads((self.path / name).read_text())
 
-    def truncate_metrics(self, last_round: int) -> None:
-        """Keep metrics rows up to `last_round` (rows of a round a crash left uncommitted
-        are dropped before that round runs again)."""
-        if not (self.path / "metrics.jsonl").exists():
-            return
-        rows = [r for r in read_metrics(self.path) if r["round"] <= last_round]
-        tmp = self.path / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-        os.replace(tmp, self.path / "metrics.jsonl")
+    def truncate_rounds(self, last_round: int) -> None:
+        """Keep the rows up to `last_round` in every per-round file (metrics.jsonl,
+        samples.jsonl): rows of a round a crash left uncommitted are dropped before that
+        round runs again, so a resumed run writes each round's rows once."""
+        for path in sorted(self.path.glob("*.jsonl")):
+            rows = [r for r in _read_jsonl(path) if r["round"] <= last_round]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+            os.replace(tmp, path)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         tmp = self.path / f".{name}.tmp"
@@ -92,8 +92,11 @@ class RunFolder:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_final_model(run_dir: str | Path, device: torch.device | None = None

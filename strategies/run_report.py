@@ -43,10 +43,11 @@ def open_run(spec: RunSpec, run_id: int, census: Census
         # The write-ahead checkpoint precedes any training: nothing was spent yet, and
         # the run starts as a fresh one would.
         check_sites(spec, census)
+        run.truncate_rounds(-1)  # round 0's samples, if the crash came after them
         log.info("resuming %s from the start: it has no checkpoint yet", run.path.resolve())
         return run, None
     checkpoint = Checkpoint.load(run.path)
-    run.truncate_metrics(checkpoint.round)
+    run.truncate_rounds(checkpoint.round)
     log.info("resuming %s after round %d", run.path.resolve(), checkpoint.round)
     return run, checkpoint
 

@@ -259,3 +259,35 @@ def test_a_causal_lm_federation_writes_perplexity_and_samples(tiny_llama_lm, con
     assert [(s["round"], s["prompt"]) for s in samples] == [
         (r, p) for r in (0, 1, 2) for p in ("the patient", "chest pain")]
     assert json.loads((run_dir / "config.json").read_text())["label_names"] == []
+
+
+def test_a_resumed_causal_lm_run_writes_each_rounds_samples_once(tiny_llama_lm, config,
+                                                                  monkeypatch):
+    """A crash after round 2's samples and before its commit: the resumed run drops
+    those samples and writes round 2's again, once."""
+    from local_grid import LocalGrid, run_server_app
+    from strategies.federation import Federation
+    from strategies.server_app import app
+
+    run_config = {**config, "task": "causal-lm", "model.name": tiny_llama_lm,
+                  "num-server-rounds": 2, "generation.max-new-tokens": 2,
+                  "generation.prompts": "the patient"}
+    commit = Federation._commit
+
+    def crash_in_round_2(self, rnd, row):
+        if rnd == 2:
+            raise RuntimeError("crash before round 2 commits")
+        commit(self, rnd, row)
+    monkeypatch.setattr(Federation, "_commit", crash_in_round_2)
+    with pytest.raises(RuntimeError, match="crash before round 2"):
+        run_server_app(app, run_config, LocalGrid(run_config, 2))
+    run_dir = Path(config["output-dir"]) / "run"
+    rounds = [json.loads(line)["round"]
+              for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]  # the crash left round 2's samples behind
+    monkeypatch.setattr(Federation, "_commit", commit)
+    resumed = {**run_config, "resume": True}
+    run_server_app(app, resumed, LocalGrid(resumed, 2))
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [s["round"] for s in samples] == [0, 1, 2]
+    assert [r["round"] for r in read_metrics(run_dir)] == [1, 2]
