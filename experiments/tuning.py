@@ -8,10 +8,12 @@ its candidates are the seed-0 cells that differ only in learning rate and optimi
 candidate with the best final-round validation accuracy (ties: the smaller learning
 rate) is chosen. Writes into the sweep folder:
 - `tuning.md`: every candidate's validation and test accuracy, the chosen one marked;
-- `results.md`: per setting, the chosen hyper-parameters and the test macro-F1 and
-  accuracy of their seeds, mean and 95% t-interval;
-- `chosen.toml`: a sweep over the same base config with seeds 1 and 2 of every chosen
-  setting, and the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next.
+- `results.md`: per setting, the chosen hyper-parameters, how many of its planned
+  candidates have finished (a choice made before all have is provisional), and the test
+  macro-F1 and accuracy of their seeds, mean and 95% t-interval.
+Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
+seeds 1 and 2 of every setting whose candidates have all finished, and the rank study
+(ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next.
 
 Tuning looks at the sites' validation splits many times: that is not covered by the
 reported epsilon (each cell's epsilon covers its own training run only).
@@ -24,13 +26,14 @@ import json
 import logging
 import statistics
 import tomllib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 from scipy import stats
 
-from experiments.sweep import REPO, finished_cells, partition_label
+from experiments.sweep import REPO, cells, finished_cells, partition_label
+from fed_dplora.config import parse_run_config
 from fed_dplora.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
@@ -38,21 +41,24 @@ TUNED = ("learning_rate", "optimizer")
 RANKS = (2, 8, 32)
 
 
-def cell_rows(sweep: Path) -> list[dict[str, Any]]:
-    """One row per finished cell: its setting, hyper-parameters, seed and final metrics."""
-    rows = []
-    for folder in finished_cells(sweep):
-        config = json.loads((folder / "config.json").read_text())
-        last = read_metrics(folder)[-1]
-        privacy = config["privacy"]
-        rows.append({
-            "cell": folder.name, "method": config["method"],
-            "partition": partition_label(config["data"]),
+def describe(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's setting, seed and tuned hyper-parameters, from its config.json."""
+    privacy = config["privacy"]
+    return {"method": config["method"], "partition": partition_label(config["data"]),
             "privacy": ("none" if privacy["level"] == "none"
                         else float(privacy["target_epsilon"])),
             "rank": config["lora"]["rank"], "seed": config["seed"],
             "learning_rate": config["train"]["learning_rate"],
-            "optimizer": config["train"]["optimizer"],
+            "optimizer": config["train"]["optimizer"]}
+
+
+def cell_rows(sweep: Path) -> list[dict[str, Any]]:
+    """One row per finished cell: its setting, hyper-parameters, seed and final metrics."""
+    rows = []
+    for folder in finished_cells(sweep):
+        last = read_metrics(folder)[-1]
+        rows.append({
+            "cell": folder.name, **describe(json.loads((folder / "config.json").read_text())),
             "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
             "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"]})
     return rows
@@ -60,6 +66,16 @@ def cell_rows(sweep: Path) -> list[dict[str, Any]]:
 
 def setting(row: dict[str, Any]) -> tuple:
     return (row["method"], str(row["privacy"]), row["partition"], row["rank"])
+
+
+def planned_candidates(study: dict[str, Any], folder: Path) -> Counter:
+    """How many seed-0 candidates the sweep file (in `folder`) plans for each setting."""
+    planned = Counter()
+    for cell in cells(study, folder):
+        row = describe(parse_run_config(cell.run_config).to_dict())
+        if row["seed"] == 0:
+            planned[setting(row)] += 1
+    return planned
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -81,15 +97,30 @@ def interval(values: list[float]) -> str:
     return f"{mean:.4f} ± {half:.4f}"
 
 
-def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
-    lines = ["| method | privacy | partition | rank | chosen | seeds | test macro-F1 | "
-             "test accuracy | ε |", "|---|---|---|---|---|---|---|---|---|"]
+def tried(rows: list[dict[str, Any]]) -> Counter:
+    """How many seed-0 candidates of each setting have finished."""
+    return Counter(setting(r) for r in rows if r["seed"] == 0)
+
+
+def tuning_complete(rows: list[dict[str, Any]], planned: Counter) -> set[tuple]:
+    """The settings whose planned candidates have all finished: only their choice is
+    final (the others' may change as the sweep goes on)."""
+    done = tried(rows)
+    return {key for key, count in planned.items() if done[key] == count}
+
+
+def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
+                  planned: Counter) -> list[str]:
+    lines = ["| method | privacy | partition | rank | chosen | candidates | seeds | "
+             "test macro-F1 | test accuracy | ε |", "|---|---|---|---|---|---|---|---|---|---|"]
+    done = tried(rows)
     for key, best in sorted(chosen.items(), key=lambda kv: kv[0]):
         runs = [r for r in rows if setting(r) == key
                 and all(r[t] == best[t] for t in TUNED)]
+        candidates = f"{done[key]}/{planned[key]}" if planned[key] else "-"
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {best['optimizer']} "
-            f"{best['learning_rate']:g} | {len(runs)} | "
+            f"{best['learning_rate']:g} | {candidates} | {len(runs)} | "
             f"{interval([r['macro_f1'] for r in runs])} | "
             f"{interval([r['accuracy'] for r in runs])} | "
             + ("-" if runs[0]["epsilon"] is None else f"{runs[0]['epsilon']:.2f}") + " |")
@@ -130,6 +161,13 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RESULTS_HEADER = (
+    "Test results of the settings chosen on validation accuracy (tuning is not covered by "
+    "ε). candidates: seed-0 candidates finished / planned by the sweep file; a choice "
+    "made before all have finished is provisional. -: not tuned (the rank study reuses "
+    "rank 8's choice).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -137,14 +175,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     study = tomllib.loads(args.config.read_text())
     sweep = REPO / "experiments" / "results" / study["name"]
-    rows = cell_rows(sweep)
+    rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
     chosen = choose(rows)
     (sweep / "tuning.md").write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
-        ["Test results of the settings chosen on validation accuracy (tuning is not "
-         "covered by ε).", ""] + results_table(rows, chosen)) + "\n")
-    (args.config.parent / f"{study['name']}_chosen.toml").write_text(follow_up(study, chosen))
-    log.info("%d finished cells, %d settings chosen: %s", len(rows), len(chosen),
+        [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)) + "\n")
+    final = {k: v for k, v in chosen.items() if k in tuning_complete(rows, planned)}
+    follow = args.config.parent / f"{study['name']}_chosen.toml"
+    if final:
+        follow.write_text(follow_up(study, final))
+    log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),
+             len(chosen), len(final), follow if final else "no follow-up sweep yet",
              sweep / "results.md")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import tomllib
+from collections import Counter
 
 from scipy import stats
 
@@ -36,10 +37,14 @@ def test_the_best_validation_accuracy_is_chosen_and_reported_on_test(tmp_path):
     rows = tuning.cell_rows(tmp_path)
     chosen = tuning.choose(rows)
     assert chosen[("ffa", "8.0", "iid", 8)]["cell"] == "b"  # not "a", the test-set best
-    (line,) = [x for x in tuning.results_table(rows, chosen) if "| 8.0 |" in x]
+    planned = Counter({("ffa", "8.0", "iid", 8): 2, ("ffa", "none", "iid", 8): 3})
+    (line,) = [x for x in tuning.results_table(rows, chosen, planned) if "| 8.0 |" in x]
     tests = [0.60, 0.64, 0.65]
     half = stats.t.ppf(0.975, 2) * statistics.stdev(tests) / 3 ** 0.5
-    assert f"{statistics.fmean(tests):.4f} ± {half:.4f}" in line and "| 3 |" in line
+    assert f"{statistics.fmean(tests):.4f} ± {half:.4f}" in line and "| 2/2 | 3 |" in line
+    (line,) = [x for x in tuning.results_table(rows, chosen, planned) if "| none |" in x]
+    assert "| 1/3 |" in line  # provisional: 2 of its 3 candidates have not finished
+    assert tuning.tuning_complete(rows, planned) == {("ffa", "8.0", "iid", 8)}
 
 
 def test_the_follow_up_sweep_runs_seeds_1_2_and_the_rank_study(tmp_path):
@@ -52,3 +57,15 @@ def test_the_follow_up_sweep_runs_seeds_1_2_and_the_rank_study(tmp_path):
     assert any("lora.rank=32" in n and "seed=0" in n for n in names)
     assert any("optimizer=adam" in n and "privacy=none" in n for n in names)
     assert all("learning-rate=1.0" in n for n in names if "privacy=8.0" in n)
+
+
+def test_planned_candidates_count_the_sweep_files_seed_0_cells(tmp_path):
+    study = {"name": "s", "clients": 2, "base": {"local-steps": 2, "seed": 0},
+             "grid": {"method": ["ffa", "vanilla"], "privacy": [8.0],
+                      "learning-rate": [0.3, 1.0, 3.0]},
+             "extra": [{"grid": {"method": ["ffa"], "privacy": ["none"],
+                                 "optimizer": ["adam"], "learning-rate": [0.001, 0.003]}},
+                       {"grid": {"method": ["ffa"], "privacy": [8.0], "seed": [1, 2]}}]}
+    assert tuning.planned_candidates(study, tmp_path) == Counter({
+        ("ffa", "8.0", "iid", 8): 3, ("vanilla", "8.0", "iid", 8): 3,
+        ("ffa", "none", "iid", 8): 2})
