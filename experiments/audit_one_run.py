@@ -1,8 +1,11 @@
 """An empirical lower bound on epsilon from one training run (Steinke, Nasr and Jagielski,
 "Privacy auditing with one (1) training run", NeurIPS 2023), next to the ledger's epsilon.
 
-m canaries (AG News test texts given a random wrong label: only memorisation fits them)
-are each inserted into the federation's training data with probability 1/2. After one
+m canaries (strings of random words from the AG News vocabulary, each with a random
+label: nothing but memorisation tells which label a canary has) are each inserted into
+the federation's training data with probability 1/2. The clean data is kept small (1,000
+AG News records by default, about 28 passes per record over the run) so that the
+non-private run memorises, which gives the audit the power to bound anything. After one
 federated run, each canary is scored by its loss under the final global model; the
 auditor guesses "in" for the k lowest losses and "out" for the k highest and abstains
 on the rest. If the run is (eps, delta)-DP, the number v of correct guesses among r = 2k
@@ -10,7 +13,7 @@ is at most Binomial(r, e^eps / (1 + e^eps)) plus a delta term (the paper's Theor
 the largest eps that this rejects at 95% confidence is the bound. Several k are tried,
 with a Bonferroni correction, so the bound keeps its 95%.
 
-    python -m experiments.audit_one_run [--canaries 500] [--out DIR]
+    python -m experiments.audit_one_run [--canaries 1000] [--clean-records 1000] [--out DIR]
 
 The bound must sit below the ledger's epsilon; if it does not, that is a privacy bug.
 """
@@ -23,6 +26,7 @@ import logging
 import math
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -36,8 +40,23 @@ from fed_dplora.results import load_final_model, read_metrics
 
 log = logging.getLogger("fed_dplora.audit_one_run")
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
-SETTINGS = (("none", None, 0.1), ("sample", 8.0, 1.0), ("sample", 1.0, 1.0))
-GUESSES = (25, 50, 100, 250)  # k: guesses on each side; Bonferroni over these
+CANARY_WORDS = 16  # about 25 tokens: within model.max-length 32
+TEST_RECORDS = 1000
+
+
+class Setting(NamedTuple):
+    level: str  # privacy.level
+    epsilon: float | None  # privacy.target-epsilon
+    optimizer: str
+    learning_rate: float
+
+
+# No DP with Adam at 0.01, which memorises the canaries (at 0.003 the bound was 0.57, at
+# 0.01 1.76: the audit needs a non-private run that leaks to bound anything); DP with SGD
+# at the rate tuning chose for FFA at epsilon 8 and 1 in the regime study.
+SETTINGS = (Setting("none", None, "adam", 0.01), Setting("sample", 8.0, "sgd", 0.3),
+            Setting("sample", 1.0, "sgd", 0.3))
+GUESSES = (25, 50, 100, 250, 500)  # k: guesses on each side; Bonferroni over these
 CONFIDENCE = 0.95
 
 
@@ -79,41 +98,49 @@ def audit(losses: np.ndarray, included: np.ndarray, delta: float) -> dict:
     return best
 
 
-def prepare(work: Path, canaries: int, seed: int) -> tuple[Path, LabelledText, np.ndarray]:
-    """A train/test folder with the included canaries; the canaries and which are in."""
+def random_word_canaries(data: LabelledText, count: int, rng: random.Random
+                         ) -> LabelledText:
+    """`count` strings of CANARY_WORDS words drawn from the vocabulary of `data`, each
+    with a label drawn uniformly from those of `data`."""
+    vocabulary = sorted({word for text in data.texts for word in text.split()})
+    names = sorted(set(data.labels))
+    return LabelledText(
+        tuple(" ".join(rng.choices(vocabulary, k=CANARY_WORDS)) for _ in range(count)),
+        tuple(rng.choice(names) for _ in range(count)))
+
+
+def prepare(work: Path, canaries: int, clean_records: int, seed: int,
+            source: Path = AGNEWS / "dev.tsv") -> tuple[Path, LabelledText, np.ndarray]:
+    """A train/test folder of `source`'s records, with the included canaries in train;
+    the canaries, and which are in."""
     rng = random.Random(seed)
-    dev = load_local(AGNEWS / "dev.tsv", "text", "label", seed)
-    pool = load_local(AGNEWS / "test.tsv", "text", "label", seed)
-    texts = list(pool.train.texts + pool.test.texts)
-    labels = list(pool.train.labels + pool.test.labels)
-    picked = rng.sample(range(len(texts)), canaries + 1000)
-    names = sorted(set(labels))
-    wrong = [rng.choice([n for n in names if n != labels[i]]) for i in picked[:canaries]]
-    canary = LabelledText(tuple(texts[i] for i in picked[:canaries]), tuple(wrong))
+    dev = load_local(source, "text", "label", seed)
+    clean = list(zip(dev.train.texts, dev.train.labels))[:clean_records]
+    canary = random_word_canaries(dev.train, canaries, rng)
     included = np.array([rng.random() < 0.5 for _ in range(canaries)])
+    train = clean + [(t, y) for t, y, inside in zip(canary.texts, canary.labels, included)
+                     if inside]
+    rng.shuffle(train)
+    test = list(zip(dev.test.texts, dev.test.labels))[:TEST_RECORDS]
     folder = work / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    train = [(t, y) for t, y in zip(dev.train.texts, dev.train.labels)]
-    train += [(t, y) for t, y, inside in zip(canary.texts, canary.labels, included) if inside]
-    rng.shuffle(train)
-    test = [(texts[i], labels[i]) for i in picked[canaries:]]
     for name, rows in (("train.tsv", train), ("test.tsv", test)):
         (folder / name).write_text("".join(f"{t}\t{y}\n" for t, y in rows))
     return folder, canary, included
 
 
-def run_setting(federation, folder: Path, work: Path, level: str, epsilon: float | None,
-                lr: float, args) -> Path:
-    name = level + (f"-eps{epsilon:g}" if epsilon else "")
+def run_setting(federation, folder: Path, work: Path, setting: Setting, args) -> Path:
+    name = setting.level + (f"-eps{setting.epsilon:g}" if setting.epsilon else "")
     run_dir = work / "runs" / name
     if not (run_dir / "summary.json").exists():
         config = {"data.path": str(folder.resolve()), "num-server-rounds": args.rounds,
                   "clients-per-round": args.clients, "local-steps": 10, "batch-size": 64,
-                  "physical-batch-size": 64, "model.max-length": 32, "learning-rate": lr,
-                  "seed": args.seed, "privacy.level": level, "run-name": name,
+                  "physical-batch-size": 64, "model.max-length": 32,
+                  "optimizer": setting.optimizer, "learning-rate": setting.learning_rate,
+                  "seed": args.seed, "privacy.level": setting.level, "run-name": name,
                   "output-dir": str(run_dir.parent.resolve())}
-        if epsilon:
-            config["privacy.target-epsilon"] = epsilon
+        if setting.epsilon:
+            config["privacy.target-epsilon"] = setting.epsilon
         log.info("training %s ...", name)
         federation.run(config)
     return run_dir
@@ -134,16 +161,19 @@ def score(run_dir: Path, canary: LabelledText, included: np.ndarray) -> dict:
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"One-run audit (Steinke et al. 2023), all-MiniLM-L6-v2 FFA-LoRA, AG News, "
-             f"{args.clients} clients, {args.rounds} rounds x 10 steps x batch 64, "
-             f"{args.canaries} mislabelled canaries each inserted with probability 1/2, "
+    lines = [f"One-run audit (Steinke et al. 2023), all-MiniLM-L6-v2 FFA-LoRA, AG News: "
+             f"{args.clean_records} clean records and {args.canaries} random-word canaries "
+             f"with random labels, each inserted with probability 1/2, over "
+             f"{args.clients} clients; {args.rounds} rounds x 10 steps x batch 64; "
              f"seed {args.seed}; bound at {CONFIDENCE:.0%} (Bonferroni over k in "
              f"{list(GUESSES)}).", "",
-             "| run | ledger ε | δ | canary loss in / out | best k | correct / guesses | "
-             "ε lower bound |", "|---|---|---|---|---|---|---|"]
+             "| run | optimizer, lr | ledger ε | δ | test accuracy | canary loss in / out "
+             "| best k | correct / guesses | ε lower bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         eps = "∞ (no DP)" if r["epsilon_ledger"] is None else f"{r['epsilon_ledger']:.2f}"
-        lines.append(f"| {r['run']} | {eps} | {r['delta']:.0e} | {r['loss_in']:.3f} / "
+        lines.append(f"| {r['run']} | {r['optimizer']} {r['learning_rate']:g} | {eps} | "
+                     f"{r['delta']:.0e} | {r['eval_accuracy']:.3f} | {r['loss_in']:.3f} / "
                      f"{r['loss_out']:.3f} | {r['k']} | {r['v']} / {r['r']} | "
                      f"{r['epsilon_lower_bound']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -151,7 +181,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--canaries", type=int, default=500)
+    parser.add_argument("--canaries", type=int, default=1000)
+    parser.add_argument("--clean-records", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -159,12 +190,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = args.out / "work"
-    folder, canary, included = prepare(work, args.canaries, args.seed)
+    folder, canary, included = prepare(work, args.canaries, args.clean_records, args.seed)
     results = []
     with LocalFederation(args.clients) as federation:
-        for level, epsilon, lr in SETTINGS:
-            run_dir = run_setting(federation, folder, work, level, epsilon, lr, args)
-            results.append(score(run_dir, canary, included))
+        for setting in SETTINGS:
+            run_dir = run_setting(federation, folder, work, setting, args)
+            results.append({**score(run_dir, canary, included),
+                            "optimizer": setting.optimizer,
+                            "learning_rate": setting.learning_rate})
             log.info("%s", results[-1])
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results, args))

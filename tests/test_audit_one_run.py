@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from experiments.audit_one_run import audit, epsilon_lower_bound, p_value
+from experiments.audit_one_run import audit, epsilon_lower_bound, p_value, prepare
 
 
 def test_with_delta_zero_the_bound_is_where_the_binomial_tail_meets_alpha():
@@ -46,3 +46,20 @@ def test_the_audit_finds_a_clear_signal_and_none_in_noise():
     separated = np.where(included, 0.1, 2.0) + rng.normal(0, 0.01, 500)
     assert audit(separated, included, 1e-5)["epsilon_lower_bound"] > 2.0
     assert audit(rng.normal(size=500), included, 1e-5)["epsilon_lower_bound"] < 0.5
+
+
+def test_exactly_the_included_canaries_are_trained_on(tmp_path):
+    """The audit is valid only if an "out" canary never reaches training (and no canary
+    reaches the test split): each canary is in train.tsv exactly when it is included."""
+    rows = [(f"clean text number {i} about topic {i % 4}", f"topic{i % 4}") for i in range(200)]
+    source = tmp_path / "dev.tsv"
+    source.write_text("".join(f"{t}\t{y}\n" for t, y in rows))
+    folder, canary, included = prepare(tmp_path / "work", 300, 100, 0, source)
+    train = (folder / "train.tsv").read_text().splitlines()
+    test = (folder / "test.tsv").read_text().splitlines()
+    for text, label, inside in zip(canary.texts, canary.labels, included):
+        assert (f"{text}\t{label}" in train) == inside
+        assert all(not line.startswith(text) for line in test)
+    assert len(train) == 100 + included.sum() and 100 < included.sum() < 200
+    assert set(canary.labels) <= {f"topic{i}" for i in range(4)}
+    assert len(set(canary.texts)) == 300  # distinct canaries
