@@ -13,7 +13,8 @@ rate) is chosen. Writes into the sweep folder:
   macro-F1 and accuracy of their seeds, mean and 95% t-interval.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished, and the rank study
-(ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next.
+(ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next; it is removed while no
+setting's choice is final.
 
 Tuning looks at the sites' validation splits many times: that is not covered by the
 reported epsilon (each cell's epsilon covers its own training run only).
@@ -184,6 +185,8 @@ def main() -> None:
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:
         follow.write_text(follow_up(study, final))
+    else:  # a follow-up written before the grid grew would run unfinished choices
+        follow.unlink(missing_ok=True)
     log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),
              len(chosen), len(final), follow if final else "no follow-up sweep yet",
              sweep / "results.md")
