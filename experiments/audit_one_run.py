@@ -4,7 +4,7 @@
 m canaries (strings of random words from the AG News vocabulary, each with a random
 label: nothing but memorisation tells which label a canary has) are each inserted into
 the federation's training data with probability 1/2. The clean data is kept small (1,000
-AG News records by default, about 28 passes per record over the run) so that the
+AG News records by default: each record is seen about 17 times) so that the
 non-private run memorises, which gives the audit the power to bound anything. After one
 federated run, each canary is scored by its loss under the final global model; the
 auditor guesses "in" for the k lowest losses and "out" for the k highest and abstains

@@ -181,7 +181,8 @@ def main() -> None:
     (sweep / "tuning.md").write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
         [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)) + "\n")
-    final = {k: v for k, v in chosen.items() if k in tuning_complete(rows, planned)}
+    complete = tuning_complete(rows, planned)
+    final = {k: v for k, v in chosen.items() if k in complete}
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:
         follow.write_text(follow_up(study, final))
