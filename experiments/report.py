@@ -3,7 +3,8 @@
     python -m experiments.report experiments/results/<name>
 
 Writes, into the sweep folder: `results.csv` (one row per finished cell),
-`results.md` (mean +- std over seeds of final and best eval accuracy, final macro-F1
+`results.md` (in a tuned folder, one holding `tuning.md`, `cells.md` instead: there
+`results.md` is `experiments.tuning`'s table of the chosen settings) (mean +- std over seeds of final and best eval accuracy, final macro-F1
 where the runs report it, final epsilon, rounds, bytes per round, wall time, and the
 majority-class accuracy of the evaluation set, the baseline a classifier must beat) and PNG plots: accuracy vs round per method,
 accuracy vs epsilon (privacy-utility), accuracy vs LoRA rank, aggregation error vs round.
@@ -312,8 +313,14 @@ def report(sweep: Path) -> dict[str, Any]:
     if not rows:
         raise FileNotFoundError(f"{sweep}/{CELLS} holds no finished run folder")
     write_csv(rows, sweep / "results.csv")
-    (sweep / "results.md").write_text(markdown(rows))
-    return {"rows": len(rows), "plots": plots(rows, sweep)}
+    table = markdown_path(sweep)
+    table.write_text(markdown(rows))
+    return {"rows": len(rows), "table": table, "plots": plots(rows, sweep)}
+
+
+def markdown_path(sweep: Path) -> Path:
+    """`results.md`, unless `experiments.tuning` owns it (its `tuning.md` is there)."""
+    return sweep / ("cells.md" if (sweep / "tuning.md").exists() else "results.md")
 
 
 def main() -> None:
@@ -322,8 +329,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     result = report(args.sweep)
-    log.info("%d cells -> %s/results.csv, results.md, %d plots", result["rows"], args.sweep,
-             len(result["plots"]))
+    log.info("%d cells -> %s/results.csv, %s, %d plots", result["rows"], args.sweep,
+             result["table"].name, len(result["plots"]))
 
 
 if __name__ == "__main__":

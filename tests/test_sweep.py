@@ -72,6 +72,13 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
         data = plot.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
+    # A tuned folder's results.md is experiments.tuning's: the report must not replace it.
+    (out / "tuning.md").write_text("tuned\n")
+    (out / "results.md").write_text("chosen settings\n")
+    assert report(out)["table"] == out / "cells.md"
+    assert (out / "results.md").read_text() == "chosen settings\n"
+    assert "± " not in (out / "cells.md").read_text() and "ffa" in (out / "cells.md").read_text()
+
 
 def _row(method, epsilon, rank=8, seed=0):
     return {"dataset": "d", "method": method, "rank": rank, "learning_rate": 1.0,
