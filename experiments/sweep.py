@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.flwr_job import LocalFederation
-from fed_dplora.config import ConfigError, parse_run_config
+from fed_dplora.config import ConfigError, RunSpec, parse_run_config
 
 log = logging.getLogger("fed_dplora.sweep")
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +57,7 @@ class Cell:
     name: str  # run folder name
     params: dict[str, Any]  # the grid values that define it (shorthands kept)
     run_config: dict[str, Any]  # resolved flat run config
+    spec: RunSpec  # run_config, parsed and checked
     clients: int
 
 
@@ -115,7 +116,7 @@ def cells(sweep: dict[str, Any], folder: Path) -> list[Cell]:
             if spec.clients_per_round > clients:
                 raise SweepError(f"cell {name}: clients-per-round={spec.clients_per_round} "
                                  f"exceeds the simulation's {clients} clients")
-            out.append(Cell(name or "base", params, config, clients))
+            out.append(Cell(name or "base", params, config, spec, clients))
     return out
 
 

@@ -34,7 +34,6 @@ from typing import Any
 from scipy import stats
 
 from experiments.sweep import REPO, cells, finished_cells, partition_label
-from fed_dplora.config import parse_run_config
 from fed_dplora.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
@@ -73,7 +72,7 @@ def planned_candidates(study: dict[str, Any], folder: Path) -> Counter:
     """How many seed-0 candidates the sweep file (in `folder`) plans for each setting."""
     planned = Counter()
     for cell in cells(study, folder):
-        row = describe(parse_run_config(cell.run_config).to_dict())
+        row = describe(cell.spec.to_dict())
         if row["seed"] == 0:
             planned[setting(row)] += 1
     return planned
