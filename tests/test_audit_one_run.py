@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from experiments.audit_one_run import audit, epsilon_lower_bound, p_value, prepare
+from experiments.audit_one_run import (
+    NO_DP, RUNS, Setting, audit, epsilon_lower_bound, p_value, prepare, settings)
 
 
 def test_with_delta_zero_the_bound_is_where_the_binomial_tail_meets_alpha():
@@ -63,3 +64,8 @@ def test_exactly_the_included_canaries_are_trained_on(tmp_path):
     assert len(train) == 100 + included.sum() and 100 < included.sum() < 200
     assert set(canary.labels) <= {f"topic{i}" for i in range(4)}
     assert len(set(canary.texts)) == 300  # distinct canaries
+
+
+def test_the_named_runs_are_audited_in_order_with_the_dp_learning_rate():
+    assert settings(["eps1", "none"], 0.1) == [NO_DP, Setting("sample", 1.0, "sgd", 0.1)]
+    assert [s.epsilon for s in settings(list(RUNS), 0.3)] == [None, 8.0, 1.0]
