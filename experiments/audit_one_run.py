@@ -55,14 +55,18 @@ class Setting(NamedTuple):
 # No DP with Adam at 0.01, which memorises the canaries (at 0.003 the bound was 0.57, at
 # 0.01 1.76: the audit needs a non-private run that leaks to bound anything); DP with SGD
 # at --dp-learning-rate.
-RUNS = {"none": ("none", None), "eps8": ("sample", 8.0), "eps1": ("sample", 1.0)}
 NO_DP = Setting("none", None, "adam", 0.01)
+DP_EPSILONS = {"eps8": 8.0, "eps1": 1.0}
+RUNS = ("none", *DP_EPSILONS)
 
 
 def settings(runs: list[str], dp_learning_rate: float) -> list[Setting]:
     """The Settings of the named RUNS, in RUNS' order."""
-    return [NO_DP if name == "none" else Setting(*RUNS[name], "sgd", dp_learning_rate)
+    return [NO_DP if name == "none"
+            else Setting("sample", DP_EPSILONS[name], "sgd", dp_learning_rate)
             for name in RUNS if name in runs]
+
+
 GUESSES = (25, 50, 100, 250, 500)  # k: guesses on each side; Bonferroni over these
 CONFIDENCE = 0.95
 

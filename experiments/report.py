@@ -3,11 +3,12 @@
     python -m experiments.report experiments/results/<name>
 
 Writes, into the sweep folder: `results.csv` (one row per finished cell),
-`results.md` (in a tuned folder, one holding `tuning.md`, `cells.md` instead: there
-`results.md` is `experiments.tuning`'s table of the chosen settings) (mean +- std over seeds of final and best eval accuracy, final macro-F1
+`results.md` (mean +- std over seeds of final and best eval accuracy, final macro-F1
 where the runs report it, final epsilon, rounds, bytes per round, wall time, and the
 majority-class accuracy of the evaluation set, the baseline a classifier must beat) and PNG plots: accuracy vs round per method,
 accuracy vs epsilon (privacy-utility), accuracy vs LoRA rank, aggregation error vs round.
+In a tuned folder (one holding `tuning.md`) the table goes to `cells.md` instead, since
+there `results.md` is `experiments.tuning`'s table of the chosen settings.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from experiments.sweep import CELLS, finished_cells, partition_label  # noqa: E402
+from experiments.tuning import TUNING_TABLE  # noqa: E402
 from fed_dplora.config import DataSpec, RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.sources import load_local  # noqa: E402
@@ -319,8 +321,8 @@ def report(sweep: Path) -> dict[str, Any]:
 
 
 def markdown_path(sweep: Path) -> Path:
-    """`results.md`, unless `experiments.tuning` owns it (its `tuning.md` is there)."""
-    return sweep / ("cells.md" if (sweep / "tuning.md").exists() else "results.md")
+    """`results.md`, unless `experiments.tuning` owns it (its TUNING_TABLE is there)."""
+    return sweep / ("cells.md" if (sweep / TUNING_TABLE).exists() else "results.md")
 
 
 def main() -> None:

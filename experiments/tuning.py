@@ -38,6 +38,7 @@ from fed_dplora.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
 TUNED = ("learning_rate", "optimizer")
+TUNING_TABLE = "tuning.md"  # every candidate; its presence marks a tuned sweep folder
 RANKS = (2, 8, 32)
 
 
@@ -177,7 +178,7 @@ def main() -> None:
     sweep = REPO / "experiments" / "results" / study["name"]
     rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
     chosen = choose(rows)
-    (sweep / "tuning.md").write_text("\n".join(tuning_table(rows, chosen)) + "\n")
+    (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
         [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)) + "\n")
     complete = tuning_complete(rows, planned)
