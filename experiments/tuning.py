@@ -10,7 +10,8 @@ rate) is chosen. Writes into the sweep folder:
 - `tuning.md`: every candidate's validation and test accuracy, the chosen one marked;
 - `results.md`: per setting, the chosen hyper-parameters, how many of its planned
   candidates have finished (a choice made before all have is provisional), and the test
-  macro-F1 and accuracy of their seeds, mean and 95% t-interval.
+  macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
+  (method x partition by privacy, rank 8).
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished, and the rank study
 (ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next; it is removed while no
@@ -116,8 +117,7 @@ def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
              "test macro-F1 | test accuracy | ε |", "|---|---|---|---|---|---|---|---|---|---|"]
     done = tried(rows)
     for key, best in sorted(chosen.items(), key=lambda kv: kv[0]):
-        runs = [r for r in rows if setting(r) == key
-                and all(r[t] == best[t] for t in TUNED)]
+        runs = chosen_runs(rows, key, best)
         candidates = f"{done[key]}/{planned[key]}" if planned[key] else "-"
         lines.append(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {best['optimizer']} "
@@ -126,6 +126,37 @@ def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
             f"{interval([r['accuracy'] for r in runs])} | "
             + ("-" if runs[0]["epsilon"] is None else f"{runs[0]['epsilon']:.2f}") + " |")
     return lines
+
+
+PRIVACY_ORDER = ("none", "8.0", "3.0", "1.0")  # columns of the main table
+
+
+def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
+               complete: set[tuple]) -> list[str]:
+    """Method x partition rows, privacy columns (rank 8): the chosen settings' test
+    macro-F1 / accuracy, mean ± 95% half-width over n seeds; * marks a provisional choice."""
+    keys = [k for k in chosen if k[3] == 8]
+    privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in keys)]
+    privacies += sorted({k[1] for k in keys} - set(privacies))
+    lines = ["| method | partition | " + " | ".join(
+        "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
+        "|---|---|" + "---|" * len(privacies)]
+    for method, partition in sorted({(k[0], k[2]) for k in keys}):
+        entries = []
+        for privacy in privacies:
+            key = (method, privacy, partition, 8)
+            runs = chosen_runs(rows, key, chosen[key]) if key in chosen else []
+            entries.append("-" if not runs else (
+                f"{interval([r['macro_f1'] for r in runs])} / "
+                f"{interval([r['accuracy'] for r in runs])} (n={len(runs)})"
+                + ("" if key in complete else " *")))
+        lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
+    """Every seed's run of a setting at its chosen hyper-parameters."""
+    return [r for r in rows if setting(r) == key and all(r[t] == best[t] for t in TUNED)]
 
 
 def tuning_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
@@ -168,6 +199,10 @@ RESULTS_HEADER = (
     "made before all have finished is provisional. -: not tuned (the rank study reuses "
     "rank 8's choice).")
 
+MAIN_HEADER = (
+    "Main table, rank 8: test macro-F1 / test accuracy, mean ± half-width of the 95% "
+    "t-interval over n seeds; * a provisional choice; - not run.")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,10 +213,11 @@ def main() -> None:
     sweep = REPO / "experiments" / "results" / study["name"]
     rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
     chosen = choose(rows)
+    complete = tuning_complete(rows, planned)
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
-        [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)) + "\n")
-    complete = tuning_complete(rows, planned)
+        [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
+        + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:

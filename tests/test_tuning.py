@@ -69,3 +69,20 @@ def test_planned_candidates_count_the_sweep_files_seed_0_cells(tmp_path):
     assert tuning.planned_candidates(study, tmp_path) == Counter({
         ("ffa", "8.0", "iid", 8): 3, ("vanilla", "8.0", "iid", 8): 3,
         ("ffa", "none", "iid", 8): 2})
+
+
+def test_the_main_table_pivots_privacy_into_columns_with_intervals(tmp_path):
+    fake_cell(tmp_path, "b", "ffa", 8.0, 1.0, "sgd", 0, val=0.80, test=0.60)
+    fake_cell(tmp_path, "c", "ffa", 8.0, 1.0, "sgd", 1, val=0.79, test=0.64)
+    fake_cell(tmp_path, "e", "ffa", "none", 0.003, "adam", 0, val=0.9, test=0.91)
+    fake_cell(tmp_path, "f", "vanilla", 1.0, 0.1, "sgd", 0, val=0.7, test=0.7)
+    fake_cell(tmp_path, "r", "ffa", 8.0, 1.0, "sgd", 0, val=0.8, test=0.5, rank=2)
+    rows = tuning.cell_rows(tmp_path)
+    chosen = tuning.choose(rows)
+    complete = {("ffa", "8.0", "iid", 8), ("ffa", "none", "iid", 8)}
+    header, _, ffa, vanilla = tuning.main_table(rows, chosen, complete)
+    assert header == "| method | partition | no DP | ε = 8 | ε = 1 |"
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.60, 0.64]) / 2 ** 0.5
+    assert ffa == (f"| ffa | iid | 0.8100 / 0.9100 (n=1) | 0.5200 ± {half:.4f} / "
+                   f"0.6200 ± {half:.4f} (n=2) | - |")  # rank 2's 0.5 is left out
+    assert vanilla == "| vanilla | iid | - | - | 0.6000 / 0.7000 (n=1) * |"
