@@ -11,7 +11,7 @@ rate) is chosen. Writes into the sweep folder:
 - `results.md`: per setting, the chosen hyper-parameters, how many of its planned
   candidates have finished (a choice made before all have is provisional), and the test
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
-  (method x partition by privacy, rank 8).
+  (method x partition by privacy, rank 8) and the rank study (method by rank).
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished, and the rank study
 (ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next; it is removed while no
@@ -142,16 +142,35 @@ def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
         "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
         "|---|---|" + "---|" * len(privacies)]
     for method, partition in sorted({(k[0], k[2]) for k in keys}):
-        entries = []
-        for privacy in privacies:
-            key = (method, privacy, partition, 8)
-            runs = chosen_runs(rows, key, chosen[key]) if key in chosen else []
-            entries.append("-" if not runs else (
-                f"{interval([r['macro_f1'] for r in runs])} / "
-                f"{interval([r['accuracy'] for r in runs])} (n={len(runs)})"
-                + ("" if key in complete else " *")))
+        row_keys = [(method, p, partition, 8) for p in privacies]
+        entries = [summary_entry(rows, chosen, k, k not in complete) for k in row_keys]
         lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
     return lines
+
+
+def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
+               complete: set[tuple]) -> list[str]:
+    """The rank study: method rows, rank columns, epsilon 8, IID (every rank runs at rank
+    8's choice, so that choice's provisional mark stands for the row)."""
+    lines = ["| method | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
+             "|---|" + "---|" * len(RANKS)]
+    for method in sorted({k[0] for k in chosen if k[1:3] == ("8.0", "iid")}):
+        provisional = (method, "8.0", "iid", 8) not in complete
+        entries = [summary_entry(rows, chosen, (method, "8.0", "iid", r), provisional)
+                   for r in RANKS]
+        lines.append(f"| {method} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def summary_entry(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tuple,
+                  provisional: bool) -> str:
+    """'macro-F1 / accuracy (n=seeds)' of a setting's chosen runs; * when provisional."""
+    if key not in chosen:
+        return "-"
+    runs = chosen_runs(rows, key, chosen[key])
+    return (f"{interval([r['macro_f1'] for r in runs])} / "
+            f"{interval([r['accuracy'] for r in runs])} (n={len(runs)})"
+            + (" *" if provisional else ""))
 
 
 def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
@@ -202,6 +221,7 @@ RESULTS_HEADER = (
 MAIN_HEADER = (
     "Main table, rank 8: test macro-F1 / test accuracy, mean ± half-width of the 95% "
     "t-interval over n seeds; * a provisional choice; - not run.")
+RANK_HEADER = "The rank study, ε = 8, IID, every rank at rank 8's choice (same format)."
 
 
 def main() -> None:
@@ -217,7 +237,8 @@ def main() -> None:
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
         [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
-        + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)) + "\n")
+        + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)
+        + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:

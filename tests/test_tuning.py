@@ -86,3 +86,20 @@ def test_the_main_table_pivots_privacy_into_columns_with_intervals(tmp_path):
     assert ffa == (f"| ffa | iid | 0.8100 / 0.9100 (n=1) | 0.5200 ± {half:.4f} / "
                    f"0.6200 ± {half:.4f} (n=2) | - |")  # rank 2's 0.5 is left out
     assert vanilla == "| vanilla | iid | - | - | 0.6000 / 0.7000 (n=1) * |"
+
+
+def test_the_rank_table_puts_each_methods_ranks_side_by_side(tmp_path):
+    fake_cell(tmp_path, "a", "ffa", 8.0, 0.1, "sgd", 0, val=0.8, test=0.80)
+    fake_cell(tmp_path, "b", "ffa", 8.0, 0.1, "sgd", 0, val=0.8, test=0.70, rank=2)
+    fake_cell(tmp_path, "c", "ffa", 8.0, 0.1, "sgd", 1, val=0.8, test=0.72, rank=2)
+    fake_cell(tmp_path, "d", "vanilla", 8.0, 0.3, "sgd", 0, val=0.8, test=0.75)
+    fake_cell(tmp_path, "e", "vanilla", 1.0, 0.3, "sgd", 0, val=0.8, test=0.5, rank=2)
+    rows = tuning.cell_rows(tmp_path)
+    chosen = tuning.choose(rows)
+    header, _, ffa, vanilla = tuning.rank_table(rows, chosen, {("ffa", "8.0", "iid", 8)})
+    assert header == "| method | rank 2 | rank 8 | rank 32 |"
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.70, 0.72]) / 2 ** 0.5
+    assert ffa == (f"| ffa | {0.61:.4f} ± {half:.4f} / {0.71:.4f} ± {half:.4f} (n=2) | "
+                   "0.7000 / 0.8000 (n=1) | - |")
+    # vanilla's rank-8 choice is provisional, so its whole row is; its eps-1 run is not here
+    assert vanilla == "| vanilla | - | 0.6500 / 0.7500 (n=1) * | - |"
