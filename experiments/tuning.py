@@ -41,6 +41,7 @@ log = logging.getLogger("fed_dplora.tuning")
 TUNED = ("learning_rate", "optimizer")
 TUNING_TABLE = "tuning.md"  # every candidate; its presence marks a tuned sweep folder
 RANKS = (2, 8, 32)
+RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition (rank 8 is tuned)
 
 
 def describe(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,9 +155,9 @@ def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
     8's choice, so that choice's provisional mark stands for the row)."""
     lines = ["| method | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
              "|---|" + "---|" * len(RANKS)]
-    for method in sorted({k[0] for k in chosen if k[1:3] == ("8.0", "iid")}):
-        provisional = (method, "8.0", "iid", 8) not in complete
-        entries = [summary_entry(rows, chosen, (method, "8.0", "iid", r), provisional)
+    for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
+        provisional = (method, *RANK_STUDY, 8) not in complete
+        entries = [summary_entry(rows, chosen, (method, *RANK_STUDY, r), provisional)
                    for r in RANKS]
         lines.append(f"| {method} | " + " | ".join(entries) + " |")
     return lines
@@ -199,7 +200,7 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
                 "method": [method], "optimizer": [best["optimizer"]],
                 "learning-rate": [best["learning_rate"]], "seed": [1, 2]}
         grids.append(grid)
-        if privacy == "8.0" and partition == "iid" and rank == 8:
+        if (privacy, partition) == RANK_STUDY and rank == 8:
             grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]} for r in RANKS if r != 8]
     toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
     lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
