@@ -40,8 +40,9 @@ from fed_dplora.results import read_metrics
 log = logging.getLogger("fed_dplora.tuning")
 TUNED = ("learning_rate", "optimizer")
 TUNING_TABLE = "tuning.md"  # every candidate; its presence marks a tuned sweep folder
-RANKS = (2, 8, 32)
-RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition (rank 8 is tuned)
+TUNED_RANK = 8  # the LoRA rank the sweep file tunes; the rank study reuses its choices
+RANKS = (2, TUNED_RANK, 32)
+RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition
 
 
 def describe(config: dict[str, Any]) -> dict[str, Any]:
@@ -136,14 +137,14 @@ def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                complete: set[tuple]) -> list[str]:
     """Method x partition rows, privacy columns (rank 8): the chosen settings' test
     macro-F1 / accuracy, mean ± 95% half-width over n seeds; * marks a provisional choice."""
-    keys = [k for k in chosen if k[3] == 8]
+    keys = [k for k in chosen if k[3] == TUNED_RANK]
     privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in keys)]
     privacies += sorted({k[1] for k in keys} - set(privacies))
     lines = ["| method | partition | " + " | ".join(
         "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
         "|---|---|" + "---|" * len(privacies)]
     for method, partition in sorted({(k[0], k[2]) for k in keys}):
-        row_keys = [(method, p, partition, 8) for p in privacies]
+        row_keys = [(method, p, partition, TUNED_RANK) for p in privacies]
         entries = [summary_entry(rows, chosen, k, k not in complete) for k in row_keys]
         lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
     return lines
@@ -156,7 +157,7 @@ def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
     lines = ["| method | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
              "|---|" + "---|" * len(RANKS)]
     for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
-        provisional = (method, *RANK_STUDY, 8) not in complete
+        provisional = (method, *RANK_STUDY, TUNED_RANK) not in complete
         entries = [summary_entry(rows, chosen, (method, *RANK_STUDY, r), provisional)
                    for r in RANKS]
         lines.append(f"| {method} | " + " | ".join(entries) + " |")
@@ -200,8 +201,9 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
                 "method": [method], "optimizer": [best["optimizer"]],
                 "learning-rate": [best["learning_rate"]], "seed": [1, 2]}
         grids.append(grid)
-        if (privacy, partition) == RANK_STUDY and rank == 8:
-            grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]} for r in RANKS if r != 8]
+        if (privacy, partition) == RANK_STUDY and rank == TUNED_RANK:
+            grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]}
+                      for r in RANKS if r != TUNED_RANK]
     toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
     lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
              f"cpus-per-client = {study.get('cpus-per-client', 1)}", "", "[base]"]
