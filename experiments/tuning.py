@@ -13,9 +13,9 @@ rate) is chosen. Writes into the sweep folder:
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
   (method x partition by privacy, rank 8) and the rank study (method by rank).
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
-seeds 1 and 2 of every setting whose candidates have all finished, and the rank study
-(ranks 2, 8, 32 at epsilon 8, IID, seeds 0-2), to run next; it is removed while no
-setting's choice is final.
+seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
+epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
+0-2), to run next; it is removed while no setting's choice is final.
 
 Tuning looks at the sites' validation splits many times: that is not covered by the
 reported epsilon (each cell's epsilon covers its own training run only).
@@ -131,6 +131,7 @@ def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 
 
 PRIVACY_ORDER = ("none", "8.0", "3.0", "1.0")  # columns of the main table
+RUN_ORDER = ("none", "8.0", "1.0", "3.0")  # the follow-up runs the ends of the range first
 
 
 def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
@@ -192,18 +193,28 @@ def tuning_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[
     return lines
 
 
+def run_priority(key: tuple) -> tuple:
+    """The follow-up's order, most informative first: IID before label skew; no DP,
+    epsilon 8 and 1 before 3; both methods of a setting next to each other."""
+    method, privacy, partition, rank = key
+    return (partition != "iid", RUN_ORDER.index(privacy) if privacy in RUN_ORDER
+            else len(RUN_ORDER), privacy, partition, method, rank)
+
+
 def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
-    """The next sweep: seeds 1-2 of each chosen setting, and the rank study."""
-    grids = []
-    for (method, privacy, partition, rank), best in sorted(chosen.items()):
+    """The next sweep: seeds 1-2 of each chosen setting, then the rank study."""
+    grids, rank_grids = [], []
+    for key in sorted(chosen, key=run_priority):
+        method, privacy, partition, rank = key
         grid = {"partition": [partition], "privacy": ["none" if privacy == "none"
                                                       else float(privacy)],
-                "method": [method], "optimizer": [best["optimizer"]],
-                "learning-rate": [best["learning_rate"]], "seed": [1, 2]}
+                "method": [method], "optimizer": [chosen[key]["optimizer"]],
+                "learning-rate": [chosen[key]["learning_rate"]], "seed": [1, 2]}
         grids.append(grid)
         if (privacy, partition) == RANK_STUDY and rank == TUNED_RANK:
-            grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]}
-                      for r in RANKS if r != TUNED_RANK]
+            rank_grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]}
+                           for r in RANKS if r != TUNED_RANK]
+    grids += rank_grids
     toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
     lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
              f"cpus-per-client = {study.get('cpus-per-client', 1)}", "", "[base]"]

@@ -13,13 +13,14 @@ from experiments import tuning
 from experiments.sweep import cells
 
 
-def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8):
+def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8,
+              partitioner="iid"):
     folder = root / "cells" / name
     folder.mkdir(parents=True)
     level = "none" if privacy == "none" else "sample"
     config = {"method": method, "seed": seed,
               "privacy": {"level": level, "target_epsilon": 8.0 if level == "none" else privacy},
-              "data": {"partitioner": "iid", "alpha": 0.5}, "lora": {"rank": rank},
+              "data": {"partitioner": partitioner, "alpha": 0.5}, "lora": {"rank": rank},
               "train": {"learning_rate": lr, "optimizer": optimizer}}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "summary.json").write_text("{}")
@@ -57,6 +58,26 @@ def test_the_follow_up_sweep_runs_seeds_1_2_and_the_rank_study(tmp_path):
     assert any("lora.rank=32" in n and "seed=0" in n for n in names)
     assert any("optimizer=adam" in n and "privacy=none" in n for n in names)
     assert all("learning-rate=1.0" in n for n in names if "privacy=8.0" in n)
+
+
+def test_the_follow_up_runs_the_most_informative_settings_first(tmp_path):
+    for name, method, privacy, partitioner in [
+            ("a", "ffa", 3.0, "iid"), ("b", "vanilla", 1.0, "dirichlet"),
+            ("c", "vanilla", 8.0, "iid"), ("d", "ffa", "none", "iid"),
+            ("e", "ffa", 1.0, "iid"), ("f", "ffa", 8.0, "iid")]:
+        fake_cell(tmp_path, name, method, privacy, 0.1, "sgd", 0, val=0.8, test=0.8,
+                  partitioner=partitioner)
+    (tmp_path / "d.tsv").write_text("text\tlabel\nfine\t0\n")  # Dirichlet needs a data file
+    study = {"name": "s", "clients": 4, "base": {"data.path": str(tmp_path / "d.tsv")}}
+    text = tuning.follow_up(study, tuning.choose(tuning.cell_rows(tmp_path)))
+    order = [(c.params["method"], str(c.params["privacy"]), c.params["partition"],
+              c.params.get("lora.rank", 8)) for c in cells(tomllib.loads(text), tmp_path)]
+    settings = list(dict.fromkeys(order))  # each setting once, in run order
+    assert settings == [("ffa", "none", "iid", 8), ("ffa", "8.0", "iid", 8),
+                        ("vanilla", "8.0", "iid", 8), ("ffa", "1.0", "iid", 8),
+                        ("ffa", "3.0", "iid", 8), ("vanilla", "1.0", "dirichlet:0.5", 8),
+                        ("ffa", "8.0", "iid", 2), ("ffa", "8.0", "iid", 32),
+                        ("vanilla", "8.0", "iid", 2), ("vanilla", "8.0", "iid", 32)]
 
 
 def test_planned_candidates_count_the_sweep_files_seed_0_cells(tmp_path):
