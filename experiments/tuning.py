@@ -11,7 +11,8 @@ rate) is chosen. Writes into the sweep folder:
 - `results.md`: per setting, the chosen hyper-parameters, how many of its planned
   candidates have finished (a choice made before all have is provisional), and the test
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
-  (method x partition by privacy, rank 8) and the rank study (method by rank).
+  (method x partition by privacy, rank 8), FFA minus vanilla paired by seed, the rank
+  study (method by rank) and each method's gain over rank 2, paired by seed.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
@@ -176,6 +177,48 @@ def summary_entry(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tu
             + (" *" if provisional else ""))
 
 
+def paired_difference(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
+                      first: tuple, second: tuple) -> str:
+    """Test accuracy of setting `first` minus `second`, paired by seed (a seed fixes the
+    data split and the partition for every setting), over the seeds both have run:
+    mean ± 95% half-width (n=seeds); '-' while they share none."""
+    if first not in chosen or second not in chosen:
+        return "-"
+    accuracy = [{r["seed"]: r["accuracy"] for r in chosen_runs(rows, key, chosen[key])}
+                for key in (first, second)]
+    seeds = sorted(accuracy[0].keys() & accuracy[1].keys())
+    if not seeds:
+        return "-"
+    return (f"{interval([accuracy[0][s] - accuracy[1][s] for s in seeds])} "
+            f"(n={len(seeds)})")
+
+
+def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
+    """FFA minus vanilla, paired by seed: partition rows, privacy columns (rank 8)."""
+    privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in chosen)]
+    lines = ["| partition | " + " | ".join(
+        "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
+        "|---|" + "---|" * len(privacies)]
+    for partition in sorted({k[2] for k in chosen}):
+        entries = [paired_difference(rows, chosen, ("ffa", p, partition, TUNED_RANK),
+                                     ("vanilla", p, partition, TUNED_RANK))
+                   for p in privacies]
+        lines.append(f"| {partition} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def rank_gain_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
+    """Each method's gain over its smallest rank, paired by seed (the rank study)."""
+    low, *higher = RANKS
+    lines = ["| method | " + " | ".join(f"rank {r} − rank {low}" for r in higher) + " |",
+             "|---|" + "---|" * len(higher)]
+    for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
+        entries = [paired_difference(rows, chosen, (method, *RANK_STUDY, r),
+                                     (method, *RANK_STUDY, low)) for r in higher]
+        lines.append(f"| {method} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
     """Every seed's run of a setting at its chosen hyper-parameters."""
     return [r for r in rows if setting(r) == key and all(r[t] == best[t] for t in TUNED)]
@@ -236,6 +279,11 @@ MAIN_HEADER = (
     "Main table, rank 8: test macro-F1 / test accuracy, mean ± half-width of the 95% "
     "t-interval over n seeds; * a provisional choice; - not run.")
 RANK_HEADER = "The rank study, ε = 8, IID, every rank at rank 8's choice (same format)."
+GAP_HEADER = (
+    "FFA minus vanilla, test accuracy, paired by seed (a seed fixes the data split and the "
+    "partition): mean ± 95% half-width over the n seeds both methods have run.")
+RANK_GAIN_HEADER = (f"The rank study's gain over rank {RANKS[0]}, test accuracy, paired "
+                    "by seed.")
 
 
 def main() -> None:
@@ -252,7 +300,9 @@ def main() -> None:
     (sweep / "results.md").write_text("\n".join(
         [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
         + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)
-        + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)) + "\n")
+        + ["", GAP_HEADER, ""] + method_gap_table(rows, chosen)
+        + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)
+        + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:

@@ -124,3 +124,34 @@ def test_the_rank_table_puts_each_methods_ranks_side_by_side(tmp_path):
                    "0.7000 / 0.8000 (n=1) | - |")
     # vanilla's rank-8 choice is provisional, so its whole row is; its eps-1 run is not here
     assert vanilla == "| vanilla | - | 0.6500 / 0.7500 (n=1) * | - |"
+
+
+def test_ffa_minus_vanilla_is_paired_by_the_seeds_both_have_run(tmp_path):
+    for seed, ffa, vanilla in [(0, 0.85, 0.83), (1, 0.86, 0.83), (2, 0.84, 0.83)]:
+        fake_cell(tmp_path, f"f{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa)
+        fake_cell(tmp_path, f"v{seed}", "vanilla", 1.0, 0.1, "sgd", seed, val=0.8,
+                  test=vanilla)
+    fake_cell(tmp_path, "f8", "ffa", 8.0, 0.1, "sgd", 0, val=0.8, test=0.85)
+    fake_cell(tmp_path, "f8s1", "ffa", 8.0, 0.1, "sgd", 1, val=0.8, test=0.80)
+    fake_cell(tmp_path, "v8", "vanilla", 8.0, 0.3, "sgd", 0, val=0.8, test=0.84)
+    rows = tuning.cell_rows(tmp_path)
+    header, _, iid = tuning.method_gap_table(rows, tuning.choose(rows))
+    assert header == "| partition | ε = 8 | ε = 1 |"
+    gaps = [0.02, 0.03, 0.01]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(gaps) / 3 ** 0.5
+    # eps 8: FFA's seed 1 has no vanilla partner, so only seed 0 is compared
+    assert iid == f"| iid | {0.01:.4f} (n=1) | {0.02:.4f} ± {half:.4f} (n=3) |"
+
+
+def test_the_rank_gain_is_each_methods_paired_gain_over_rank_2(tmp_path):
+    for seed, low, high in [(0, 0.78, 0.85), (1, 0.80, 0.84)]:
+        fake_cell(tmp_path, f"a{seed}", "ffa", 8.0, 0.1, "sgd", seed, val=0.8, test=high)
+        fake_cell(tmp_path, f"b{seed}", "ffa", 8.0, 0.1, "sgd", seed, val=0.8, test=low,
+                  rank=2)
+    fake_cell(tmp_path, "v", "vanilla", 8.0, 0.3, "sgd", 0, val=0.8, test=0.84)
+    rows = tuning.cell_rows(tmp_path)
+    header, _, ffa, vanilla = tuning.rank_gain_table(rows, tuning.choose(rows))
+    assert header == "| method | rank 8 − rank 2 | rank 32 − rank 2 |"
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.07, 0.04]) / 2 ** 0.5
+    assert ffa == f"| ffa | {0.055:.4f} ± {half:.4f} (n=2) | - |"
+    assert vanilla == "| vanilla | - | - |"  # no rank-2 run of vanilla yet
