@@ -7,7 +7,8 @@ Reads the study's sweep folder. A setting is (method, privacy, partition, LoRA r
 its candidates are the seed-0 cells that differ only in learning rate and optimizer. The
 candidate with the best final-round validation accuracy (ties: the smaller learning
 rate) is chosen. Writes into the sweep folder:
-- `tuning.md`: every candidate's validation and test accuracy, the chosen one marked;
+- `tuning.md`: every candidate's validation and test accuracy and rounds lost to failing
+  sites, the chosen one marked;
 - `results.md`: per setting, the chosen hyper-parameters, how many of its planned
   candidates have finished (a choice made before all have is provisional), and the test
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
@@ -58,14 +59,17 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_rows(sweep: Path) -> list[dict[str, Any]]:
-    """One row per finished cell: its setting, hyper-parameters, seed and final metrics."""
+    """One row per finished cell: its setting, hyper-parameters, seed, final metrics and
+    the rounds it lost to failing sites (shown, never dropped)."""
     rows = []
     for folder in finished_cells(sweep):
         last = read_metrics(folder)[-1]
+        summary = json.loads((folder / "summary.json").read_text())
         rows.append({
             "cell": folder.name, **describe(json.loads((folder / "config.json").read_text())),
             "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
-            "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"]})
+            "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"],
+            "rounds_lost": summary.get("rounds_lost_to_failures", 0)})
     return rows
 
 
@@ -117,7 +121,8 @@ def tuning_complete(rows: list[dict[str, Any]], planned: Counter) -> set[tuple]:
 def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                   planned: Counter) -> list[str]:
     lines = ["| method | privacy | partition | rank | chosen | candidates | seeds | "
-             "test macro-F1 | test accuracy | ε |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "test macro-F1 | test accuracy | ε | rounds lost |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     done = tried(rows)
     for key, best in sorted(chosen.items(), key=lambda kv: kv[0]):
         runs = chosen_runs(rows, key, best)
@@ -127,7 +132,8 @@ def results_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
             f"{best['learning_rate']:g} | {candidates} | {len(runs)} | "
             f"{interval([r['macro_f1'] for r in runs])} | "
             f"{interval([r['accuracy'] for r in runs])} | "
-            + ("-" if runs[0]["epsilon"] is None else f"{runs[0]['epsilon']:.2f}") + " |")
+            + ("-" if runs[0]["epsilon"] is None else f"{runs[0]['epsilon']:.2f}")
+            + f" | {sum(r['rounds_lost'] for r in runs)} |")
     return lines
 
 
@@ -225,14 +231,14 @@ def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict
 
 
 def tuning_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
-    lines = ["| setting | optimizer | lr | val accuracy | test accuracy | chosen |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | optimizer | lr | val accuracy | test accuracy | rounds lost | "
+             "chosen |", "|---|---|---|---|---|---|---|"]
     for row in sorted((r for r in rows if r["seed"] == 0), key=lambda r: (
             setting(r), r["optimizer"], r["learning_rate"])):
         mark = "**yes**" if chosen.get(setting(row)) is row else ""
         lines.append(f"| {' / '.join(map(str, setting(row)))} | {row['optimizer']} | "
                      f"{row['learning_rate']:g} | {row['val_accuracy']:.4f} | "
-                     f"{row['accuracy']:.4f} | {mark} |")
+                     f"{row['accuracy']:.4f} | {row['rounds_lost']} | {mark} |")
     return lines
 
 
@@ -273,7 +279,8 @@ RESULTS_HEADER = (
     "Test results of the settings chosen on validation accuracy (tuning is not covered by "
     "ε). candidates: seed-0 candidates finished / planned by the sweep file; a choice "
     "made before all have finished is provisional. -: not tuned (the rank study reuses "
-    "rank 8's choice).")
+    "rank 8's choice). rounds lost: rounds of the chosen runs that failing sites cost "
+    "(summed over seeds).")
 
 MAIN_HEADER = (
     "Main table, rank 8: test macro-F1 / test accuracy, mean ± half-width of the 95% "

@@ -14,7 +14,7 @@ from experiments.sweep import cells
 
 
 def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8,
-              partitioner="iid"):
+              partitioner="iid", rounds_lost=None):
     folder = root / "cells" / name
     folder.mkdir(parents=True)
     level = "none" if privacy == "none" else "sample"
@@ -23,7 +23,8 @@ def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=
               "data": {"partitioner": partitioner, "alpha": 0.5}, "lora": {"rank": rank},
               "train": {"learning_rate": lr, "optimizer": optimizer}}
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "summary.json").write_text("{}")
+    summary = {} if rounds_lost is None else {"rounds_lost_to_failures": rounds_lost}
+    (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "metrics.jsonl").write_text(json.dumps({
         "round": 1, "val_accuracy": val, "eval_accuracy": test, "eval_macro_f1": test - 0.1,
         "epsilon_sample": None if level == "none" else privacy}) + "\n")
@@ -155,3 +156,18 @@ def test_the_rank_gain_is_each_methods_paired_gain_over_rank_2(tmp_path):
     half = stats.t.ppf(0.975, 1) * statistics.stdev([0.07, 0.04]) / 2 ** 0.5
     assert ffa == f"| ffa | {0.055:.4f} ± {half:.4f} (n=2) | - |"
     assert vanilla == "| vanilla | - | - |"  # no rank-2 run of vanilla yet
+
+
+def test_rounds_lost_to_failing_sites_are_shown_not_dropped(tmp_path):
+    fake_cell(tmp_path, "a", "ffa", 1.0, 0.1, "sgd", 0, val=0.8, test=0.85, rounds_lost=0)
+    fake_cell(tmp_path, "b", "ffa", 1.0, 3.0, "sgd", 0, val=0.3, test=0.25, rounds_lost=1)
+    fake_cell(tmp_path, "c", "ffa", 1.0, 0.1, "sgd", 1, val=0.8, test=0.84, rounds_lost=2)
+    rows = tuning.cell_rows(tmp_path)
+    chosen = tuning.choose(rows)
+    lines = tuning.tuning_table(rows, chosen)
+    assert lines[0].endswith("| rounds lost | chosen |")
+    assert lines[2:] == [
+        "| ffa / 1.0 / iid / 8 | sgd | 0.1 | 0.8000 | 0.8500 | 0 | **yes** |",
+        "| ffa / 1.0 / iid / 8 | sgd | 3 | 0.3000 | 0.2500 | 1 |  |"]
+    (line,) = tuning.results_table(rows, chosen, Counter())[2:]
+    assert line.endswith("| 1.00 | 2 |")  # the chosen runs' seeds lost 0 + 2 rounds
