@@ -12,8 +12,9 @@ rate) is chosen. Writes into the sweep folder:
 - `results.md`: per setting, the chosen hyper-parameters, how many of its planned
   candidates have finished (a choice made before all have is provisional), and the test
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
-  (method x partition by privacy, rank 8), FFA minus vanilla paired by seed, the rank
-  study (method by rank) and each method's gain over rank 2, paired by seed.
+  (method x partition by privacy, rank 8); paired by seed, FFA minus vanilla and no DP
+  minus each epsilon; the rank study (method by rank) and each method's gain over rank
+  2, paired by seed.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
@@ -213,6 +214,19 @@ def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> l
     return lines
 
 
+def privacy_cost_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
+    """No DP minus each privacy setting, paired by seed: method x partition rows (rank 8)."""
+    privacies = [p for p in PRIVACY_ORDER[1:] if any(k[1] == p for k in chosen)]
+    lines = ["| method | partition | " + " | ".join(
+        f"no DP − ε = {float(p):g}" for p in privacies) + " |",
+        "|---|---|" + "---|" * len(privacies)]
+    for method, partition in sorted({(k[0], k[2]) for k in chosen if k[3] == TUNED_RANK}):
+        entries = [paired_difference(rows, chosen, (method, "none", partition, TUNED_RANK),
+                                     (method, p, partition, TUNED_RANK)) for p in privacies]
+        lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def rank_gain_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """Each method's gain over its smallest rank, paired by seed (the rank study)."""
     low, *higher = RANKS
@@ -289,6 +303,8 @@ RANK_HEADER = "The rank study, ε = 8, IID, every rank at rank 8's choice (same 
 GAP_HEADER = (
     "FFA minus vanilla, test accuracy, paired by seed (a seed fixes the data split and the "
     "partition): mean ± 95% half-width over the n seeds both methods have run.")
+COST_HEADER = ("What privacy costs: the non-private choice minus each private one, test "
+               "accuracy, paired by seed (same format).")
 RANK_GAIN_HEADER = (f"The rank study's gain over rank {RANKS[0]}, test accuracy, paired "
                     "by seed.")
 
@@ -308,6 +324,7 @@ def main() -> None:
         [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
         + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)
         + ["", GAP_HEADER, ""] + method_gap_table(rows, chosen)
+        + ["", COST_HEADER, ""] + privacy_cost_table(rows, chosen)
         + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)
         + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}

@@ -171,3 +171,16 @@ def test_rounds_lost_to_failing_sites_are_shown_not_dropped(tmp_path):
         "| ffa / 1.0 / iid / 8 | sgd | 3 | 0.3000 | 0.2500 | 1 |  |"]
     (line,) = tuning.results_table(rows, chosen, Counter())[2:]
     assert line.endswith("| 1.00 | 2 |")  # the chosen runs' seeds lost 0 + 2 rounds
+
+
+def test_the_privacy_cost_pairs_no_dp_with_each_epsilon_by_seed(tmp_path):
+    for seed, none, eps8 in [(0, 0.87, 0.85), (1, 0.88, 0.85), (2, 0.86, 0.85)]:
+        fake_cell(tmp_path, f"n{seed}", "ffa", "none", 0.3, "sgd", seed, val=0.8, test=none)
+        fake_cell(tmp_path, f"e{seed}", "ffa", 8.0, 0.1, "sgd", seed, val=0.8, test=eps8)
+    fake_cell(tmp_path, "v", "vanilla", 1.0, 0.1, "sgd", 0, val=0.8, test=0.8)
+    rows = tuning.cell_rows(tmp_path)
+    header, _, ffa, vanilla = tuning.privacy_cost_table(rows, tuning.choose(rows))
+    assert header == "| method | partition | no DP − ε = 8 | no DP − ε = 1 |"
+    half = stats.t.ppf(0.975, 2) * statistics.stdev([0.02, 0.03, 0.01]) / 3 ** 0.5
+    assert ffa == f"| ffa | iid | {0.02:.4f} ± {half:.4f} (n=3) | - |"
+    assert vanilla == "| vanilla | iid | - | - |"  # no non-private vanilla run
