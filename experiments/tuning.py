@@ -142,15 +142,23 @@ PRIVACY_ORDER = ("none", "8.0", "3.0", "1.0")  # columns of the main table
 RUN_ORDER = ("none", "8.0", "1.0", "3.0")  # the follow-up runs the ends of the range first
 
 
+def privacy_columns(keys: list[tuple]) -> list[str]:
+    """The privacy settings among `keys`, in PRIVACY_ORDER, any others after them."""
+    privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in keys)]
+    return privacies + sorted({k[1] for k in keys} - set(privacies))
+
+
+def privacy_label(privacy: str) -> str:
+    return "no DP" if privacy == "none" else f"ε = {float(privacy):g}"
+
+
 def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                complete: set[tuple]) -> list[str]:
     """Method x partition rows, privacy columns (rank 8): the chosen settings' test
     macro-F1 / accuracy, mean ± 95% half-width over n seeds; * marks a provisional choice."""
     keys = [k for k in chosen if k[3] == TUNED_RANK]
-    privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in keys)]
-    privacies += sorted({k[1] for k in keys} - set(privacies))
-    lines = ["| method | partition | " + " | ".join(
-        "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
+    privacies = privacy_columns(keys)
+    lines = ["| method | partition | " + " | ".join(map(privacy_label, privacies)) + " |",
         "|---|---|" + "---|" * len(privacies)]
     for method, partition in sorted({(k[0], k[2]) for k in keys}):
         row_keys = [(method, p, partition, TUNED_RANK) for p in privacies]
@@ -202,9 +210,8 @@ def paired_difference(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 
 def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """FFA minus vanilla, paired by seed: partition rows, privacy columns (rank 8)."""
-    privacies = [p for p in PRIVACY_ORDER if any(k[1] == p for k in chosen)]
-    lines = ["| partition | " + " | ".join(
-        "no DP" if p == "none" else f"ε = {float(p):g}" for p in privacies) + " |",
+    privacies = privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
+    lines = ["| partition | " + " | ".join(map(privacy_label, privacies)) + " |",
         "|---|" + "---|" * len(privacies)]
     for partition in sorted({k[2] for k in chosen}):
         entries = [paired_difference(rows, chosen, ("ffa", p, partition, TUNED_RANK),
@@ -216,9 +223,10 @@ def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> l
 
 def privacy_cost_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """No DP minus each privacy setting, paired by seed: method x partition rows (rank 8)."""
-    privacies = [p for p in PRIVACY_ORDER[1:] if any(k[1] == p for k in chosen)]
+    privacies = [p for p in privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
+                 if p != "none"]
     lines = ["| method | partition | " + " | ".join(
-        f"no DP − ε = {float(p):g}" for p in privacies) + " |",
+        f"no DP − {privacy_label(p)}" for p in privacies) + " |",
         "|---|---|" + "---|" * len(privacies)]
     for method, partition in sorted({(k[0], k[2]) for k in chosen if k[3] == TUNED_RANK}):
         entries = [paired_difference(rows, chosen, (method, "none", partition, TUNED_RANK),
