@@ -14,7 +14,9 @@ rate) is chosen. Writes into the sweep folder:
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
   (method x partition by privacy, rank 8); paired by seed, FFA minus vanilla and no DP
   minus each epsilon; the rank study (method by rank) and each method's gain over rank
-  2, paired by seed.
+  2, paired by seed. When the folder holds a hand-written `discussion.md` (what the
+  tables show and do not, against published results), `results.md` opens with a link to
+  it.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
@@ -43,6 +45,7 @@ from fed_dplora.results import read_metrics
 log = logging.getLogger("fed_dplora.tuning")
 TUNED = ("learning_rate", "optimizer")
 TUNING_TABLE = "tuning.md"  # every candidate; its presence marks a tuned sweep folder
+DISCUSSION = "discussion.md"  # the hand-written reading of results.md, kept beside it
 TUNED_RANK = 8  # the LoRA rank the sweep file tunes; the rank study reuses its choices
 RANKS = (2, TUNED_RANK, 32)
 RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition
@@ -297,6 +300,14 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def discussion_link(sweep: Path) -> list[str]:
+    """results.md's opening link to the study's hand-written discussion, if it has one."""
+    if not (sweep / DISCUSSION).is_file():
+        return []
+    return [f"What these tables show and do not show, and how they compare with published "
+            f"results: [{DISCUSSION}]({DISCUSSION}) (hand-written).", ""]
+
+
 RESULTS_HEADER = (
     "Test results of the settings chosen on validation accuracy (tuning is not covered by "
     "ε). candidates: seed-0 candidates finished / planned by the sweep file; a choice "
@@ -329,7 +340,7 @@ def main() -> None:
     complete = tuning_complete(rows, planned)
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(
-        [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
+        discussion_link(sweep) + [RESULTS_HEADER, ""] + results_table(rows, chosen, planned)
         + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)
         + ["", GAP_HEADER, ""] + method_gap_table(rows, chosen)
         + ["", COST_HEADER, ""] + privacy_cost_table(rows, chosen)

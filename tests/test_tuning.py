@@ -184,3 +184,10 @@ def test_the_privacy_cost_pairs_no_dp_with_each_epsilon_by_seed(tmp_path):
     half = stats.t.ppf(0.975, 2) * statistics.stdev([0.02, 0.03, 0.01]) / 3 ** 0.5
     assert ffa == f"| ffa | iid | {0.02:.4f} ± {half:.4f} (n=3) | - |"
     assert vanilla == "| vanilla | iid | - | - |"  # no non-private vanilla run
+
+
+def test_results_link_the_hand_written_discussion_only_when_there_is_one(tmp_path):
+    assert tuning.discussion_link(tmp_path) == []
+    (tmp_path / tuning.DISCUSSION).write_text("# what the tables show\n")
+    link, blank = tuning.discussion_link(tmp_path)
+    assert "[discussion.md](discussion.md)" in link and blank == ""
