@@ -13,10 +13,10 @@ rate) is chosen. Writes into the sweep folder:
   candidates have finished (a choice made before all have is provisional), and the test
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
   (method x partition by privacy, rank 8); paired by seed, FFA minus vanilla and no DP
-  minus each epsilon; the rank study (method by rank) and each method's gain over rank
-  2, paired by seed. When the folder holds a hand-written `discussion.md` (what the
-  tables show and do not, against published results), `results.md` opens with a link to
-  it.
+  minus each epsilon; the rank study (method by rank), each method's gain over rank 2
+  and FFA minus vanilla at each rank, paired by seed. When the folder holds a hand-
+  written `discussion.md` (what the tables show and do not, against published results),
+  `results.md` opens with a link to it.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
@@ -250,6 +250,16 @@ def rank_gain_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> li
     return lines
 
 
+def rank_method_gap_table(rows: list[dict[str, Any]],
+                          chosen: dict[tuple, dict]) -> list[str]:
+    """FFA minus vanilla at each rank of the rank study, paired by seed."""
+    entries = [paired_difference(rows, chosen, ("ffa", *RANK_STUDY, r),
+                                 ("vanilla", *RANK_STUDY, r)) for r in RANKS]
+    return ["| | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
+            "|---|" + "---|" * len(RANKS),
+            "| ffa − vanilla | " + " | ".join(entries) + " |"]
+
+
 def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
     """Every seed's run of a setting at its chosen hyper-parameters."""
     return [r for r in rows if setting(r) == key and all(r[t] == best[t] for t in TUNED)]
@@ -326,6 +336,7 @@ COST_HEADER = ("What privacy costs: the non-private choice minus each private on
                "accuracy, paired by seed (same format).")
 RANK_GAIN_HEADER = (f"The rank study's gain over rank {RANKS[0]}, test accuracy, paired "
                     "by seed.")
+RANK_GAP_HEADER = "The rank study: FFA minus vanilla at each rank, paired by seed."
 
 
 def main() -> None:
@@ -345,7 +356,8 @@ def main() -> None:
         + ["", GAP_HEADER, ""] + method_gap_table(rows, chosen)
         + ["", COST_HEADER, ""] + privacy_cost_table(rows, chosen)
         + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)
-        + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)) + "\n")
+        + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)
+        + ["", RANK_GAP_HEADER, ""] + rank_method_gap_table(rows, chosen)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
     follow = args.config.parent / f"{study['name']}_chosen.toml"
     if final:

@@ -191,3 +191,16 @@ def test_results_link_the_hand_written_discussion_only_when_there_is_one(tmp_pat
     (tmp_path / tuning.DISCUSSION).write_text("# what the tables show\n")
     link, blank = tuning.discussion_link(tmp_path)
     assert "[discussion.md](discussion.md)" in link and blank == ""
+
+
+def test_the_rank_study_pairs_ffa_with_vanilla_at_each_rank(tmp_path):
+    for seed, ffa, vanilla in [(0, 0.85, 0.83), (1, 0.86, 0.85)]:
+        for method, test in [("ffa", ffa), ("vanilla", vanilla)]:
+            fake_cell(tmp_path, f"{method}{seed}", method, 8.0, 0.1, "sgd", seed, val=0.8,
+                      test=test, rank=2)
+    fake_cell(tmp_path, "f8", "ffa", 8.0, 0.1, "sgd", 0, val=0.8, test=0.86)
+    rows = tuning.cell_rows(tmp_path)
+    header, _, gap = tuning.rank_method_gap_table(rows, tuning.choose(rows))
+    assert header == "| | rank 2 | rank 8 | rank 32 |"
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.02, 0.01]) / 2 ** 0.5
+    assert gap == f"| ffa − vanilla | {0.015:.4f} ± {half:.4f} (n=2) | - | - |"
