@@ -14,9 +14,9 @@ rate) is chosen. Writes into the sweep folder:
   macro-F1 and accuracy of their seeds, mean and 95% t-interval; then the main table
   (method x partition by privacy, rank 8); paired by seed, FFA minus vanilla and no DP
   minus each epsilon; the rank study (method by rank), each method's gain over rank 2
-  and FFA minus vanilla at each rank, paired by seed. When the folder holds a hand-
-  written `discussion.md` (what the tables show and do not, against published results),
-  `results.md` opens with a link to it.
+  and FFA minus vanilla at each rank, paired by seed. When the folder holds a
+  hand-written `discussion.md` (what the tables show and do not, against published
+  results), `results.md` opens with a link to it.
 Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
