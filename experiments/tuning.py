@@ -48,6 +48,7 @@ TUNING_TABLE = "tuning.md"  # every candidate; its presence marks a tuned sweep 
 DISCUSSION = "discussion.md"  # the hand-written reading of results.md, kept beside it
 TUNED_RANK = 8  # the LoRA rank the sweep file tunes; the rank study reuses its choices
 RANKS = (2, TUNED_RANK, 32)
+RANK_COLUMNS = tuple(f"rank {r}" for r in RANKS)
 RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition
 
 
@@ -155,18 +156,27 @@ def privacy_label(privacy: str) -> str:
     return "no DP" if privacy == "none" else f"ε = {float(privacy):g}"
 
 
+def markdown_row(cells: list[str]) -> str:
+    """One row of a markdown table; an empty cell is written as a single space."""
+    return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+
+def markdown_head(columns: list[str]) -> list[str]:
+    """A markdown table's header row and its separator."""
+    return [markdown_row(columns), "|" + "---|" * len(columns)]
+
+
 def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                complete: set[tuple]) -> list[str]:
     """Method x partition rows, privacy columns (rank 8): the chosen settings' test
     macro-F1 / accuracy, mean ± 95% half-width over n seeds; * marks a provisional choice."""
     keys = [k for k in chosen if k[3] == TUNED_RANK]
     privacies = privacy_columns(keys)
-    lines = ["| method | partition | " + " | ".join(map(privacy_label, privacies)) + " |",
-        "|---|---|" + "---|" * len(privacies)]
+    lines = markdown_head(["method", "partition", *map(privacy_label, privacies)])
     for method, partition in sorted({(k[0], k[2]) for k in keys}):
         row_keys = [(method, p, partition, TUNED_RANK) for p in privacies]
         entries = [summary_entry(rows, chosen, k, k not in complete) for k in row_keys]
-        lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
+        lines.append(markdown_row([method, partition, *entries]))
     return lines
 
 
@@ -174,13 +184,12 @@ def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                complete: set[tuple]) -> list[str]:
     """The rank study: method rows, rank columns, epsilon 8, IID (every rank runs at rank
     8's choice, so that choice's provisional mark stands for the row)."""
-    lines = ["| method | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
-             "|---|" + "---|" * len(RANKS)]
+    lines = markdown_head(["method", *RANK_COLUMNS])
     for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
         provisional = (method, *RANK_STUDY, TUNED_RANK) not in complete
         entries = [summary_entry(rows, chosen, (method, *RANK_STUDY, r), provisional)
                    for r in RANKS]
-        lines.append(f"| {method} | " + " | ".join(entries) + " |")
+        lines.append(markdown_row([method, *entries]))
     return lines
 
 
@@ -214,13 +223,12 @@ def paired_difference(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """FFA minus vanilla, paired by seed: partition rows, privacy columns (rank 8)."""
     privacies = privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
-    lines = ["| partition | " + " | ".join(map(privacy_label, privacies)) + " |",
-        "|---|" + "---|" * len(privacies)]
+    lines = markdown_head(["partition", *map(privacy_label, privacies)])
     for partition in sorted({k[2] for k in chosen}):
         entries = [paired_difference(rows, chosen, ("ffa", p, partition, TUNED_RANK),
                                      ("vanilla", p, partition, TUNED_RANK))
                    for p in privacies]
-        lines.append(f"| {partition} | " + " | ".join(entries) + " |")
+        lines.append(markdown_row([partition, *entries]))
     return lines
 
 
@@ -228,25 +236,23 @@ def privacy_cost_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) ->
     """No DP minus each privacy setting, paired by seed: method x partition rows (rank 8)."""
     privacies = [p for p in privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
                  if p != "none"]
-    lines = ["| method | partition | " + " | ".join(
-        f"no DP − {privacy_label(p)}" for p in privacies) + " |",
-        "|---|---|" + "---|" * len(privacies)]
+    lines = markdown_head(["method", "partition",
+                           *(f"no DP − {privacy_label(p)}" for p in privacies)])
     for method, partition in sorted({(k[0], k[2]) for k in chosen if k[3] == TUNED_RANK}):
         entries = [paired_difference(rows, chosen, (method, "none", partition, TUNED_RANK),
                                      (method, p, partition, TUNED_RANK)) for p in privacies]
-        lines.append(f"| {method} | {partition} | " + " | ".join(entries) + " |")
+        lines.append(markdown_row([method, partition, *entries]))
     return lines
 
 
 def rank_gain_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """Each method's gain over its smallest rank, paired by seed (the rank study)."""
     low, *higher = RANKS
-    lines = ["| method | " + " | ".join(f"rank {r} − rank {low}" for r in higher) + " |",
-             "|---|" + "---|" * len(higher)]
+    lines = markdown_head(["method", *(f"rank {r} − rank {low}" for r in higher)])
     for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
         entries = [paired_difference(rows, chosen, (method, *RANK_STUDY, r),
                                      (method, *RANK_STUDY, low)) for r in higher]
-        lines.append(f"| {method} | " + " | ".join(entries) + " |")
+        lines.append(markdown_row([method, *entries]))
     return lines
 
 
@@ -255,9 +261,7 @@ def rank_method_gap_table(rows: list[dict[str, Any]],
     """FFA minus vanilla at each rank of the rank study, paired by seed."""
     entries = [paired_difference(rows, chosen, ("ffa", *RANK_STUDY, r),
                                  ("vanilla", *RANK_STUDY, r)) for r in RANKS]
-    return ["| | " + " | ".join(f"rank {r}" for r in RANKS) + " |",
-            "|---|" + "---|" * len(RANKS),
-            "| ffa − vanilla | " + " | ".join(entries) + " |"]
+    return markdown_head(["", *RANK_COLUMNS]) + [markdown_row(["ffa − vanilla", *entries])]
 
 
 def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
