@@ -166,11 +166,17 @@ def markdown_head(columns: list[str]) -> list[str]:
     return [markdown_row(columns), "|" + "---|" * len(columns)]
 
 
+def tuned_rank_settings(chosen: dict[tuple, dict]) -> list[tuple]:
+    """The chosen settings at the tuned rank: those of the main table and its paired
+    tables (the rank study's other ranks are left out)."""
+    return [k for k in chosen if k[3] == TUNED_RANK]
+
+
 def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                complete: set[tuple]) -> list[str]:
     """Method x partition rows, privacy columns (rank 8): the chosen settings' test
     macro-F1 / accuracy, mean ± 95% half-width over n seeds; * marks a provisional choice."""
-    keys = [k for k in chosen if k[3] == TUNED_RANK]
+    keys = tuned_rank_settings(chosen)
     privacies = privacy_columns(keys)
     lines = markdown_head(["method", "partition", *map(privacy_label, privacies)])
     for method, partition in sorted({(k[0], k[2]) for k in keys}):
@@ -222,7 +228,7 @@ def paired_difference(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 
 def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """FFA minus vanilla, paired by seed: partition rows, privacy columns (rank 8)."""
-    privacies = privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
+    privacies = privacy_columns(tuned_rank_settings(chosen))
     lines = markdown_head(["partition", *map(privacy_label, privacies)])
     for partition in sorted({k[2] for k in chosen}):
         entries = [paired_difference(rows, chosen, ("ffa", p, partition, TUNED_RANK),
@@ -234,11 +240,11 @@ def method_gap_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> l
 
 def privacy_cost_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:
     """No DP minus each privacy setting, paired by seed: method x partition rows (rank 8)."""
-    privacies = [p for p in privacy_columns([k for k in chosen if k[3] == TUNED_RANK])
-                 if p != "none"]
+    keys = tuned_rank_settings(chosen)
+    privacies = [p for p in privacy_columns(keys) if p != "none"]
     lines = markdown_head(["method", "partition",
                            *(f"no DP − {privacy_label(p)}" for p in privacies)])
-    for method, partition in sorted({(k[0], k[2]) for k in chosen if k[3] == TUNED_RANK}):
+    for method, partition in sorted({(k[0], k[2]) for k in keys}):
         entries = [paired_difference(rows, chosen, (method, "none", partition, TUNED_RANK),
                                      (method, p, partition, TUNED_RANK)) for p in privacies]
         lines.append(markdown_row([method, partition, *entries]))
