@@ -214,8 +214,9 @@ def main() -> None:
                             "learning_rate": setting.learning_rate})
             log.info("%s", results[-1])
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results, args))
-    log.info("\n%s", markdown(results, args))
+    table = markdown(results, args)
+    (args.out / "results.md").write_text(table)
+    log.info("\n%s", table)
 
 
 if __name__ == "__main__":
