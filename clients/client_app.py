@@ -24,8 +24,9 @@ from flwr.clientapp import ClientApp
 from clients import runtime
 from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
-from fed_dplora.data.site import SITES_CACHED, SitePlacement, load_site
-from fed_dplora.data.sources import Splits, sorted_label_names
+from fed_dplora.data.site import (SITES_CACHED, DataSource, SitePlacement,
+                                  data_source, load_site, shareable_labels)
+from fed_dplora.data.sources import Splits
 from fed_dplora.tasks import uses_labels
 from strategies.codec import to_arrays, to_record
 
@@ -55,23 +56,37 @@ def _site_errors(handler: Callable[[Message, Context], Message]):
 @app.query()
 @_site_errors
 def query(msg: Message, context: Context) -> Message:
-    """Round 0: this client's stable site id, training-set size, label values, and how
-    it will draw its DP randomness (the server's write-ahead record needs it)."""
-    placement = _placement(context)
+    """Round 0: this client's stable site id, training-set size, label values (those it
+    declared, or found if they look like labels), and how it will draw its DP
+    randomness (the server's write-ahead record needs it)."""
+    placement = runtime.placement(context.node_config)
     spec = parse_run_config(context.run_config)
     if spec.device == "cuda":  # fail before training; "auto" stays light (no torch here)
         _local_site().check_device(spec)
     splits = _site(spec, placement)
-    labelled = uses_labels(spec.task)
-    labels = sorted_label_names(set(splits.train.labels) | set(splits.test.labels))
+    mode = runtime.share_metrics(context.node_config)
+    labels, trained = _census_labels(spec, splits, context, mode)
     site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
     reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
-                          p.LABEL_NAMES: list(labels) if labelled else [],
-                          p.TRAIN_LABEL_NAMES: sorted(set(splits.train.labels)) if labelled
-                          else [],
+                          p.LABEL_NAMES: list(labels),
                           p.RANDOMNESS: _randomness(msg.content[p.CONFIG], context),
-                          p.SHARE_METRICS: runtime.share_metrics(context.node_config)})
+                          p.SHARE_METRICS: mode})
+    if trained is not None:
+        reply[p.TRAIN_LABEL_NAMES] = list(trained)
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)
+
+
+def _census_labels(spec: RunSpec, splits: Splits, context: Context, mode: str
+                   ) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """(label names to share, its training split's labels or None): only values that
+    look like labels, or the site's declared set; a `dp-only` site keeps which of them
+    its training split holds to itself."""
+    if not uses_labels(spec.task):
+        return (), ()
+    found = set(splits.train.labels) | set(splits.test.labels)
+    labels = shareable_labels(found, runtime.declared_labels(context.node_config))
+    trained = tuple(sorted(set(splits.train.labels)))
+    return labels, None if mode == p.SHARE_DP_ONLY else trained
 
 
 @app.train()
@@ -135,23 +150,26 @@ def _checked_config(msg: Message) -> ConfigRecord:
 
 
 def _site_declines(spec: RunSpec, context: Context, plan) -> str | None:
-    """Charge the round to the site's own ledger, or say why its limits refuse it."""
+    """Charge the round to the site's own ledger, or say why it declines (a `dp-only`
+    site says only that it declines: its reasons quote its lifetime spend and limits)."""
     ledger = runtime.site_ledger(context.node_config)
     if ledger is None:
         return None
     from fed_dplora.privacy.events import sampling_probability
-    from fed_dplora.site_ledger import RoundAsk, SiteDeclines, dataset_key
-    splits = _site(spec, _placement(context))
+    from fed_dplora.site_ledger import RoundAsk, SiteDeclines
+    placement = runtime.placement(context.node_config)
+    splits = _site(spec, placement)
     ask = RoundAsk(str(context.run_id), sampling_probability(plan.batch_size,
                                                                  len(splits.train)),
                    plan.noise_multiplier, plan.local_steps)
     try:
-        epsilon = ledger.charge_or_decline(
-            dataset_key(splits.train.texts, splits.train.labels), ask)
+        spend = ledger.charge_or_decline(_source(spec, placement), ask)
     except SiteDeclines as why:
         log.warning("declining a round of run %s: %s", ask.run, why)
-        return str(why)
-    log.info("site ledger %s: epsilon %.4f after this round", ledger.path, epsilon)
+        shared = runtime.share_metrics(context.node_config) != p.SHARE_DP_ONLY
+        return str(why) if shared else p.DECLINED_WITHHELD
+    log.info("site ledger %s: epsilon %.4f replace-one, %.4f add/remove (delta %.3g) "
+             "after this round", ledger.path, spend.replace_one, spend.add_remove, spend.delta)
     return None
 
 
@@ -159,14 +177,8 @@ def _randomness(config: ConfigRecord, context: Context) -> str:
     return runtime.randomness(context.node_config, bool(config.get(p.SECURE_NOISE, False)))
 
 
-def _placement(context: Context) -> SitePlacement:
-    node = context.node_config
-    return SitePlacement(int(node.get("partition-id", 0)), int(node.get("num-partitions", 1)),
-                         str(node.get("data-path", "")))
-
-
 def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
-    placement = _placement(context)
+    placement = runtime.placement(context.node_config)
     return _local_site().prepare(spec, placement, _site(spec, placement),
                                  tuple(config[p.LABEL_NAMES]))
 
@@ -178,4 +190,10 @@ def _local_site() -> ModuleType:
 @lru_cache(maxsize=SITES_CACHED)
 def _site(spec: RunSpec, placement: SitePlacement) -> Splits:
     return load_site(spec, placement)
+
+
+@lru_cache(maxsize=SITES_CACHED)
+def _source(spec: RunSpec, placement: SitePlacement) -> DataSource:
+    """The site's ledger account (hashing its files once per process)."""
+    return data_source(spec, placement, _site(spec, placement))
 

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from fed_dplora.data.site import SitePlacement
+from fed_dplora.data.sources import DataError
 from fed_dplora.protocol import (FRESH, SEEDED, SEEDED_BY_SITE, SHARE_ALL, SHARE_DP_ONLY,
                                  SHARE_METRICS, SHARE_MODES)
 
@@ -54,10 +56,10 @@ def share_metrics(node_config: Mapping) -> str:
 
 def site_ledger(node_config: Mapping):
     """The site's own ledger (node config `privacy-ledger`, a file path), with its limits
-    `max-epsilon`, `max-delta` and `min-noise-multiplier`. On by default outside the
-    simulation, at $FLWR_HOME/fed-dplora/site-ledger.json (flwr has no SuperNode state
-    folder); inside it only where `privacy-ledger` is given (a sweep would exhaust it).
-    Returns a `fed_dplora.site_ledger.SiteLedger`, or None."""
+    `max-epsilon`, `max-delta`, `min-noise-multiplier` and `allow-unnoised`. On by
+    default outside the simulation, at $FLWR_HOME/fed-dplora/site-ledger.json (flwr has
+    no SuperNode state folder); inside it only where `privacy-ledger` is given (a sweep
+    would exhaust it). Returns a `fed_dplora.site_ledger.SiteLedger`, or None."""
     path = node_config.get("privacy-ledger")
     if not path:
         if in_simulation():
@@ -68,7 +70,44 @@ def site_ledger(node_config: Mapping):
     return SiteLedger(path, SiteLimits(
         _positive(node_config, "max-epsilon"),
         _positive(node_config, "max-delta") or MAX_AUTO_DELTA,
-        _positive(node_config, "min-noise-multiplier")))
+        _positive(node_config, "min-noise-multiplier"), allows_unnoised(node_config)))
+
+
+def allows_unnoised(node_config: Mapping) -> bool:
+    """`allow-unnoised`: whether the site trains rounds without sample-level noise (its
+    epsilon is then infinite). Outside the simulation only where the site opts in."""
+    value = node_config.get("allow-unnoised", in_simulation())
+    if not isinstance(value, bool):
+        raise ValueError(f"node config allow-unnoised={value!r}: expected true or false")
+    return value
+
+
+def declared_labels(node_config: Mapping) -> tuple[str, ...]:
+    """`labels="a,b,c"`: the label values the site agrees to share (empty: any values
+    that look like labels, see `fed_dplora.data.site.shareable_labels`)."""
+    value = node_config.get("labels", "")
+    if not isinstance(value, str):
+        raise ValueError(f"node config labels={value!r}: expected a comma-separated string")
+    return tuple(sorted({label.strip() for label in value.split(",") if label.strip()}))
+
+
+def placement(node_config: Mapping) -> SitePlacement:
+    """Where this site's data is. Deployed: its node config's `data-path` (required: a
+    run config never points a site at data) and columns (`text-column`, `label-column`;
+    default "text", "label"). Simulated: its partition, or a node config data path."""
+    path = str(node_config.get("data-path", ""))
+    columns = {"text_column": node_config.get("text-column"),
+               "label_column": node_config.get("label-column")}
+    if not in_simulation():
+        if not path:
+            raise DataError(
+                "this SuperNode's node config has no data-path: a deployed site trains only "
+                "on data it declares itself (--node-config 'data-path=\"/secure/notes.csv\"'),"
+                " never on a path the run config names")
+        columns = {"text_column": columns["text_column"] or "text",
+                   "label_column": columns["label_column"] or "label"}
+    return SitePlacement(int(node_config.get("partition-id", 0)),
+                         int(node_config.get("num-partitions", 1)), path, **columns)
 
 
 def _positive(node_config: Mapping, key: str) -> float | None:

@@ -38,6 +38,7 @@ CLIP_FRACTION = "clip-fraction"
 COMPUTE_S = "compute-s"
 A_FINGERPRINT = "a-fingerprint"  # in the reply's ConfigRecord (a string)
 DECLINED = "declined"  # in a train reply's ConfigRecord: why the site's own limits refused
+DECLINED_WITHHELD = "declined (a dp-only site keeps its reason in its own log)"
 # Reply metrics (evaluate)
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"

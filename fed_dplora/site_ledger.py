@@ -1,17 +1,25 @@
 """A site's own privacy ledger and limits: the guarantee does not rest on the coordinator.
 
-Privacy: unit = one record of this site's training data (add/remove), across every run
-that used the same data. The file holds, per dataset (a content hash of the training
-records) and per run, how many DP-SGD steps the site took with each (q, sigma); the
-site's epsilon is the composition of all of them (RDP, dp-accounting) at its own delta.
-Before a round the site computes its epsilon after that round and declines it if it
-would pass `max-epsilon`, or if the server asks for less noise than
-`min-noise-multiplier`, or for no noise while a limit is set. A round is charged before
-it trains (a crash afterwards cannot leave a release uncharged). The file is written
-whole (temporary file, fsync, rename) under an exclusive lock: a SuperNode may run
-several ClientApps at once.
+Privacy: unit = one record of this site's data source, across every run that used it.
+One account per data source (`fed_dplora.data.site.DataSource`: the content of the
+site's file or folder, all records), whatever a run's seed, record cap, validation
+fraction, task or columns: every run reading the source charges the same account. The
+file holds, per account and per run, how many DP-SGD steps the site took with each
+(q, sigma), and rounds that carried no sample-level noise (their epsilon is infinite).
 
-    python -m fed_dplora.site_ledger show <file> [--delta 1e-5]
+The site's n leaves it (census), so its guarantee is stated for replace-one neighbours:
+`max-epsilon` is checked against the replace-one epsilon (dp-accounting's PLD, which
+supports Poisson sampling under replace-one; its RDP accountant does not), and the
+add/remove epsilon (RDP) is reported next to it. delta follows the plan's rule,
+min(max-delta, 1 / (10 n)) with n the source's records. Before a round the site
+computes its epsilon after that round and declines it if it would pass `max-epsilon`,
+if the server asks for less noise than `min-noise-multiplier`, or for no noise unless
+the site accepts un-noised rounds (`allow-unnoised`, then charged epsilon = infinity).
+A round is charged before it trains (a crash afterwards cannot leave a release
+uncharged). The file is written whole (temporary file, fsync, rename) under an exclusive
+lock: a SuperNode may run several ClientApps at once.
+
+    python -m fed_dplora.site_ledger show <file>
 """
 
 from __future__ import annotations
@@ -19,21 +27,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fed_dplora.privacy.events import dp_sgd_step, event_from_json, event_to_json
-from fed_dplora.privacy.ledger import Ledger, sample_level_ledger
-from fed_dplora.privacy.plan import MAX_AUTO_DELTA
-from fed_dplora.privacy.report import max_pld_epsilon
+import dp_accounting as dpa
+
+from fed_dplora.data.site import DataSource
+from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
+from fed_dplora.privacy.events import (NeighborRel, dp_sgd_step, event_from_json,
+                                       event_to_json)
+from fed_dplora.privacy.ledger import sample_level_ledger
+from fed_dplora.privacy.plan import MAX_AUTO_DELTA, auto_delta
+from fed_dplora.privacy.report import pld_epsilon
 
 log = logging.getLogger("fed_dplora.site_ledger")
-TOTAL = "total"
+FILE_VERSION = 2
+UNNOISED = "unnoised-rounds"  # a run's count of rounds without sample-level noise
 
 
 class SiteDeclines(RuntimeError):
@@ -44,13 +58,10 @@ class SiteDeclines(RuntimeError):
 class SiteLimits:
     """Set by the hospital in its node config, not by the coordinator."""
 
-    max_epsilon: float | None = None  # lifetime, for this dataset
-    max_delta: float = MAX_AUTO_DELTA  # the delta at which the site's epsilon is computed
+    max_epsilon: float | None = None  # lifetime, replace-one, for this data source
+    max_delta: float = MAX_AUTO_DELTA  # cap on the delta of the site's epsilon
     min_noise_multiplier: float | None = None
-
-    @property
-    def any(self) -> bool:
-        return self.max_epsilon is not None or self.min_noise_multiplier is not None
+    allow_unnoised: bool = False  # accept rounds without sample-level noise (eps = inf)
 
 
 @dataclass(frozen=True)
@@ -63,12 +74,14 @@ class RoundAsk:
     steps: int
 
 
-def dataset_key(texts: tuple[str, ...], labels: tuple[str, ...]) -> str:
-    """SHA-256 of the training records: runs on the same data share one budget."""
-    digest = hashlib.sha256()
-    for text, label in zip(texts, labels):
-        digest.update(f"{len(text)}:{text}\x1f{label}\x1e".encode())
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class Spend:
+    """An account's epsilon at its delta: replace-one (PLD, the limit's relation) and
+    add/remove (RDP)."""
+
+    replace_one: float
+    add_remove: float
+    delta: float
 
 
 class SiteLedger:
@@ -76,92 +89,110 @@ class SiteLedger:
         self.path = Path(path)
         self.limits = limits
 
-    def charge_or_decline(self, dataset: str, ask: RoundAsk) -> float:
-        """Charge the round and return the site's epsilon after it, or raise
-        `SiteDeclines` (nothing charged) when it would pass a limit."""
-        with self._locked() as state:
-            runs = state.setdefault(dataset, {})
-            ledger = _ledger(runs, self.limits.max_delta)
-            self._check(ledger, ask)
-            if ask.noise_multiplier is not None:
-                event = dp_sgd_step(ask.sampling_probability, ask.noise_multiplier)
-                key = json.dumps(event_to_json(event))
-                counts = runs.setdefault(ask.run, {})
-                counts[key] = counts.get(key, 0) + ask.steps
-                ledger.record(TOTAL, event, ask.steps)
-            return ledger.epsilon(TOTAL)
+    def charge_or_decline(self, source: DataSource, ask: RoundAsk) -> Spend:
+        """Charge the round to `source`'s account and return its spend after it, or
+        raise `SiteDeclines` (nothing charged) when it would pass a limit."""
+        with self._locked() as accounts:
+            account = accounts.setdefault(source.key, {"source": source.description,
+                                                       "records": source.records, "runs": {}})
+            # In simulation a record cap changes the count: the larger n, the smaller delta.
+            account["records"] = max(account["records"], source.records)
+            self._check(ask)
+            counts = account["runs"].setdefault(ask.run, {})
+            key = (UNNOISED if ask.noise_multiplier is None else
+                   json.dumps(event_to_json(dp_sgd_step(ask.sampling_probability,
+                                                        ask.noise_multiplier))))
+            counts[key] = counts.get(key, 0) + (1 if key == UNNOISED else ask.steps)
+            spend = self.spend(account)
+            if self.limits.max_epsilon is not None and spend.replace_one > self.limits.max_epsilon:
+                raise SiteDeclines(f"this round would take this site's data to epsilon "
+                                   f"{spend.replace_one:.4f} (replace-one) > its max-epsilon "
+                                   f"{self.limits.max_epsilon:g} (delta {spend.delta:.3g}, "
+                                   "over all its runs)")
+            return spend
 
-    def spend(self, dataset: str) -> dict[str, float]:
-        """Epsilon per run and in total for one dataset (RDP, at the site's delta)."""
-        return self.epsilons(self.datasets().get(dataset, {}))
+    def accounts(self) -> dict[str, dict]:
+        """{account key: {"source", "records", "runs": {run: {event JSON: steps}}}}."""
+        if not self.path.exists():
+            return {}
+        state = json.loads(self.path.read_text())
+        if state.get("version") != FILE_VERSION:
+            raise ValueError(f"{self.path}: a site ledger of another format (version "
+                             f"{state.get('version')}, this fed-dplora reads "
+                             f"{FILE_VERSION}); keep it, and give this version another "
+                             "privacy-ledger file")
+        return state["accounts"]
 
-    def datasets(self) -> dict[str, dict[str, dict[str, int]]]:
-        """{dataset: {run: {event (JSON): steps}}}, as the file holds it."""
-        return json.loads(self.path.read_text()) if self.path.exists() else {}
+    def spend(self, account: dict, run: str | None = None) -> Spend:
+        """Epsilon of the whole account, or of one `run` of it."""
+        delta = min(self.limits.max_delta, auto_delta([account["records"]]))
+        runs = account["runs"] if run is None else {run: account["runs"].get(run, {})}
+        counts: Counter = Counter()
+        for steps in runs.values():
+            counts.update(steps)
+        if counts.get(UNNOISED):
+            return Spend(float("inf"), float("inf"), delta)
+        events = tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in counts.items()
+                               if n), key=repr))
+        add_remove = _rdp_total(events, delta) if events else 0.0
+        replace_one = (pld_epsilon(events, delta, NeighborRel.REPLACE_ONE,
+                                   LIVE_PLD_DISCRETIZATION) if events else 0.0)
+        return Spend(replace_one, add_remove, delta)
 
-    def epsilons(self, runs: dict[str, dict[str, int]]) -> dict[str, float]:
-        ledger = _ledger(runs, self.limits.max_delta)
-        return {**{run: ledger.epsilon(run) for run in runs}, TOTAL: ledger.epsilon(TOTAL)}
-
-    def _check(self, ledger: Ledger, ask: RoundAsk) -> None:
-        """Raise `SiteDeclines` if the round would pass a limit (`ledger`: spend so far)."""
+    def _check(self, ask: RoundAsk) -> None:
+        """Raise `SiteDeclines` for a round the site refuses whatever its spend."""
         limits = self.limits
         if ask.noise_multiplier is None:
-            if limits.any:
-                raise SiteDeclines("the server asks for training without DP noise, and "
-                                   "this site set privacy limits")
+            if not limits.allow_unnoised:
+                raise SiteDeclines(
+                    "the server asks for a round without sample-level DP noise; this site "
+                    "declines it (a site that accepts such rounds sets allow-unnoised=true "
+                    "in its node config, and its epsilon becomes infinite)")
             return
         if (limits.min_noise_multiplier is not None
                 and ask.noise_multiplier < limits.min_noise_multiplier):
             raise SiteDeclines(f"the server asks for noise multiplier "
                                f"{ask.noise_multiplier:.4f} < this site's "
                                f"min-noise-multiplier {limits.min_noise_multiplier:g}")
-        if limits.max_epsilon is None:
-            return
-        after = ledger.epsilon_if(TOTAL, dp_sgd_step(ask.sampling_probability,
-                                                     ask.noise_multiplier), ask.steps)
-        if after > limits.max_epsilon:
-            raise SiteDeclines(f"this round would take this site's data to epsilon "
-                               f"{after:.4f} > its max-epsilon {limits.max_epsilon:g} (delta "
-                               f"{limits.max_delta:g}, over all its runs)")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict]:
-        """The file's state under an exclusive lock; written back whole on success."""
+        """The accounts under an exclusive lock; written back whole on success."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.datasets()
-            yield state
+            accounts = self.accounts()
+            yield accounts
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             with tmp.open("w") as handle:
+                state = {"version": FILE_VERSION, "accounts": accounts}
                 handle.write(json.dumps(state, indent=1, sort_keys=True) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
 
 
-def _ledger(runs: dict[str, dict[str, int]], delta: float) -> Ledger:
-    """A sample-level ledger with one account per run and their sum under `TOTAL`
-    (which dominates every run, so a PLD report computes the total alone)."""
+def _rdp_total(events: tuple[tuple[dpa.DpEvent, int], ...], delta: float) -> float:
+    """Add/remove epsilon of the events composed (RDP)."""
     ledger = sample_level_ledger(delta)
-    for run, counts in runs.items():
-        for key, count in counts.items():
-            event = event_from_json(json.loads(key))
-            ledger.record_many({run: (event, count), TOTAL: (event, count)})
-    return ledger
+    for event, count in events:
+        ledger.record("total", event, count)
+    return ledger.epsilon("total")
 
 
-def show(path: str, delta: float) -> str:
-    """Each dataset's spend per run and in total: RDP, and PLD for the total."""
-    site = SiteLedger(path, SiteLimits(max_delta=delta))
-    lines = [f"{path} (epsilon at delta {delta:g})"]
-    for dataset, runs in sorted(site.datasets().items()):
-        eps = site.epsilons(runs)
-        pld = max_pld_epsilon(_ledger(runs, delta))
-        lines.append(f"dataset {dataset[:16]}: total epsilon {eps[TOTAL]:.4f} (RDP), "
-                     f"{pld:.4f} (PLD)")
-        lines += [f"  run {run}: {eps[run]:.4f} (RDP)" for run in sorted(runs)]
+def show(path: str) -> str:
+    """Each account's spend in total and per run."""
+    site = SiteLedger(path, SiteLimits())
+    lines = [f"{path}"]
+    for key, account in sorted(site.accounts().items()):
+        total = site.spend(account)
+        lines.append(f"account {key[:16]} ({account['source']}, {account['records']} "
+                     f"records, delta {total.delta:.3g}): epsilon {total.replace_one:.4f} "
+                     f"replace-one (PLD), {total.add_remove:.4f} add/remove (RDP)")
+        for run in sorted(account["runs"]):
+            spend = site.spend(account, run)
+            lines.append(f"  run {run}: {spend.replace_one:.4f} replace-one, "
+                         f"{spend.add_remove:.4f} add/remove")
     return "\n".join(lines)
 
 
@@ -170,9 +201,8 @@ def main() -> None:
                                      description="A site's privacy spend, per run and total")
     parser.add_argument("command", choices=["show"])
     parser.add_argument("file")
-    parser.add_argument("--delta", type=float, default=MAX_AUTO_DELTA)
     args = parser.parse_args()
-    print(show(args.file, args.delta))  # the command's output, not a log line
+    print(show(args.file))  # the command's output, not a log line
 
 
 if __name__ == "__main__":

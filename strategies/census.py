@@ -64,7 +64,8 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool,
                 "each SuperNode its own --node-config 'site-id=\"...\"'")
         node_of[site], sizes[site] = node, int(config[p.NUM_TRAIN_EXAMPLES])
         labels |= set(config[p.LABEL_NAMES])
-        trained |= set(config[p.TRAIN_LABEL_NAMES])
+        # A dp-only site keeps its training split's labels to itself: taken as all.
+        trained |= set(config.get(p.TRAIN_LABEL_NAMES, config[p.LABEL_NAMES]))
         randomness[site] = str(config[p.RANDOMNESS])
         shares[site] = str(config[p.SHARE_METRICS])
     for node in asked.values():

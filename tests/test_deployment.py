@@ -9,7 +9,6 @@ stopped with its whole process group, also when a test fails.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import signal
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from fed_dplora.data.demo import generate_site
 from fed_dplora.results import load_final_model, read_metrics
 from fed_dplora.trial_certs import write_trial_certs
 from flwr_cli import REPO, free_port
+from helpers import write_site_csv
 SITES = ("site-a", "site-b")
 pytestmark = pytest.mark.deployment
 
@@ -76,7 +75,7 @@ class Deployment:
                   name: str | None = None) -> subprocess.Popen:
         data = self.tmp / f"{site}.csv"
         if not data.exists():
-            write_site_data(data, SITES.index(site) if site in SITES else 0)
+            write_site_csv(data, SITES.index(site) if site in SITES else 0)
         return self.start(
             name or site, "flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key", str(self.certs / (key or site)),
@@ -125,15 +124,6 @@ class Deployment:
     def stop_all(self) -> None:
         for name in list(self.processes):
             self.stop(name)
-
-
-def write_site_data(path: Path, site: int) -> None:
-    """A hospital's own notes file (the demo generator's records, as a CSV)."""
-    texts, labels = generate_site(site, 150, 0)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(texts, labels))
 
 
 @pytest.fixture()

@@ -15,7 +15,8 @@ from fed_dplora.privacy.events import dp_fedavg_round, dp_sgd_step
 from fed_dplora.privacy.ledger import FEDERATION, client_level_ledger, sample_level_ledger
 from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_level,
                                      plan_sample_level)
-from fed_dplora.privacy.report import ledger_report
+from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
+from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
 
 DELTA = 1e-5
 REPLACE_ONE = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
@@ -107,6 +108,27 @@ def test_pld_report_is_tighter_and_matches_an_independent_pld():
     fixed.record(FEDERATION, dp_fedavg_round("fixed", 100, 10, 1.1), 5)
     unsupported = ledger_report(fixed, [FEDERATION], 8.0)
     assert unsupported["epsilon_pld_max"] is None and "RDP" in unsupported["pld_note"]
+
+
+def test_replace_one_is_reported_next_to_add_remove_and_matches_an_independent_pld():
+    """n leaves each site, so the report states replace-one too (PLD supports Poisson
+    sampling under replace-one): checked against dp-accounting composed by hand, for the
+    report (fine grid), the live value (coarse grid: an upper bound, within 1e-3), and
+    the site whose mechanism is weaker by add/remove but not by replace-one."""
+    ledger = sample_level_ledger(DELTA)
+    ledger.record("small-q", dp_sgd_step(0.02, 0.8), 50)
+    ledger.record("large-q", dp_sgd_step(0.08, 0.7849), 50)
+    expected = {}
+    for site, (q, sigma) in {"small-q": (0.02, 0.8), "large-q": (0.08, 0.7849)}.items():
+        accountant = pld.PLDAccountant(REPLACE_ONE, value_discretization_interval=1e-4)
+        accountant.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), 50)
+        expected[site] = accountant.get_epsilon(DELTA)
+    report = ledger_report(ledger, ["small-q", "large-q"], 8.0)
+    assert report["epsilon_pld_replace_one_max"] == pytest.approx(max(expected.values()),
+                                                                  rel=1e-3)
+    assert report["epsilon_pld_replace_one_max"] > report["epsilon_pld_max"]
+    live = max_pld_epsilon(ledger, REPLACE_ONE, LIVE_PLD_DISCRETIZATION)
+    assert max(expected.values()) <= live <= max(expected.values()) + 1e-3
 
 
 def test_federation_epsilon_is_the_max_over_clients_and_absent_client_is_zero():

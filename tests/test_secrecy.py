@@ -15,8 +15,8 @@ from dp_accounting import rdp
 
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.results import read_metrics
+from helpers import Crash, crash_at, deployed_nodes
 from local_grid import LocalGrid, run_federation
-from strategies.federation import Federation
 from strategies.run_report import PARTICIPATION_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,10 +47,10 @@ def test_a_seeded_simulation_says_what_its_sampling_assumes(config):
     assert set(report["randomness"].values()) == {"seeded"}
 
 
-def test_a_deployed_site_draws_fresh_randomness_whatever_the_server_asks(config):
+def test_a_deployed_site_draws_fresh_randomness_whatever_the_server_asks(config, tmp_path):
     """The server asks for seeded noise; outside the simulation every client refuses,
     except one that opted out itself: its epsilon is reported void."""
-    nodes = [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+    nodes = deployed_nodes(tmp_path, NODES)
     nodes[2]["secure-noise"] = False
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     report = report_of(config)
@@ -60,7 +60,7 @@ def test_a_deployed_site_draws_fresh_randomness_whatever_the_server_asks(config)
     assert report["epsilon_void_sites"] == ["partition-2"]
     # A deployed site keeps its own ledger by default, under FLWR_HOME.
     default = Path(os.environ["FLWR_HOME"]) / "fed-dplora" / "site-ledger.json"
-    assert len(json.loads(default.read_text())) == NODES  # one dataset per site
+    assert len(json.loads(default.read_text())["accounts"]) == NODES  # one per data file
 
 
 def test_a_simulated_site_keeps_no_ledger_unless_asked(config):
@@ -73,20 +73,6 @@ def test_flowers_simulation_is_detected_in_process_and_nothing_else_is():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout.strip()
     assert out == "False"  # e2e: a real `flwr run` simulation reports "seeded" sites
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL: nothing after it runs, the files stay as they are."""
-
-
-def crash_at(monkeypatch, method: str, rnd: int) -> None:
-    original = getattr(Federation, method)
-
-    def crashing(self, *args, **kwargs):
-        if self.state.pending and self.state.pending["round"] == rnd:
-            raise Crash(method)
-        return original(self, *args, **kwargs)
-    monkeypatch.setattr(Federation, method, crashing)
 
 
 # Where the server dies in round 2, and whether the new aggregate had left it by then.
@@ -135,8 +121,9 @@ def test_every_release_is_charged_whatever_crashes_when(config, monkeypatch, met
     assert Checkpoint.load(Path(config["output-dir"]) / "run").round == 3
 
 
-def test_a_deployed_site_shares_only_what_the_accountant_needs_unless_it_opts_in(config):
-    nodes = [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+def test_a_deployed_site_shares_only_what_the_accountant_needs_unless_it_opts_in(
+        config, tmp_path):
+    nodes = deployed_nodes(tmp_path, NODES)
     nodes[1]["share-metrics"] = "evaluation"
     grid = LocalGrid(config, NODES, nodes, deployment=True)
     sent = []  # (node, message type, metric names) of every reply
@@ -157,15 +144,14 @@ def test_a_deployed_site_shares_only_what_the_accountant_needs_unless_it_opts_in
 
 @pytest.mark.parametrize("mode, leaks", [("all", True), ("dp-only", False)])
 def test_an_error_leaves_a_site_as_its_type_alone_unless_it_shares_all(
-        config, monkeypatch, mode, leaks):
+        config, monkeypatch, tmp_path, mode, leaks):
     import clients.local_site
 
     def broken(*args):
         raise ValueError("record 17 reads 'Jane Roe, 1961-03-02'")
     monkeypatch.setattr(clients.local_site, "prepare", broken)
     config.update({"min-replies": 1, "max-lost-rounds": 1})
-    nodes = [{"partition-id": i, "num-partitions": NODES, "share-metrics": mode}
-             for i in range(NODES)]
+    nodes = deployed_nodes(tmp_path, NODES, **{"share-metrics": mode})
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     (row,) = read_metrics(Path(config["output-dir"]) / "run")
     reasons = " ".join(row["failures"]["train"].values())

@@ -1,13 +1,16 @@
-"""One client's train/test records, from the run's data spec and where the client sits."""
+"""One client's train/test records, from the run's data spec and where the client sits;
+the identity of the data source its ledger account charges; the labels it may share."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
-from fed_dplora.data.sources import (TEST_FRACTION, LabelledText, Splits, load_hub,
-                                     load_local, split)
+from fed_dplora.data.sources import (SUFFIXES, TEST_FRACTION, DataError, LabelledText,
+                                     Splits, load_hub, load_local, split)
 from fed_dplora.tasks import uses_labels
 
 
@@ -15,15 +18,36 @@ from fed_dplora.tasks import uses_labels
 # the number of simulated sites, every worker loads each site once (evaluation visits
 # every site each round; experiments/bench_scale.py measures 100 sites).
 SITES_CACHED = 256
+# Label values leave a site (census) only when they look like labels: at most this many
+# distinct values, none longer than this many characters.
+MAX_SHARED_LABELS = 100
+MAX_LABEL_CHARS = 40
+
+
+class LabelsWithheld(DataError):
+    """The label column does not look like labels, or holds values the site did not
+    declare: the site declines to send them (the message never quotes a value)."""
 
 
 @dataclass(frozen=True)
 class SitePlacement:
-    """Simulation: this client's partition. Deployment: its own data path, all of it."""
+    """Simulation: this client's partition. Deployment: its own data path, all of it,
+    read with the columns its node config declares (None: the run config's)."""
 
     partition_id: int = 0
     num_partitions: int = 1
     data_path: str = ""  # a site's own file or folder (node config `data-path`)
+    text_column: str | None = None
+    label_column: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a site's ledger account is: its data source, whatever a run reads of it."""
+
+    key: str  # SHA-256 of the source (file contents; in simulation, also the partition)
+    records: int  # records the site's source holds (the delta rule's n)
+    description: str  # for `site_ledger show`: the path or dataset, and the partition
 
 
 def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
@@ -36,25 +60,99 @@ def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
     return Splits(held_out.train, splits.test, held_out.test)
 
 
+def data_source(spec: RunSpec, placement: SitePlacement, splits: Splits) -> DataSource:
+    """The site's account: a deployed site's file (or every data file of its folder),
+    all of it, so runs with other seeds, record caps, validation fractions, tasks or
+    columns charge one account. In simulation: the partition of the run's source."""
+    if placement.data_path:
+        path = Path(placement.data_path).expanduser()
+        return DataSource(_files_digest(path), _record_count(spec, placement),
+                          str(path.resolve()))
+    data = spec.data
+    if data.is_demo:
+        source = f"{data.name}:{data.demo_records_per_site}"
+    elif data.path:
+        source = _files_digest(Path(data.path).expanduser())
+    else:
+        source = f"hub:{data.name}"
+    where = f"partition {placement.partition_id} of {placement.num_partitions}"
+    key = hashlib.sha256(f"{source}\x1f{where}".encode()).hexdigest()
+    records = len(splits.train) + len(splits.test) + len(splits.validation or ())
+    return DataSource(key, records, f"{data.path or data.name}, {where}")
+
+
+def shareable_labels(found: set[str], declared: tuple[str, ...]) -> tuple[str, ...]:
+    """The label values this site sends in the census: its declared set (node config
+    `labels`), which must hold every value found; or, undeclared, the values found if
+    they look like labels. Otherwise `LabelsWithheld`, naming no value."""
+    if declared:
+        outside = found - set(declared)
+        if outside:
+            raise LabelsWithheld(
+                f"{len(outside)} label value(s) of this site's data are not in the labels "
+                "its node config declares; the site declines the census (values in its "
+                "own log only)")
+        return declared
+    longest = max((len(value) for value in found), default=0)
+    if len(found) > MAX_SHARED_LABELS or longest > MAX_LABEL_CHARS:
+        raise LabelsWithheld(
+            f"the label column holds {len(found)} distinct values, the longest "
+            f"{longest} characters: labels are at most {MAX_SHARED_LABELS} values of at "
+            f"most {MAX_LABEL_CHARS} characters; the site declines to send them (set its "
+            "node config's label-column, or declare labels=\"a,b,...\")")
+    return tuple(sorted(found))
+
+
 def _train_and_test(spec: RunSpec, placement: SitePlacement) -> Splits:
     data = spec.data
-    # A text-only task reads no label column (every record gets the label "").
-    label_column = data.label_column if uses_labels(spec.task) else ""
+    text_column = placement.text_column or data.text_column
+    label_column = _label_column(spec, placement)
     if placement.data_path:
-        return load_local(placement.data_path, data.text_column, label_column, spec.seed,
+        return load_local(placement.data_path, text_column, label_column, spec.seed,
                           max_records=data.max_records)
     if data.is_demo:
         texts, labels = generate_site(placement.partition_id, data.demo_records_per_site,
                                       spec.seed)
         return split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, spec.seed)
     if data.path:
-        whole = load_local(data.path, data.text_column, label_column, spec.seed,
+        whole = load_local(data.path, text_column, label_column, spec.seed,
                            data.partition_column, data.max_records)
     else:
-        whole = load_hub(data.name, data.text_column, label_column)
+        whole = load_hub(data.name, text_column, label_column)
     # Here only: flwr-datasets (with datasets, scipy, seaborn) takes ~1.5 s to import,
     # which a site with its own data or the demo task should not pay at start-up.
     from fed_dplora.data.partition import partition
 
     return Splits(*(partition(part, data, placement.partition_id, placement.num_partitions,
                               spec.seed) for part in (whole.train, whole.test)))
+
+
+def _label_column(spec: RunSpec, placement: SitePlacement) -> str:
+    """A text-only task reads no label column (every record gets the label "")."""
+    if not uses_labels(spec.task):
+        return ""
+    return placement.label_column or spec.data.label_column
+
+
+def _record_count(spec: RunSpec, placement: SitePlacement) -> int:
+    """Every record of a site's own file or folder (no record cap, no split)."""
+    whole = load_local(placement.data_path, placement.text_column or spec.data.text_column,
+                       _label_column(spec, placement), seed=0)
+    return len(whole.train) + len(whole.test)
+
+
+def _files_digest(path: Path) -> str:
+    """SHA-256 over a file's bytes, or over every data file of a folder (by name)."""
+    files = ([path] if path.is_file() else
+             sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES))
+    if not files:
+        raise DataError(f"data path {str(path)!r}: no data file to identify the site's "
+                        "ledger account by")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\x1f".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\x1e")
+    return digest.hexdigest()

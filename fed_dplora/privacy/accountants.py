@@ -13,7 +13,11 @@ from fed_dplora.privacy.events import NeighborRel
 RDP_ORDERS = sorted({1 + x / 10 for x in range(1, 100)} | set(range(11, 64))
                     | {64, 72, 80, 96, 112, 128, 160, 192, 256, 384, 512, 1024})
 assert min(RDP_ORDERS) > 1.01  # the vectorized conversion in ledger.py relies on it
-PLD_DISCRETIZATION = 1e-4
+PLD_DISCRETIZATION = 1e-4  # the final report
+# Each round's live replace-one value and a site's limit check: 10x coarser, about 10x
+# faster (0.2 s for the default job's 50 steps), still an upper bound (dp-accounting's
+# PLD discretization is pessimistic), and within 1e-4 of the fine value there.
+LIVE_PLD_DISCRETIZATION = 1e-3
 
 
 class _QuietConvergence(logging.Filter):
@@ -32,6 +36,6 @@ def make_rdp_accountant(relation: NeighborRel = NeighborRel.ADD_OR_REMOVE_ONE
     return rdp.RdpAccountant(RDP_ORDERS, relation)
 
 
-def make_pld_accountant(relation: NeighborRel = NeighborRel.ADD_OR_REMOVE_ONE
-                        ) -> pld.PLDAccountant:
-    return pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
+def make_pld_accountant(relation: NeighborRel = NeighborRel.ADD_OR_REMOVE_ONE,
+                        discretization: float = PLD_DISCRETIZATION) -> pld.PLDAccountant:
+    return pld.PLDAccountant(relation, value_discretization_interval=discretization)

@@ -11,12 +11,14 @@ the maximum. Accounts are visited in decreasing RDP epsilon.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Any
 
 import dp_accounting as dpa
 
 from fed_dplora.privacy.accountants import PLD_DISCRETIZATION, make_pld_accountant
+from fed_dplora.privacy.events import NeighborRel
 from fed_dplora.privacy.ledger import Ledger
 
 
@@ -25,6 +27,8 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
     """One ledger's section of `privacy_report.json` (`accounts`: all that could run)."""
     rdp = {a: ledger.epsilon(a) for a in accounts}
     pld = max_pld_epsilon(ledger)
+    replace_one = (pld if ledger.relation == NeighborRel.REPLACE_ONE
+                   else max_pld_epsilon(ledger, NeighborRel.REPLACE_ONE))
     return {
         "relation": ledger.relation.name,
         "delta": ledger.delta,
@@ -36,6 +40,9 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
         "epsilon_rdp_max": max(rdp.values(), default=0.0),
         "epsilon_rdp_mean": ledger.mean_epsilon(accounts),
         "epsilon_pld_max": pld,
+        # n (sample level) and N (client level) are published: replace-one is the
+        # relation a reader can hold a site or the federation to.
+        "epsilon_pld_replace_one_max": replace_one,
         "pld_discretization": PLD_DISCRETIZATION,
         "pld_note": None if pld is not None else
             "dp-accounting's PLD accountant does not support this mechanism (sampling "
@@ -43,23 +50,45 @@ def ledger_report(ledger: Ledger, accounts: list[str], target_epsilon: float
     }
 
 
-def max_pld_epsilon(ledger: Ledger) -> float | None:
-    """Largest PLD epsilon over the ledger's accounts (None: PLD unsupported)."""
+def max_pld_epsilon(ledger: Ledger, relation: NeighborRel | None = None,
+                    discretization: float = PLD_DISCRETIZATION) -> float | None:
+    """Largest PLD epsilon over the ledger's accounts under `relation` (default: the
+    ledger's own); None where PLD does not support the mechanism."""
+    relation = relation or ledger.relation
     rdp = ledger.per_account()
     by_rdp = [(rdp[a], ledger.counts[a]) for a in sorted(rdp, key=rdp.get, reverse=True)]
+    # PLD epsilon <= RDP epsilon holds for the relation the RDP curves were made for.
+    skip_below_rdp = relation == ledger.relation
     best = 0.0
     for rdp_epsilon, counts in _undominated(by_rdp):
-        if rdp_epsilon <= best:
-            break  # PLD epsilon <= RDP epsilon, and the rest have smaller RDP epsilon
-        accountant = make_pld_accountant(ledger.relation)
-        try:
-            for event, count in sorted(counts.items(), key=repr):
-                if count:
-                    accountant.compose(event, count)
-        except dpa.UnsupportedEventError:
+        if skip_below_rdp and rdp_epsilon <= best:
+            break  # the rest have smaller RDP epsilon, so smaller PLD epsilon
+        epsilon = pld_epsilon(_frozen(counts), ledger.delta, relation, discretization)
+        if epsilon is None:
             return None
-        best = max(best, float(accountant.get_epsilon(ledger.delta)))
+        best = max(best, epsilon)
     return best
+
+
+@functools.lru_cache(maxsize=4096)
+def pld_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
+                relation: NeighborRel, discretization: float = PLD_DISCRETIZATION
+                ) -> float | None:
+    """PLD epsilon of `counts` ((event, count) pairs) composed, at `delta`; None where
+    PLD does not support an event. Cached: an account that did not run since the last
+    call costs nothing."""
+    accountant = make_pld_accountant(relation, discretization)
+    try:
+        for event, count in counts:
+            if count:
+                accountant.compose(event, count)
+    except dpa.UnsupportedEventError:
+        return None
+    return float(accountant.get_epsilon(delta))
+
+
+def _frozen(counts: Counter) -> tuple[tuple[dpa.DpEvent, int], ...]:
+    return tuple(sorted(((e, n) for e, n in counts.items() if n), key=repr))
 
 
 def _undominated(accounts: list[tuple[float, Counter]]) -> list[tuple[float, Counter]]:

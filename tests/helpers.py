@@ -1,0 +1,39 @@
+"""Small helpers several test modules share (no test module imports another)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from fed_dplora.data.demo import generate_site
+from strategies.federation import Federation
+
+
+def write_site_csv(path: Path, site: int, records: int = 150) -> Path:
+    """A hospital's own notes file: the demo generator's records of `site`, as a CSV."""
+    texts, labels = generate_site(site, records, 0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(texts, labels))
+    return path
+
+
+def deployed_nodes(folder: Path, count: int, **extra) -> list[dict]:
+    """Node configs of `count` deployed sites, each declaring its own data file."""
+    return [{"data-path": str(write_site_csv(folder / f"site-{i}.csv", i)),
+             "site-id": f"partition-{i}", **extra} for i in range(count)]
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after it runs, the files stay as they are."""
+
+
+def crash_at(monkeypatch, method: str, rnd: int) -> None:
+    original = getattr(Federation, method)
+
+    def crashing(self, *args, **kwargs):
+        if self.state.pending and self.state.pending["round"] == rnd:
+            raise Crash(method)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(Federation, method, crashing)
