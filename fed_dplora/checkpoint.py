@@ -35,12 +35,17 @@ class Checkpoint:
     lost_rounds: list[int] = field(default_factory=list)  # charged, never committed
     failed_rounds: list[int] = field(default_factory=list)  # below min-replies: no update
     declined: dict[str, str] = field(default_factory=dict)  # site -> why its limits refused
+    # Sites no longer asked (failing, or declined) and failure streaks, by site id: a
+    # resumed run asks the sites the interrupted one would have asked.
+    excluded: list[str] = field(default_factory=list)
+    failure_streaks: dict[str, int] = field(default_factory=dict)
 
     def save(self, folder: Path) -> Path:
         state = {"round": self.round, "ledgers": self.ledgers, "census": self.census,
                  "pending": self.pending, "stopped": self.stopped,
                  "lost_rounds": self.lost_rounds, "failed_rounds": self.failed_rounds,
-                 "declined": self.declined}
+                 "declined": self.declined, "excluded": self.excluded,
+                 "failure_streaks": self.failure_streaks}
         buffer = io.BytesIO()
         np.savez(buffer, **self.arrays,
                  **{_STATE_KEY: np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)})
@@ -72,7 +77,8 @@ class Checkpoint:
                              "restore it from a backup, or start a new run") from err
         return cls(state["round"], arrays, state["ledgers"], state["census"],
                    state["pending"], state["stopped"], state["lost_rounds"],
-                   state.get("failed_rounds", []), state.get("declined", {}))
+                   state.get("failed_rounds", []), state.get("declined", {}),
+                   state.get("excluded", []), state.get("failure_streaks", {}))
 
 
 def _fsync_dir(folder: Path) -> None:

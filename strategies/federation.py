@@ -97,6 +97,7 @@ class Federation:
         state = Checkpoint(0, trainable_arrays(model), {}, planned.as_dict())
         if checkpoint:
             state = run_report.restore(checkpoint, accountant, secure)
+            lora.health.restore(state.excluded, state.failure_streaks, planned.node_of)
         lm = LmOutputs.for_run(spec, run, model)
         if lm and not checkpoint:
             lm.write_samples(0, state.arrays)
@@ -234,6 +235,7 @@ class Federation:
             "train_loss": train.get(p.TRAIN_LOSS), "clip_fraction": train.get(p.CLIP_FRACTION),
             "update_clip_fraction": train.get("update-clip-fraction"),
             "epsilon_sample": self.accountant.epsilon_sample(),
+            "epsilon_sample_replace_one": self.accountant.epsilon_sample_replace_one(),
             "epsilon_client": self.accountant.epsilon_client(),
             "delta": self.plan.sample.delta if self.plan.sample else None,
             "delta_client": self.plan.client.delta if self.plan.client else None,
@@ -265,10 +267,16 @@ class Federation:
 
     def _commit(self, rnd: int, row: dict) -> None:
         self.run.append_metrics(run_report.shareable(row, self.secure))
+        if self.secure:
+            run_report.log_participation(row)
+        health = self.lora.health
         self.state = Checkpoint(rnd, self.arrays, self.accountant.state(),
                                 self.planned.as_dict(), lost_rounds=self.state.lost_rounds,
                                 failed_rounds=self.state.failed_rounds,
-                                declined={**self.state.declined, **row["failures"]["declined"]})
+                                declined={**self.state.declined, **row["failures"]["declined"]},
+                                excluded=sorted(self.site_of[n] for n in health.excluded),
+                                failure_streaks={self.site_of[n]: k
+                                                 for n, k in health.streak.items()})
         self.state.save(self.run.path)
         run_report.log_round(row, self.spec.num_server_rounds)
 

@@ -174,10 +174,13 @@ def log_round(row: dict, rounds: int) -> None:
     extra = (f" | eval_ppl {num(row['eval_perplexity'], '.2f')}"
              if "eval_perplexity" in row else
              f" | macro_f1 {num(row['eval_macro_f1'], '.4f')}")
+    sample = num(row["epsilon_sample"], ".3f")
+    if row["epsilon_sample_replace_one"] is not None:
+        sample += f" (replace-one {row['epsilon_sample_replace_one']:.3f})"
     log.info("round %d/%d | eval_loss %s%s | eval_acc %s | eps_sample %s | eps_client %s | "
              "up %.1f KB | down %.1f KB | agg_err %s | %.1f s", row["round"], rounds,
              num(row["eval_loss"], ".4f"), extra, num(row["eval_accuracy"], ".4f"),
-             num(row["epsilon_sample"], ".3f"), num(row["epsilon_client"], ".3f"),
+             sample, num(row["epsilon_client"], ".3f"),
              row["bytes_up"] / 1e3, row["bytes_down"] / 1e3,
              num(row["aggregation_error"], ".2e"), row["wall_s"])
     if row["lost"]:
@@ -189,51 +192,81 @@ def log_round(row: dict, rounds: int) -> None:
                         "declined" if phase == "declined" else f"failed to {phase}", reason)
 
 
+def log_participation(row: dict) -> None:
+    """Secret sampling: who took part stays in the coordinator's own log, never in the
+    files it may share."""
+    log.info("round %d participation (private): %s", row["round"], json.dumps(
+        {k: row[k] for k in PARTICIPATION_FIELDS if k in row}, default=str))
+
+
 def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant,
                 planned: Census, state: Checkpoint, secure: bool, started: float) -> None:
-    """privacy_report.json, then summary.json: written last, it marks a finished run."""
+    """privacy_report.json, then summary.json: written last, it marks a finished run.
+    With secret sampling neither tells how often, or whether, a site was asked."""
+    report = final_report(plan, accountant, planned, state, secure)
     if plan.enabled:
-        report = {**accountant.report(planned.sites), "secure_noise": secure,
-                  **randomness_report(planned.randomness, secure),
-                  "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
-                  "rounds_lost_to_failures": len(state.failed_rounds),
-                  "declined_sites": state.declined,
-                  "stopped": state.stopped}
         run.write_json("privacy_report.json", report)
         log.info("privacy report: %s", run.path / "privacy_report.json")
+    if secure and state.declined:
+        log.info("declined sites (private): %s", state.declined)
     run.write_json("summary.json", {
         "finished": True, "rounds_completed": state.round, "stopped": state.stopped,
         "rounds_lost_to_failures": len(state.failed_rounds),  # which: checkpoint, log
-        "epsilon_sample": accountant.epsilon_sample(),
+        "epsilon_sample": report.get("sample", {}).get("epsilon_rdp_max"),
         "epsilon_client": accountant.epsilon_client(),
         "wall_s": time.perf_counter() - started})
 
 
+def final_report(plan: PrivacyPlan, accountant: CentralAccountant, planned: Census,
+                 state: Checkpoint, secure: bool) -> dict:
+    """`privacy_report.json`'s content ({} without DP)."""
+    if not plan.enabled:
+        return {}
+    charged_rounds = state.round + len(state.lost_rounds)
+    return {**accountant.report(planned.sites, charged_rounds if secure else None),
+            "secure_noise": secure,
+            **randomness_report(planned.randomness, secure, plan.sample is not None),
+            "rounds_completed": state.round, "lost_rounds": state.lost_rounds,
+            "rounds_lost_to_failures": len(state.failed_rounds),
+            "declined_sites": "in the coordinator's log (secret sampling)" if secure
+                              else state.declined,
+            "stopped": state.stopped}
+
+
 # Per-round fields that tell who took part (ids, counts, bytes, failures, the max of the
-# per-site epsilons, aggregates of the participants' replies, how long they took).
+# per-site epsilons, aggregates of the participants' replies, how long they took, and
+# when the round ran).
 PARTICIPATION_FIELDS = ("clients", "replies", "bytes_up", "bytes_down", "failures", "lost",
-                        "epsilon_sample", "train_loss", "clip_fraction",
-                        "update_clip_fraction", "aggregation_error", "train_s")
+                        "epsilon_sample", "epsilon_sample_replace_one", "train_loss",
+                        "clip_fraction", "update_clip_fraction", "aggregation_error",
+                        "train_s", "evaluate_s", "started_at", "wall_s")
 
 
 def shareable(row: dict, secret_sampling: bool) -> dict:
     """The metrics line written to be shared. With secret sampling (secure noise) it
     carries no participation signal: client-level amplification by sampling assumes
-    nobody learns who took part. The coordinator's log keeps the whole row."""
+    nobody learns who took part. The coordinator's log keeps those fields
+    (`log_participation`)."""
     if not secret_sampling:
         return row
     return {k: v for k, v in row.items() if k not in PARTICIPATION_FIELDS}
 
 
-def randomness_report(randomness: dict[str, str], secure: bool) -> dict:
+def randomness_report(randomness: dict[str, str], secure: bool, sample_noise: bool) -> dict:
     """Each site's own randomness, whose epsilon is void, and what sampling assumes."""
-    void = sorted(s for s, mode in randomness.items() if mode == p.SEEDED_BY_SITE)
+    seeded = sorted(s for s, mode in randomness.items() if mode == p.SEEDED_BY_SITE)
+    void = seeded if sample_noise else sorted(randomness)
     report = {"randomness": randomness, "epsilon_void_sites": void}
-    if void:
+    if seeded:
         report["epsilon_void_note"] = (
             "these sites opted out of fresh randomness outside Flower's simulation "
             "(node config secure-noise=false): their noise and sampling can be recomputed "
             "from the run seed, so no epsilon protects their records")
+    if not sample_noise:
+        report["epsilon_void_note"] = (
+            "no sample-level noise: every site's tensors left it without DP-SGD (a deployed "
+            "site trains such rounds only with allow-unnoised=true in its node config), "
+            "so no sample-level epsilon protects any site's records")
     if not secure:
         report["sampling_note"] = (
             "seeded simulation: amplification by client sampling (client level) assumes "

@@ -157,6 +157,13 @@ class SiteHealth:
     streak: dict[int, int] = field(default_factory=dict)
     excluded: set[int] = field(default_factory=set)
 
+    def restore(self, excluded: list[str], streaks: dict[str, int],
+                node_of: dict[str, int]) -> None:
+        """A resumed run's exclusions and streaks, saved by site id (`node_of`: the
+        sites connected now)."""
+        self.excluded = {node_of[s] for s in excluded if s in node_of}
+        self.streak = {node_of[s]: k for s, k in streaks.items() if s in node_of}
+
     def update(self, screened: Screened, phase: str, server_round: int) -> None:
         for node, why in sorted(screened.declined.items()):
             self.excluded.add(node)

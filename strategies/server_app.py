@@ -15,7 +15,7 @@ import time
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fed_dplora.config import RunSpec, parse_run_config
+from fed_dplora.config import ConfigError, RunSpec, parse_run_config
 from fed_dplora.preload import preload
 from fed_dplora.tasks import uses_labels
 from strategies.census import census, wait_for_nodes
@@ -47,10 +47,24 @@ def _run(grid: Grid, context: Context) -> None:
 
 
 def _secure_noise(spec: RunSpec, grid: Grid) -> bool:
-    """privacy.secure-noise, or "auto": seeded only inside a simulation."""
-    if spec.privacy.secure_noise is not None:
-        return spec.privacy.secure_noise
-    return type(grid).__name__ != "InMemoryGrid"  # Flower's simulation grid
+    """privacy.secure-noise, or "auto": seeded only inside a simulation. Outside it,
+    client-level DP with seeded noise and sampling is refused: anyone with the run
+    config could recompute both, so no client-level epsilon would hold."""
+    simulated = in_simulation(grid)
+    if spec.privacy.secure_noise is None:
+        return not simulated
+    if not spec.privacy.secure_noise and spec.privacy.client_level and not simulated:
+        raise ConfigError(
+            f"privacy.secure-noise=false with privacy.level={spec.privacy.level!r} outside "
+            "Flower's simulation: the server's DP-FedAvg noise and client sampling would "
+            "follow from the run seed, so no client-level guarantee would hold; use "
+            "privacy.secure-noise=\"auto\" (or true)")
+    return spec.privacy.secure_noise
+
+
+def in_simulation(grid: Grid) -> bool:
+    """True under Flower's simulation runtime (its in-memory grid)."""
+    return type(grid).__name__ == "InMemoryGrid"
 
 
 def _configure_logging() -> None:

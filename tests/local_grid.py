@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clients import runtime  # noqa: E402
 from clients.client_app import app as client_app  # noqa: E402
 from fed_dplora.checkpoint import Checkpoint  # noqa: E402
+from strategies import server_app as server_app_module  # noqa: E402
 from strategies.server_app import app as server_app  # noqa: E402
 
 # Server and clients share this process, which a real run never does: the heavy halves
@@ -34,6 +35,7 @@ for _heavy in ("clients.local_site", "strategies.federation"):
 
 SERVER_NODE = 0
 IN_SIMULATION = runtime.in_simulation
+SERVER_IN_SIMULATION = server_app_module.in_simulation
 
 
 class LocalGrid(Grid):
@@ -107,11 +109,16 @@ def run_federation(run_config: dict, num_nodes: int, grid: LocalGrid | None = No
 
 
 def run_server_app(app, run_config: dict, grid: Grid) -> None:
-    """Run a ServerApp (the project's, or a test's own) as the server of run 1."""
+    """Run a ServerApp (the project's, or a test's own) as the server of run 1; the
+    grid stands in for Flower's simulation unless it says it is a deployment."""
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", SERVER_NODE)):
         setattr(TaskIdentity, f"{attr}", value)
-    app(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),
-                      run_config=run_config))
+    server_app_module.in_simulation = lambda g: not getattr(g, "deployment", False)
+    try:
+        app(grid, Context(run_id=1, node_id=SERVER_NODE, node_config={}, state=RecordDict(),
+                          run_config=run_config))
+    finally:
+        server_app_module.in_simulation = SERVER_IN_SIMULATION
 
 
 def run_keeping_checkpoint(config, monkeypatch, wanted, num_nodes: int = 3) -> Checkpoint:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import numpy as np
 import pytest
@@ -190,6 +191,22 @@ def test_parameter_off_device_is_caught(tiny_bert):
     model.base_model.model.classifier.modules_to_save.default.to("meta")
     with pytest.raises(guards.GuardError, match="meta"):
         guards.check_on_device(model, CPU, "now")
+
+
+def test_the_order_guard_compares_the_whole_device_not_its_type():
+    """cuda:1 is not cuda:0 (no GPU needed: the tensors only report their device)."""
+    class OnDevice(torch.nn.Module):
+        def __init__(self, device):
+            super().__init__()
+            self.device = device
+
+        def named_parameters(self, *args, **kwargs):
+            return [("w", types.SimpleNamespace(device=self.device))]
+
+    guards.check_on_device(OnDevice(torch.device("cuda", 0)), torch.device("cuda", 0), "now")
+    with pytest.raises(guards.GuardError, match="cuda:1"):
+        guards.check_on_device(OnDevice(torch.device("cuda", 1)), torch.device("cuda", 0),
+                               "now")
 
 
 def test_a_model_placed_on_its_device_after_peft_or_after_opacus_is_refused(

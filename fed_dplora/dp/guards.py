@@ -22,12 +22,22 @@ def check_on_device(model: nn.Module, device: torch.device, stage: str) -> None:
     """Every parameter and buffer sits on `device` at `stage`. Called before PEFT wraps
     the base and before Opacus wraps the PEFT model, so the order (device, then PEFT,
     then Opacus) is checked, not only the final placement: a model moved afterwards
-    can leave hooks or the optimizer on stale parameter objects."""
+    can leave hooks or the optimizer on stale parameter objects. The whole device is
+    compared (cuda:1 is not cuda:0); a device without an index means the current one."""
+    expected = _indexed(device)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.device.type != device.type:
+        if _indexed(tensor.device) != expected:
             raise GuardError(f"{name} is on {tensor.device}, expected {device} {stage}: "
                              "place the base model on its device first, then wrap it "
                              "with PEFT, then with Opacus (fed_dplora.lora.model)")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device (as `.to` places it)."""
+    if device.index is not None or device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    return torch.device(device.type, module.current_device()) if module else device
 
 
 def check_supported_by_opacus(model: nn.Module) -> None:

@@ -14,7 +14,9 @@ from fed_dplora.config import RunSpec
 from fed_dplora.privacy.ledger import (FEDERATION, Ledger, client_level_ledger,
                                        sample_level_ledger)
 from fed_dplora.privacy.plan import PrivacyPlan, plan_client_level, plan_sample_level
-from fed_dplora.privacy.report import ledger_report
+from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
+from fed_dplora.privacy.events import NeighborRel
+from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
 
 
 class AccountingError(RuntimeError):
@@ -114,6 +116,14 @@ class CentralAccountant:
     def epsilon_client(self) -> float | None:
         return self.ledgers["client"].epsilon(FEDERATION) if self.plan.client else None
 
+    def epsilon_sample_replace_one(self) -> float | None:
+        """The max over clients under replace-one neighbours (each client's n is
+        published, so add and remove are told apart): PLD, at the live discretization."""
+        if not self.plan.sample:
+            return None
+        return max_pld_epsilon(self.ledgers["sample"], NeighborRel.REPLACE_ONE,
+                               LIVE_PLD_DISCRETIZATION)
+
     def state(self) -> dict[str, Any]:
         return {name: ledger.state() for name, ledger in self.ledgers.items()}
 
@@ -124,11 +134,19 @@ class CentralAccountant:
         for name, ledger in self.ledgers.items():
             ledger.restore(state[name])
 
-    def report(self, sites: list[str]) -> dict[str, Any]:
-        """`privacy_report.json`: mechanisms, parameters, events, RDP and PLD epsilon."""
+    def report(self, sites: list[str], rounds_if_secret: int | None = None
+               ) -> dict[str, Any]:
+        """`privacy_report.json`: mechanisms, parameters, events, RDP and PLD epsilon.
+
+        `rounds_if_secret` (secret client sampling): the sample level is reported as if
+        every site had trained in each of these rounds, since the per-site values would
+        tell how often each was drawn; the actual spend is checked to be within it."""
         report: dict[str, Any] = {"levels": sorted(self.ledgers)}
         if self.plan.sample:
             plan = self.plan.sample
+            ledger = self.ledgers["sample"]
+            if rounds_if_secret is not None:
+                ledger = self._bound_if_every_round(sites, rounds_if_secret)
             report["sample"] = {
                 "unit": "one record of one client", "mechanism": "DP-SGD: Poisson "
                 "sampling q_k, per-sample clipping to C, Gaussian noise sigma_k * C per "
@@ -137,7 +155,11 @@ class CentralAccountant:
                 "noise_multiplier": plan.noise_multiplier,
                 "epsilon_note": "federation value = max over clients (disjoint data); "
                                 "no amplification from client sampling is claimed",
-                **ledger_report(self.ledgers["sample"], sites, plan.target_epsilon)}
+                **({} if rounds_if_secret is None else {"bound_note": (
+                    f"secret sampling: each site as if it trained in all {rounds_if_secret} "
+                    "rounds charged (its actual spend is at most this; the actual values "
+                    "would reveal how often it was drawn)")}),
+                **ledger_report(ledger, sites, plan.target_epsilon)}
         if self.plan.client:
             plan = self.plan.client
             report["client"] = {
@@ -149,3 +171,15 @@ class CentralAccountant:
                 "noise_multiplier": plan.noise_multiplier,
                 **ledger_report(self.ledgers["client"], [FEDERATION], plan.target_epsilon)}
         return report
+
+    def _bound_if_every_round(self, sites: list[str], rounds: int) -> Ledger:
+        """A sample ledger charging every site its planned steps in each of `rounds`;
+        raises if any site's actual charges exceed it (the bound would not hold)."""
+        steps = rounds * self.local_steps
+        bound = sample_level_ledger(self.plan.sample.delta)
+        bound.record_many({s: (self.plan.sample.step_event(s), steps) for s in sites})
+        for site, counts in self.ledgers["sample"].counts.items():
+            if any(n > bound.counts.get(site, {}).get(e, 0) for e, n in counts.items()):
+                raise AccountingError(f"client {site} was charged more than {rounds} rounds "
+                                      "of its planned steps: the bound would not hold")
+        return bound

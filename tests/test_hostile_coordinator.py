@@ -1,0 +1,244 @@
+"""A hostile (or careless) coordinator against the real ClientApp, in process: each
+attack on a site's guarantee is refused or charged, and no record text, label set
+beyond the declared one, or participation signal reaches the coordinator.
+
+The attacks through an app bundle (code the coordinator ships) run against a real
+SuperNode in test_site_runner.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fed_dplora import protocol as p
+from fed_dplora.config import ConfigError
+from fed_dplora.data.site import MAX_SHARED_LABELS
+from fed_dplora.results import read_metrics
+from fed_dplora.site_ledger import SiteLedger, SiteLimits
+from helpers import Crash, crash_at, deployed_nodes, write_site_csv
+from local_grid import LocalGrid, run_federation
+from strategies.screening import ClientFailure
+
+NODES = 3
+
+
+def folder_of(config) -> Path:
+    return Path(config["output-dir"]) / config["run-name"]
+
+
+def report_of(config) -> dict:
+    return json.loads((folder_of(config) / "privacy_report.json").read_text())
+
+
+def recording(grid: LocalGrid) -> list:
+    """Every reply the coordinator receives (errors too), as (node, message type, reply)."""
+    seen, send_and_receive = [], grid.send_and_receive
+
+    def recorded(messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(send_and_receive(messages, timeout=timeout))
+        kinds = {m.metadata.message_id: (m.metadata.dst_node_id, m.metadata.message_type)
+                 for m in messages}
+        seen.extend((*kinds[r.metadata.reply_to_message_id], r) for r in replies)
+        return replies
+    grid.send_and_receive = recorded
+    return seen
+
+
+def reply_text(reply) -> str:
+    """Everything a reply carries besides tensors, as text."""
+    if reply.has_error():
+        return reply.error.reason
+    content = reply.content
+    return json.dumps({**{k: dict(v) for k, v in content.config_records.items()},
+                       **{k: dict(v) for k, v in content.metric_records.items()}},
+                      default=str)
+
+
+def test_a_run_config_naming_the_text_column_as_labels_sends_no_record(config, tmp_path):
+    """Simulation: the census declines a label column that does not look like labels."""
+    data = write_site_csv(tmp_path / "notes.csv", 0, 300)
+    config.update({"data.path": str(data), "data.label-column": "text"})
+    grid = LocalGrid(config, NODES)
+    seen = recording(grid)
+    with pytest.raises(ClientFailure, match="census: no site answered") as failure:
+        run_federation(config, NODES, grid)
+    texts = [line.split(",")[0] for line in data.read_text().splitlines()[1:]]
+    leaked = [t for t in texts if any(t in reply_text(r) for _, _, r in seen)
+              or t in str(failure.value)]
+    assert seen and not leaked
+    assert "LabelsWithheld" in str(failure.value)
+
+
+def test_a_deployed_site_reads_the_columns_it_declared_whatever_the_run_config_says(
+        config, tmp_path):
+    config.update({"data.label-column": "text", "data.text-column": "label"})
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    seen = recording(grid)
+    run_federation(config, NODES, grid)
+    saved = json.loads((folder_of(config) / "config.json").read_text())
+    assert saved["label_names"] == ["emergency", "routine", "urgent"]
+    census = [r for _, kind, r in seen if kind == "query"]
+    assert len(census) == NODES
+    # dp-only (a deployment's default): which labels its training split holds stays home.
+    assert all(p.TRAIN_LABEL_NAMES not in r.content[p.CONFIG] for r in census)
+
+
+def test_labels_outside_the_declared_set_are_not_sent(config, tmp_path):
+    nodes = deployed_nodes(tmp_path, NODES, labels="routine,urgent")  # not "emergency"
+    nodes[0]["labels"] = "emergency,routine,urgent"
+    grid = LocalGrid(config, NODES, nodes, deployment=True)
+    seen = recording(grid)
+    config["clients-per-round"] = 1
+    run_federation(config, NODES, grid)
+    errors = [r.error.reason for _, kind, r in seen if kind == "query" and r.has_error()]
+    assert len(errors) == 2 and all("LabelsWithheld" in e for e in errors)
+    assert all("emergency" not in e for e in errors)
+    assert json.loads((folder_of(config) / "config.json").read_text())["label_names"] == [
+        "emergency", "routine", "urgent"]
+
+
+def test_too_many_or_too_long_values_are_not_labels():
+    from fed_dplora.data.site import LabelsWithheld, shareable_labels
+    assert shareable_labels({"0", "1"}, ()) == ("0", "1")
+    with pytest.raises(LabelsWithheld, match="declines"):
+        shareable_labels({str(i) for i in range(MAX_SHARED_LABELS + 1)}, ())
+    with pytest.raises(LabelsWithheld, match="declines") as why:
+        shareable_labels({"a", "Jane Roe was admitted on 1961-03-02 with chest pain"}, ())
+    assert "Jane" not in str(why.value)
+
+
+def test_a_deployed_supernode_without_a_data_path_is_never_trained(config, tmp_path):
+    config["data.path"] = str(write_site_csv(tmp_path / "coordinator.csv", 0))
+    nodes = [{"site-id": f"s{i}", "share-metrics": "all"} for i in range(NODES)]
+    with pytest.raises(ClientFailure, match="no data-path"):
+        run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
+    assert not (folder_of(config) / "metrics.jsonl").exists()
+
+
+def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
+        config, tmp_path):
+    """Budget reset: each run's training split differs, the account does not."""
+    ledger_files = [tmp_path / f"ledger-{i}.json" for i in range(NODES)]
+
+    def run(name: str, run_id: int, limit: float | None = None, **overrides) -> dict:
+        cfg = {**config, "run-name": name, "clients-per-round": NODES,
+               "num-server-rounds": 2, "privacy.noise-multiplier": 1.0,
+               "privacy.target-epsilon": 100.0, **overrides}
+        nodes = deployed_nodes(tmp_path, NODES, **{"share-metrics": "all"})
+        for node, ledger in zip(nodes, ledger_files):
+            node["privacy-ledger"] = str(ledger)
+            if limit is not None:
+                node["max-epsilon"] = limit
+        run_federation(cfg, NODES, LocalGrid(cfg, NODES, nodes, deployment=True,
+                                             run_id=run_id))
+        return cfg
+
+    run("seed-0", 1)
+    run("seed-1", 2, seed=1, **{"data.max-records": 100, "data.validation-fraction": 0.2})
+    accounts = SiteLedger(ledger_files[0], SiteLimits()).accounts()
+    assert len(accounts) == 1 and len(next(iter(accounts.values()))["runs"]) == 2
+    spent = SiteLedger(ledger_files[0], SiteLimits()).spend(next(iter(accounts.values())))
+    third = run("seed-2", 3, limit=spent.replace_one + 0.01, seed=2)
+    assert "max-epsilon" in report_of(third)["declined_sites"]["partition-0"]
+    assert len(SiteLedger(ledger_files[0], SiteLimits()).accounts()) == 1
+
+
+@pytest.mark.parametrize("level", ["none", "client"])
+def test_a_deployed_site_declines_rounds_without_sample_level_noise(config, tmp_path, level):
+    config.update({"privacy.level": level, "privacy.secure-noise": True,
+                   "privacy.client-noise-multiplier": 1.0})
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    seen = recording(grid)
+    run_federation(config, NODES, grid)
+    train = [r for _, kind, r in seen if kind == "train"]
+    assert 1 <= len(train) <= NODES  # each asked at most once: it declined, is not asked again
+    assert all(p.DECLINED in r.content[p.CONFIG] and not r.content.array_records
+               for r in train)
+
+
+def test_a_site_that_opts_into_unnoised_rounds_is_charged_infinity_and_listed_void(
+        config, tmp_path):
+    config.update({"privacy.level": "none", "num-server-rounds": 1})
+    nodes = deployed_nodes(tmp_path, NODES, **{"allow-unnoised": True})
+    run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
+    assert len(read_metrics(folder_of(config))) == 1
+    ledger = SiteLedger(Path(tmp_path / "flwr-home" / "fed-dplora" / "site-ledger.json"),
+                        SiteLimits())
+    spends = [ledger.spend(a).replace_one for a in ledger.accounts().values()]
+    assert sorted(spends)[-2:] == [float("inf")] * 2  # the two sites asked to train
+
+
+def test_no_sample_level_noise_lists_every_site_as_void(config):
+    config.update({"privacy.level": "client", "privacy.client-noise-multiplier": 1.0,
+                   "num-server-rounds": 1})
+    run_federation(config, NODES)
+    report = report_of(config)
+    assert report["epsilon_void_sites"] == [f"partition-{i}" for i in range(NODES)]
+    assert "no sample-level noise" in report["epsilon_void_note"]
+
+
+def test_seeded_client_level_dp_is_refused_outside_the_simulation(config, tmp_path):
+    config.update({"privacy.level": "client", "privacy.secure-noise": False})
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    with pytest.raises(ConfigError, match="secure-noise=false.*no client-level guarantee"):
+        run_federation(config, NODES, grid)
+    run_federation(config, NODES)  # a simulation may seed it (reproducible research)
+
+
+def test_with_secret_sampling_no_shared_file_tells_who_trained_or_how_often(config):
+    config.update({"privacy.level": "both", "privacy.secure-noise": True,
+                   "clients-per-round": 1, "num-server-rounds": 3,
+                   "privacy.client-noise-multiplier": 1.0, "privacy.noise-multiplier": 1.0,
+                   "privacy.target-epsilon": 100.0})
+    run_federation(config, NODES)
+    folder = folder_of(config)
+    rows = read_metrics(folder)
+    timing = {"train_s", "evaluate_s", "started_at", "wall_s"}
+    assert rows and all(not timing & set(r) and "clients" not in r for r in rows)
+    report = report_of(config)
+    per_site = report["sample"]["epsilon_rdp"]
+    assert len(set(per_site.values())) == 1  # each as if drawn every round
+    assert "secret sampling" in report["sample"]["bound_note"]
+    assert all(len(events) == 1 and events[0]["count"] == 2 * 3
+               for events in report["sample"]["events"].values())
+    assert isinstance(report["declined_sites"], str)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["epsilon_sample"] == report["sample"]["epsilon_rdp_max"]
+
+
+def test_a_dp_only_site_says_only_that_it_declines(config, tmp_path):
+    config.update({"privacy.noise-multiplier": 1.0, "privacy.secure-noise": False})
+    nodes = deployed_nodes(tmp_path, NODES, **{"min-noise-multiplier": 2.0,
+                                               "max-epsilon": 3.0})
+    run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
+    report = report_of(config)
+    assert set(report["declined_sites"].values()) == {p.DECLINED_WITHHELD}
+    shared = (folder_of(config) / "metrics.jsonl").read_text() + json.dumps(report)
+    assert "min-noise" not in shared and "max-epsilon" not in shared
+
+
+def test_a_seeded_replay_asks_the_sites_the_crashed_attempt_would_have_asked(
+        config, monkeypatch):
+    """A site excluded for failing stays excluded after a crash and resume."""
+    config.update({"clients-per-round": 1, "num-server-rounds": 5, "min-replies": 1,
+                   "max-site-failures": 1, "max-lost-rounds": 5})
+
+    def grid_with_a_failing_site(cfg):
+        grid = LocalGrid(cfg, NODES)
+        grid.failing = {100}
+        return grid
+    whole = {**config, "run-name": "whole"}
+    run_federation(whole, NODES, grid_with_a_failing_site(whole))
+    crash_at(monkeypatch, "_charge", 4)
+    with pytest.raises(Crash):
+        run_federation(config, NODES, grid_with_a_failing_site(config))
+    monkeypatch.undo()
+    resumed = {**config, "resume": True}
+    run_federation(resumed, NODES, grid_with_a_failing_site(resumed))
+    asked = [r["clients"] for r in read_metrics(folder_of(config))]
+    assert asked == [r["clients"] for r in read_metrics(folder_of(whole))]
+    assert "partition-0" in asked[0] or "partition-0" in asked[1]  # it was excluded early
