@@ -1,0 +1,158 @@
+"""The site runner: a hospital runs the ClientApp it installed, never the coordinator's.
+
+A SuperNode started with `--isolation process --superexec-auth-secret-file SECRET`
+runs no ClientApp itself: it queues each task on its Runtime API (loopback by default)
+and waits for a process to take it. This runner is that process. It acquires each task
+with a request signed by the shared secret (no other process can take a task), pulls
+the message and context as Flower's `flwr-clientapp` does, checks the coordinator's
+bundle (`clients.bundle_check`: refused, with the reason in this site's log, when it
+would change what runs here), and calls the installed `clients.client_app.app`; the
+bundle is never installed or imported. Tasks run one at a time, in this process, so a
+site's model and data stay loaded across rounds.
+
+    fed-dplora-site run --runtime-api 127.0.0.1:9094 --superexec-auth-secret-file SECRET
+    fed-dplora-site digest     # the installed release's digest, to compare and pin
+
+Uses Flower's internal Runtime API (flwr 1.42, pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
+                                         RuntimeVersionHttpInterceptor,
+                                         SuperExecAuthHttpInterceptor)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
+                                                  push_task_output)
+
+from clients.bundle_check import BundleRefused, check_bundle, installed_digest
+
+log = logging.getLogger("fed_dplora.site")
+POLL_S = 1.0
+ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and not args.superexec_auth_secret_file:
+        parser.error("run needs --superexec-auth-secret-file (the SuperNode's own)")
+    _configure_logging()
+    digest = installed_digest()
+    if args.command == "digest":
+        print(digest)  # the command's output, not a log line
+        return
+    if args.expect_digest and args.expect_digest != digest:
+        sys.exit(f"the installed fed-dplora has digest {digest}, not the pinned "
+                 f"{args.expect_digest}: reinstall the reviewed release")
+    secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+    log.info("site runner: installed fed-dplora %s, Runtime API %s", digest,
+             args.runtime_api)
+    serve(args.runtime_api, secret, args.root_certificates)
+
+
+def serve(address: str, secret: bytes, root_certificates: str | None = None) -> None:
+    """Acquire and run this SuperNode's ClientApp tasks, one at a time, for ever."""
+    tasks = _client(address, root_certificates, [
+        RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+        SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE})])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+    while True:
+        acquired = tasks.AcquireTask(request)
+        if acquired.HasField("task") and acquired.token:
+            run_task(address, acquired.token, root_certificates)
+        else:
+            time.sleep(POLL_S)
+
+
+def run_task(address: str, token: str, root_certificates: str | None = None) -> None:
+    """One task: pull it, check the bundle, run the installed ClientApp, push the reply.
+    A refused bundle or a raising ClientApp is an error reply, as Flower sends one."""
+    client = _client(address, root_certificates, [
+        RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+        RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, "the site runner could not pull its task"
+    try:
+        message, context, run, fab = pull_task_input(client)
+        reply, status, details = _reply(message, context, fab.content, run.run_id)
+        push_message(client, reply, context)
+    except Exception:  # the task fails; the runner goes on with the next one
+        log.exception("task of this SuperNode failed before its reply was pushed")
+    finally:
+        push_task_output(client, context, status, details)
+        heartbeat.stop()
+        client.close()
+
+
+def _reply(message: Message, context: Context, fab: bytes, run_id: int
+           ) -> tuple[Message, str, str]:
+    """(reply, task status, details) for one message of run `run_id`."""
+    try:
+        check_bundle(fab)
+    except BundleRefused as why:
+        log.error("run %d refused: %s", run_id, why)
+        return _error(message, f"refused by the site: {why}")
+    from clients.client_app import app  # installed, never the bundle's
+    try:
+        return app(message=message, context=context), SubStatus.COMPLETED, ""
+    except Exception as exc:
+        log.exception("run %d: the ClientApp raised", run_id)
+        return _error(message, f"{type(exc)}:<'{exc}'>")  # as flwr-clientapp reports it
+
+
+def _error(message: Message, reason: str) -> tuple[Message, str, str]:
+    error = Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
+    return Message(error, reply_to=message), SubStatus.FAILED, reason
+
+
+def _configure_logging() -> None:
+    """fed-dplora's loggers to stderr (the site's log); Flower logs through its own."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("fed_dplora")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API call
+
+
+def _client(address: str, root_certificates: str | None, interceptors: list
+            ) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None,
+        root_certificates=root_certificates, interceptors=interceptors,
+        retry_invoker=make_simple_http_retry_invoker())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fed-dplora-site", description="Run this site's installed fed-dplora ClientApp "
+        "for a SuperNode started with --isolation process")
+    parser.add_argument("command", choices=["run", "digest"])
+    parser.add_argument("--runtime-api", default="127.0.0.1:9094",
+                        help="the SuperNode's Runtime API (its --host:--port)")
+    parser.add_argument("--superexec-auth-secret-file",
+                        help="the same secret file the SuperNode was given (required to run)")
+    parser.add_argument("--root-certificates",
+                        help="CA of the Runtime API's TLS certificate, if it has one")
+    parser.add_argument("--expect-digest",
+                        help="refuse to start unless the installed release has this digest")
+    return parser
+
+
+if __name__ == "__main__":
+    main()
