@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -94,10 +95,15 @@ def test_control_a_stock_supernode_runs_the_coordinators_code(
         one_hospital.wait_for(marker.exists, f"{attack} to run at the site", 120)
 
 
-def test_the_genuine_bundle_passes_and_its_digest_is_the_installed_one(tmp_path):
+def test_the_genuine_bundle_is_lean_passes_and_its_digest_is_the_installed_one(tmp_path):
     subprocess.run(["flwr", "build", "--app", str(REPO)], cwd=tmp_path, check=True,
                    capture_output=True, env={**os.environ, "FLWR_HOME": str(tmp_path / "h")})
     (fab,) = tmp_path.glob("*.fab")
+    with zipfile.ZipFile(fab) as bundle:
+        tops = {name.split("/")[0] for name in bundle.namelist()}
+    assert tops <= {"fed_dplora", "clients", "strategies", "pyproject.toml", "README.md",
+                    ".info"}, tops  # no studies, docs, tests or caches
+    assert fab.stat().st_size < 1_000_000  # 3.3 MB with the studies; 0.33 MB now
     assert check_bundle(fab.read_bytes()) == installed_digest()
     with pytest.raises(BundleRefused):
         check_bundle(b"not a zip")
