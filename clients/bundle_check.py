@@ -51,7 +51,8 @@ def check_bundle(fab: bytes) -> str:
             files = {name: bundle.read(name) for name in bundle.namelist()
                      if not name.endswith("/")}
     except (zipfile.BadZipFile, OSError) as err:
-        raise BundleRefused(f"the bundle cannot be read as a Flower app bundle ({err})") from err
+        raise BundleRefused(f"the bundle cannot be read as a Flower app bundle ({err})"
+                            ) from err
     component = _client_app_component(files)
     if component != CLIENT_APP:
         raise BundleRefused(f"the bundle names ClientApp {component!r}; this site runs only "

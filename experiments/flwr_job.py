@@ -46,8 +46,8 @@ class LocalFederation:
         self.timeout_s = timeout_s
         self.home = Path(tempfile.mkdtemp(prefix="fed-dplora-flwr-"))
         self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-                    "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+                    "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
@@ -84,7 +84,7 @@ class LocalFederation:
         return {run["run-id"]: run["status"] for run in json.loads(out)["runs"]}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -21,6 +21,8 @@ Pooling = Literal["mean", "cls", "last"]
 Device = Literal["auto", "cpu", "cuda"]
 Optimizer = Literal["sgd", "adam"]
 ClientSampling = Literal["fixed", "poisson"]
+AggregationRule = Literal["mean", "trimmed-mean", "median"]
+AggregationWeights = Literal["census", "uniform"]
 
 DEMO_DATASET = "synthetic-triage"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -118,6 +120,23 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class AggregationSpec:
+    """How the server combines the valid replies of a round.
+
+    "mean" weights each site by its census training-set size (or uniformly), with no
+    site above `max_weight_share` of the total; "trimmed-mean" (Flower's FedTrimmedAvg:
+    `trim_fraction` cut from each side, per coordinate) and "median" (FedMedian) are
+    unweighted and bound what one hostile site moves. Client-level DP accepts only
+    "mean": its sensitivity analysis assumes the clipped sum.
+    """
+
+    rule: AggregationRule = "mean"
+    trim_fraction: float = 0.2
+    weights: AggregationWeights = "census"
+    max_weight_share: float = 1.0
+
+
+@dataclass(frozen=True)
 class FailureSpec:
     """What a round does when sites fail (crash, time out, send an invalid reply)."""
 
@@ -145,6 +164,7 @@ class RunSpec:
     train: TrainSpec = TrainSpec()
     failure: FailureSpec = FailureSpec()
     generation: GenerationSpec = GenerationSpec()
+    aggregation: AggregationSpec = AggregationSpec()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -214,6 +234,10 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "max-site-failures": ("failure", "max_site_failures"),
     "generation.prompts": ("generation", "prompts"),
     "generation.max-new-tokens": ("generation", "max_new_tokens"),
+    "aggregation.rule": ("aggregation", "rule"),
+    "aggregation.trim-fraction": ("aggregation", "trim_fraction"),
+    "aggregation.weights": ("aggregation", "weights"),
+    "aggregation.max-weight-share": ("aggregation", "max_weight_share"),
 }
 
 _SECTIONS = {
@@ -224,6 +248,7 @@ _SECTIONS = {
     "train": TrainSpec,
     "failure": FailureSpec,
     "generation": GenerationSpec,
+    "aggregation": AggregationSpec,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -235,6 +260,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": get_args(Device),
     "optimizer": get_args(Optimizer),
     "privacy.client-sampling": get_args(ClientSampling),
+    "aggregation.rule": get_args(AggregationRule),
+    "aggregation.weights": get_args(AggregationWeights),
 }
 
 _POSITIVE_INT = (
@@ -277,6 +304,10 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every record)")
     if key == "data.validation-fraction" and not 0.0 <= value < 1.0:
         raise ConfigError(f"{key}={value!r}: must be in [0, 1) (0: no validation split)")
+    if key == "aggregation.trim-fraction" and not 0.0 <= value < 0.5:
+        raise ConfigError(f"{key}={value!r}: must be in [0, 0.5) (cut from each side)")
+    if key == "aggregation.max-weight-share" and not 0.0 < value <= 1.0:
+        raise ConfigError(f"{key}={value!r}: must be in (0, 1] (1: no cap)")
     return value
 
 
@@ -360,7 +391,12 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunSpec:
 
 
 def _check_combinations(spec: RunSpec) -> None:
-    train, data = spec.train, spec.data
+    _check_run(spec)
+    _check_data(spec)
+
+
+def _check_run(spec: RunSpec) -> None:
+    train = spec.train
     if train.physical_batch_size > train.batch_size:
         raise ConfigError(
             f"physical-batch-size={train.physical_batch_size} exceeds batch-size="
@@ -378,6 +414,16 @@ def _check_combinations(spec: RunSpec) -> None:
         raise ConfigError(
             "resume=true needs run-name: the run folder (under output-dir) whose last "
             "checkpoint to continue; name runs with run-name=\"...\" to resume them")
+    if spec.privacy.client_level and spec.aggregation.rule != "mean":
+        raise ConfigError(
+            f"aggregation.rule={spec.aggregation.rule!r} with privacy.level="
+            f"{spec.privacy.level!r}: client-level DP's sensitivity analysis assumes the "
+            "clipped mean (one site moves the sum by at most S); use aggregation.rule="
+            "\"mean\", or sample-level DP with a robust rule")
+
+
+def _check_data(spec: RunSpec) -> None:
+    data = spec.data
     if data.path and data.name not in ("", DEMO_DATASET):
         raise ConfigError(
             f"data.path={data.path!r} and data.name={data.name!r} are both set: "

@@ -103,12 +103,11 @@ class SiteLedger:
                    json.dumps(event_to_json(dp_sgd_step(ask.sampling_probability,
                                                         ask.noise_multiplier))))
             counts[key] = counts.get(key, 0) + (1 if key == UNNOISED else ask.steps)
-            spend = self.spend(account)
-            if self.limits.max_epsilon is not None and spend.replace_one > self.limits.max_epsilon:
+            spend, limit = self.spend(account), self.limits.max_epsilon
+            if limit is not None and spend.replace_one > limit:
                 raise SiteDeclines(f"this round would take this site's data to epsilon "
                                    f"{spend.replace_one:.4f} (replace-one) > its max-epsilon "
-                                   f"{self.limits.max_epsilon:g} (delta {spend.delta:.3g}, "
-                                   "over all its runs)")
+                                   f"{limit:g} (delta {spend.delta:.3g}, over all its runs)")
             return spend
 
     def accounts(self) -> dict[str, dict]:

@@ -15,6 +15,7 @@ from fed_dplora.dp import guards
 from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulator,
                                   PoissonSampling, StepStats, wrap_for_per_sample_grads)
 from fed_dplora.dp.noise import random_source
+from fed_dplora.dp.update_bound import ADAM_BETAS, SGD_MOMENTUM
 from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
@@ -30,7 +31,7 @@ class RoundPlan:
     batch_size: int  # expected (logical) Poisson batch
     physical_batch_size: int
     learning_rate: float
-    optimizer: str  # "sgd" (momentum 0.9) or "adam"
+    optimizer: str  # "sgd" (momentum SGD_MOMENTUM) or "adam"
     noise_multiplier: float | None  # None: non-private training
     max_grad_norm: float
     seed: int  # Poisson sampling and noise, unless secure_noise
@@ -188,8 +189,8 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
     """A fresh optimizer over the model's own trainable parameter objects."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS)
+    return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from fed_dplora import protocol as p
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.dp.noise import random_source
+from fed_dplora.dp.update_bound import site_update_bounds
 from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
@@ -288,12 +289,17 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
     node_of = planned.node_of  # the planned sites connected now (site_of's inverse)
     evaluators = {node_of[s] for s, mode in planned.share_metrics.items()
                   if s in node_of and mode != p.SHARE_DP_ONLY}
+    bounds = site_update_bounds(spec, plan, planned.sizes,
+                                sum(a.size for a in trainable_arrays(model).values()))
     lora = kind.for_model(
         model, min_replies=spec.failure.min_replies, nodes=set(node_of.values()),
         evaluators=evaluators,
         max_site_failures=spec.failure.max_site_failures, min_available_nodes=0,
         node_sampler=SiteSampler(spec, planned.sites, node_of, secure),
-        node_config=SiteConfigs(spec, plan, site_of))
+        node_config=SiteConfigs(spec, plan, site_of),
+        sizes={node_of[s]: planned.sizes[s] for s in node_of},
+        update_bounds={node_of[s]: b for s, b in bounds.items() if s in node_of} or None,
+        aggregation=spec.aggregation)
     if not plan.client:
         return lora, lora
     return lora, ClientLevelDpFedAvg(

@@ -30,12 +30,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fed_dplora import protocol as p
-from fed_dplora.aggregation import aggregation_error, weighted_mean
+from fed_dplora.aggregation import aggregation_error, capped_weights, weighted_mean
 from fed_dplora.class_scores import ClassCounts, summed
+from fed_dplora.config import AggregationSpec
 from fed_dplora.seeds import derived_seed
-from strategies.codec import to_record
+from strategies.codec import to_arrays, to_record
 from strategies.screening import Expected, Screened, SiteHealth, expected_arrays, screen
 
 log = logging.getLogger("fed_dplora.server")
@@ -60,7 +62,9 @@ class LoraFedAvg(FedAvg):
                  a_fingerprint: str | None = None, min_replies: int | None = None,
                  max_site_failures: int = 3, node_sampler: NodeSampler | None = None,
                  node_config: NodeConfig | None = None, nodes: set[int] | None = None,
-                 evaluators: set[int] | None = None, **fedavg_kwargs) -> None:
+                 evaluators: set[int] | None = None, sizes: dict[int, int] | None = None,
+                 update_bounds: dict[int, float] | None = None,
+                 aggregation: AggregationSpec = AggregationSpec(), **fedavg_kwargs) -> None:
         super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
                          configrecord_key=p.CONFIG, **fedavg_kwargs)
         self.shared_arrays = shared_arrays or {}  # tensors that never travel (FFA's A)
@@ -71,6 +75,11 @@ class LoraFedAvg(FedAvg):
         self.node_config = node_config or per_node_seed
         self.nodes = nodes  # None: every connected node may be asked
         self.evaluators = evaluators  # None: every node that may be asked evaluates
+        # node -> census training-set size: the weight, and what its reply must report
+        # (None: each reply's own num-examples, as Flower's FedAvg weights)
+        self.sizes = sizes
+        self.update_bounds = update_bounds  # node -> DP-aware bound on its update norm
+        self.aggregation = aggregation
         self.last_train: Screened | None = None
         self.last_evaluate: Screened | None = None
         self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
@@ -90,21 +99,37 @@ class LoraFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self.node_sampler(server_round, self.askable_nodes(grid))
-        expected = Expected(expected_arrays(arrays), TRAIN_METRICS, self.a_fingerprint)
+        expected = Expected(expected_arrays(arrays), TRAIN_METRICS, self.a_fingerprint,
+                            self.sizes, self.update_bounds,
+                            to_arrays(arrays) if self.update_bounds else None)
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN,
                               expected)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Weighted mean of the valid replies; None when the round is lost."""
+        """The valid replies combined by `aggregation.rule`; None when the round is lost."""
         screened = self.screen_train(server_round, replies)
         if self.is_lost(screened):
             return None, self.train_metrics(screened, None)
         updates, weights = self.updates(screened)
         if not updates:
             return None, self.train_metrics(screened, None)
-        error = aggregation_error(updates, weights, self.shared_arrays)
-        return to_record(weighted_mean(updates, weights)), self.train_metrics(screened, error)
+        combined = self.combine(updates, weights)
+        error = aggregation_error(updates, weights, self.shared_arrays,
+                                  None if self.aggregation.rule == "mean" else combined)
+        return to_record(combined), self.train_metrics(screened, error)
+
+    def combine(self, updates: list[dict[str, np.ndarray]], weights: list[float]
+                ) -> dict[str, np.ndarray]:
+        """The weighted mean, or Flower's coordinate-wise trimmed mean or median."""
+        rule = self.aggregation.rule
+        if rule == "mean":
+            return weighted_mean(updates, weights)
+        stacked = {k: np.stack([u[k] for u in updates]) for k in sorted(updates[0])}
+        if rule == "median":  # as FedMedian
+            return {k: np.median(v, axis=0).astype(np.float32) for k, v in stacked.items()}
+        return {k: np.asarray(trim_mean(v, self.aggregation.trim_fraction), np.float32)
+                for k, v in stacked.items()}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -151,12 +176,21 @@ class LoraFedAvg(FedAvg):
                         len(screened.accepted), len(screened.asked), needed)
         return lost
 
-    @staticmethod
-    def updates(screened: Screened) -> tuple[list[dict[str, np.ndarray]], list[float]]:
-        """The accepted tensors and their weights (training-set sizes), by node."""
+    def updates(self, screened: Screened) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+        """The accepted tensors and their weights, by node: census training-set sizes
+        (or each reply's num-examples where no census is known) or uniform, with no
+        site above `aggregation.max_weight_share`."""
         nodes = sorted(screened.accepted)
+        if not nodes:
+            return [], []
+        if self.aggregation.weights == "uniform":
+            raw = [1.0] * len(nodes)
+        elif self.sizes is not None:
+            raw = [float(self.sizes[n]) for n in nodes]
+        else:
+            raw = [float(screened.accepted[n].metrics[p.NUM_EXAMPLES]) for n in nodes]
         return ([screened.accepted[n].arrays for n in nodes],
-                [float(screened.accepted[n].metrics[p.NUM_EXAMPLES]) for n in nodes])
+                capped_weights(raw, self.aggregation.max_weight_share))
 
     @staticmethod
     def train_metrics(screened: Screened, error: float | None) -> MetricRecord:

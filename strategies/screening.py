@@ -35,6 +35,12 @@ class Expected:
     arrays: dict[str, tuple[tuple[int, ...], str]] | None  # name -> (shape, dtype); None: none
     metrics: tuple[str, ...]
     a_fingerprint: str | None = None  # FFA: the frozen A every reply must match
+    # Per node, where the caller knows them: the training-set size its reply must report
+    # (the census's, so a site cannot inflate its weight), and a bound on the norm of
+    # its update, reply minus `sent` (fed_dplora.dp.update_bound).
+    num_examples: dict[int, int] | None = None
+    max_update_norm: dict[int, float] | None = None
+    sent: dict[str, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ def screen(sent: list[Message], replies: Iterable[Message], expected: Expected
         if why:
             declined[node] = str(why)  # the site's own budget: it trained nothing
             continue
-        result = validate(reply.content, expected)
+        result = validate(reply.content, expected, node)
         if isinstance(result, str):
             failed[node] = result
         else:
@@ -90,8 +96,9 @@ def screen(sent: list[Message], replies: Iterable[Message], expected: Expected
     return Screened(sorted(node_of.values()), accepted, failed, declined)
 
 
-def validate(content: RecordDict, expected: Expected) -> Accepted | str:
-    """The decoded reply, or why it is invalid."""
+def validate(content: RecordDict, expected: Expected, node: int | None = None
+             ) -> Accepted | str:
+    """The decoded reply of `node`, or why it is invalid."""
     if p.METRICS not in content.metric_records:
         return "reply carries no metrics"
     metrics = dict(content[p.METRICS])
@@ -103,9 +110,30 @@ def validate(content: RecordDict, expected: Expected) -> Accepted | str:
     if p.ARRAYS not in content.array_records:
         return "reply carries no tensors"
     arrays = to_arrays(content[p.ARRAYS])
-    problem = _arrays_problem(arrays, expected.arrays) or _fingerprint_problem(
-        content, expected.a_fingerprint)
+    problem = (_arrays_problem(arrays, expected.arrays)
+               or _fingerprint_problem(content, expected.a_fingerprint)
+               or _node_problem(node, arrays, metrics, expected))
     return problem or Accepted(arrays, metrics)
+
+
+def _node_problem(node: int | None, arrays: dict[str, np.ndarray], metrics: dict,
+                  expected: Expected) -> str | None:
+    """A reply reporting another size than the census, or moving further than an
+    honest DP-SGD update could."""
+    size = (expected.num_examples or {}).get(node)
+    if size is not None and metrics[p.NUM_EXAMPLES] != size:
+        return (f"reports {p.NUM_EXAMPLES}={metrics[p.NUM_EXAMPLES]:g}, its census size is "
+                f"{size}: a site's weight is fixed by the census")
+    bound = (expected.max_update_norm or {}).get(node)
+    if bound is None:
+        return None
+    norm = float(np.sqrt(sum(np.sum((arrays[k].astype(np.float64)
+                                     - expected.sent[k].astype(np.float64)) ** 2)
+                             for k in arrays)))
+    if norm > bound:
+        return (f"update norm {norm:.4g} exceeds {bound:.4g}, the DP-aware bound on an "
+                "honest update under this site's plan")
+    return None
 
 
 def _fingerprint_problem(content: RecordDict, a_fingerprint: str | None) -> str | None:

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from fed_dplora.data.demo import generate_site
+from experiments.deployment_lab import write_site_csv
 from strategies.federation import Federation
-
-
-def write_site_csv(path: Path, site: int, records: int = 150) -> Path:
-    """A hospital's own notes file: the demo generator's records of `site`, as a CSV."""
-    texts, labels = generate_site(site, records, 0)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(texts, labels))
-    return path
 
 
 def deployed_nodes(folder: Path, count: int, **extra) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 import strategies.census
 from fed_dplora.checkpoint import CHECKPOINT_FILE
 from fed_dplora.config import parse_run_config
-from local_grid import LocalGrid, run_federation
+from experiments.local_grid import LocalGrid, run_federation
 
 NODES = 3
 ROWS = "\n".join(f"note {i} chest pain,{'urgent' if i % 2 else 'routine'}" for i in range(200))

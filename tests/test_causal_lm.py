@@ -242,7 +242,7 @@ def test_perplexity_is_exp_of_the_token_weighted_loss():
 
 def test_a_causal_lm_federation_writes_perplexity_and_samples(tiny_llama_lm, config):
     """The project's ServerApp and ClientApp on the in-process grid, 2 sites, 2 rounds."""
-    from local_grid import LocalGrid, run_server_app
+    from experiments.local_grid import LocalGrid, run_server_app
     from strategies.server_app import app
 
     run_config = {**config, "task": "causal-lm", "model.name": tiny_llama_lm,
@@ -265,7 +265,7 @@ def test_a_resumed_causal_lm_run_writes_each_rounds_samples_once(tiny_llama_lm, 
                                                                   monkeypatch):
     """A crash after round 2's samples and before its commit: the resumed run drops
     those samples and writes round 2's again, once."""
-    from local_grid import LocalGrid, run_server_app
+    from experiments.local_grid import LocalGrid, run_server_app
     from strategies.federation import Federation
     from strategies.server_app import app
 

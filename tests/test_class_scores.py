@@ -18,7 +18,7 @@ from fed_dplora.lora.model import build_lora_model, load_tokenizer
 from fed_dplora.results import read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.train import evaluate_model
-from local_grid import run_federation
+from experiments.local_grid import run_federation
 from strategies.lora_fedavg import pooled_evaluation
 from test_model_factory import CPU, recipe
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deployment_kit import SITES, Deployment
+from experiments.deployment_lab import SITES, Deployment
 from fed_dplora.results import load_final_model, read_metrics
 from fed_dplora.trial_certs import write_trial_certs
 from flwr_cli import REPO
@@ -36,7 +36,7 @@ def run_config(model: str, out: Path, name: str, **extra) -> str:
 
 def test_two_hospitals_train_over_tls_with_authenticated_supernodes(
         deployment, tiny_bert, tmp_path):
-    deployment.two_hospitals_online()
+    deployment.hospitals_online()
     out = deployment.run(run_config(tiny_bert, tmp_path / "runs", "deploy",
                                     **{"num-server-rounds": 1}))
     assert deployment.statuses() == ["finished:completed"], out.stdout[-3000:]
@@ -71,7 +71,7 @@ def test_unregistered_and_plain_supernodes_and_a_foreign_ca_are_refused(deployme
 
 def test_a_site_that_leaves_costs_rounds_not_the_run_and_rejoins(
         deployment, tiny_bert, tmp_path):
-    deployment.two_hospitals_online()
+    deployment.hospitals_online()
     # A seeded coordinator (privacy.secure-noise=false) shows participation in its
     # metrics; each deployed site still draws fresh randomness itself.
     config = run_config(tiny_bert, tmp_path / "runs", "dropout", **{

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from fed_dplora import protocol as p
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.results import read_metrics
-from local_grid import LocalGrid, run_federation, run_keeping_checkpoint
+from experiments.local_grid import LocalGrid, run_federation, run_keeping_checkpoint
 from strategies.codec import to_arrays, to_record
 
 NODES = 3

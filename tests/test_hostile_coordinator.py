@@ -19,7 +19,7 @@ from fed_dplora.data.site import MAX_SHARED_LABELS
 from fed_dplora.results import read_metrics
 from fed_dplora.site_ledger import SiteLedger, SiteLimits
 from helpers import Crash, crash_at, deployed_nodes, write_site_csv
-from local_grid import LocalGrid, run_federation
+from experiments.local_grid import LocalGrid, run_federation
 from strategies.screening import ClientFailure
 
 NODES = 3

@@ -16,7 +16,7 @@ from dp_accounting import rdp
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.results import read_metrics
 from helpers import Crash, crash_at, deployed_nodes
-from local_grid import LocalGrid, run_federation
+from experiments.local_grid import LocalGrid, run_federation
 from strategies.run_report import PARTICIPATION_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]

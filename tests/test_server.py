@@ -20,7 +20,7 @@ from dp_accounting import rdp
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import parse_run_config
 from fed_dplora.results import read_metrics
-from local_grid import run_federation, run_keeping_checkpoint
+from experiments.local_grid import run_federation, run_keeping_checkpoint
 from strategies.sites import SiteSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,9 +211,9 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_run(config, tm
     kills, points = [], iter(KILL_POINTS)
     while not (run / "privacy_report.json").exists():
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "local_grid.py"),
+            [sys.executable, "-m", "experiments.local_grid",
              json.dumps({**config, "resume": run.exists()}), str(NODES)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         point = next(points, None)
         while point and proc.poll() is None and not point[0](*_progress(run)):
             time.sleep(0.01)

@@ -15,7 +15,7 @@ from dp_accounting import pld, rdp
 
 from fed_dplora.data.site import DataSource
 from fed_dplora.site_ledger import RoundAsk, SiteDeclines, SiteLedger, SiteLimits
-from local_grid import LocalGrid, run_federation
+from experiments.local_grid import LocalGrid, run_federation
 
 NODES = 3
 Q, SIGMA, DELTA = 32 / 120, 1.0, 1e-5  # 150 demo records a site, 80% train

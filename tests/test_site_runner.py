@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from clients.bundle_check import BundleRefused, check_bundle, installed_digest
-from deployment_kit import Deployment
+from experiments.deployment_lab import Deployment
 from flwr_cli import REPO
 
-COPIED = shutil.ignore_patterns(".git", "experiments", "runs", "docs", "__pycache__",
-                                "*.fab", ".import_linter_cache", ".pytest_cache")
+COPIED = shutil.ignore_patterns(".git", "runs", "__pycache__", "*.fab",
+                                ".import_linter_cache", ".pytest_cache")
 
 
 def marker_code(marker: Path) -> str:
@@ -69,6 +69,9 @@ def test_a_site_runner_refuses_every_hostile_bundle_and_runs_none_of_its_code(
     one_hospital.register("site-a")
     one_hospital.supernode("site-a")
     one_hospital.wait_for(lambda: one_hospital.online() == 1, "the SuperNode")
+    runtime_api = one_hospital.runtime_apis["site-a"]
+    assert acquires_a_task(runtime_api, (tmp_path / "site-a.secret").read_bytes())
+    assert not acquires_a_task(runtime_api, b"not the secret")
     for attack, reason in ATTACKS.items():
         marker = tmp_path / f"{attack}.ran"
         one_hospital.run(run_config(tiny_bert, tmp_path / "runs"),
@@ -78,6 +81,24 @@ def test_a_site_runner_refuses_every_hostile_bundle_and_runs_none_of_its_code(
                     if "refused: the bundle" in line]
         assert any(reason in line for line in refusals), attack
     assert one_hospital.statuses() == ["finished:failed"] * len(ATTACKS)
+
+
+def acquires_a_task(address: str, secret: bytes) -> bool:
+    """Whether a process holding `secret` may ask this SuperNode for its tasks."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=[SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"})])
+    try:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=["flwr-clientapp"]))
+        return True
+    except Exception:  # refused: the request is not signed with the SuperNode's secret
+        return False
+    finally:
+        client.close()
 
 
 @pytest.mark.deployment

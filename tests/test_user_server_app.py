@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_dplora.config import parse_run_config
 from fed_dplora.lora.adapters import lora_a_fingerprint, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
-from local_grid import LocalGrid, run_server_app
+from experiments.local_grid import LocalGrid, run_server_app
 from strategies import FfaFedAvg, client_config, to_arrays, to_record
 
 LABELS = ("emergency", "routine", "urgent")  # the demo's labels, sorted

@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from fed_dplora.config import RunSpec
+from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
+from fed_dplora.privacy.events import NeighborRel
 from fed_dplora.privacy.ledger import (FEDERATION, Ledger, client_level_ledger,
                                        sample_level_ledger)
 from fed_dplora.privacy.plan import PrivacyPlan, plan_client_level, plan_sample_level
-from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
-from fed_dplora.privacy.events import NeighborRel
 from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
 
 

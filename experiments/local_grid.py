@@ -1,8 +1,10 @@
 """The real ServerApp and ClientApp wired through an in-process Grid (no SuperLink, no Ray).
 
-Fast enough for many runs per test, and killable: `python tests/local_grid.py CONFIG N`
-runs one federation of N nodes in its own process, so a test can SIGKILL the server at
-any point and then resume. `flwr run` itself is covered by test_e2e_flwr_run.py.
+Fast enough for many runs per test or study, and killable: `python -m
+experiments.local_grid CONFIG N` runs one federation of N nodes in its own process, so a
+test can SIGKILL the server at any point and then resume. `flwr run` itself is covered
+by tests/test_e2e_flwr_run.py. A node's replies can be tampered with (`tamper`: a
+hostile site), or the node made to crash or stay silent.
 """
 
 from __future__ import annotations
@@ -13,19 +15,16 @@ import json
 import sys
 import uuid
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clients import runtime  # noqa: E402
-from clients.client_app import app as client_app  # noqa: E402
-from fed_dplora.checkpoint import Checkpoint  # noqa: E402
-from strategies import server_app as server_app_module  # noqa: E402
-from strategies.server_app import app as server_app  # noqa: E402
+from clients import runtime
+from clients.client_app import app as client_app
+from fed_dplora.checkpoint import Checkpoint
+from strategies import server_app as server_app_module
+from strategies.server_app import app as server_app
 
 # Server and clients share this process, which a real run never does: the heavy halves
 # are imported here, up front, so the ServerApp's background import (fed_dplora.preload)

@@ -1,0 +1,168 @@
+"""One registered site of five lies in every round: what the run does, and the accuracy
+it ends at, under each aggregation rule, against the same federation without the liar.
+
+The attacks, applied to the hostile site's honest reply (sent: the global tensors it
+received; its honest update is reply - sent):
+- scaled: sent + 1000 x update;  garbage: N(0, 10^2) tensors;
+- inflated: the honest tensors, num-examples = 1e9;
+- sign-flipped: sent - update;  replayed: its reply of round 1, sent again every round;
+- at-the-bound: sent + update scaled to 99% of the site's DP-aware bound (the largest
+  lie the screening lets through).
+
+Runs the real ServerApp and ClientApp in process (experiments.local_grid), sample-level
+DP at epsilon 8, the demo task, all-MiniLM-L6-v2 FFA. Writes `hostile_sites.md` and the
+run folders' metrics under --out.
+
+    python -m experiments.hostile_sites --out experiments/results/hostile_sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from experiments.local_grid import LocalGrid, run_federation
+from fed_dplora import protocol as p
+from fed_dplora.config import RunSpec, parse_run_config
+from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
+from fed_dplora.results import read_metrics
+from strategies.codec import to_arrays, to_record
+
+log = logging.getLogger("fed_dplora.hostile_sites")
+NODES, HOSTILE = 5, 104  # node 104 is partition-4
+RULES = ("mean", "trimmed-mean", "median")
+Arrays = dict[str, np.ndarray]
+# (sent, honest arrays, the hostile site's earlier honest replies, reply, its bound)
+Attack = Callable[[Arrays, Arrays, list, object, float | None], Arrays | None]
+
+
+def moved(sent: Arrays, honest: Arrays, factor: float) -> Arrays:
+    return {k: (sent[k] + factor * (honest[k] - sent[k])).astype(np.float32) for k in honest}
+
+
+def norm(sent: Arrays, arrays: Arrays) -> float:
+    return math.sqrt(sum(float(np.sum((arrays[k] - sent[k]) ** 2)) for k in arrays))
+
+
+ATTACKS: dict[str, Attack] = {
+    "scaled": lambda sent, honest, earlier, reply, bound: moved(sent, honest, 1000.0),
+    "garbage": lambda sent, honest, earlier, reply, bound: {
+        k: np.random.default_rng(0).normal(0, 10, v.shape).astype(np.float32)
+        for k, v in honest.items()},
+    "inflated": lambda sent, honest, earlier, reply, bound: (
+        reply.content[p.METRICS].__setitem__(p.NUM_EXAMPLES, 1e9)),
+    "sign-flipped": lambda sent, honest, earlier, reply, bound: moved(sent, honest, -1.0),
+    "replayed": lambda sent, honest, earlier, reply, bound: earlier[0] if earlier else None,
+    "at-the-bound": lambda sent, honest, earlier, reply, bound: moved(
+        sent, honest, 0.99 * bound / norm(sent, honest)),
+}
+
+
+def make_hostile(grid: LocalGrid, node: int, attack: Attack) -> None:
+    """Node `node` of `grid` answers every train message with `attack` applied to its
+    honest reply (None from the attack: tensors unchanged). It knows the plan, as any
+    site does, so it knows its own DP-aware bound."""
+    sent, earlier = {}, []
+    send_and_receive = grid.send_and_receive
+    spec = parse_run_config(grid.contexts[node].run_config)
+
+    def capture(messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            if m.metadata.dst_node_id == node and p.ARRAYS in m.content.array_records:
+                sent["arrays"] = to_arrays(m.content[p.ARRAYS])
+                sent["sigma"] = m.content[p.CONFIG].get(p.NOISE_MULTIPLIER)
+        return send_and_receive(messages, timeout=timeout)
+
+    def tamper(kind, reply):
+        if kind != "train" or reply.has_error() or p.ARRAYS not in reply.content.array_records:
+            return reply
+        honest = to_arrays(reply.content[p.ARRAYS])
+        bound = _own_bound(spec, sent, int(reply.content[p.METRICS][p.NUM_EXAMPLES]))
+        arrays = attack(sent["arrays"], honest, earlier, reply, bound)
+        earlier.append(honest)
+        if arrays is not None:
+            reply.content[p.ARRAYS] = to_record(arrays)
+        return reply
+    grid.send_and_receive = capture
+    grid.tamper[node] = tamper
+
+
+def run_config(out: Path, name: str, seed: int, rule: str, model: str) -> dict:
+    import tomllib
+    defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml")
+                             .read_text())["tool"]["flwr"]["app"]["config"]
+    return {**defaults, "model.name": model, "output-dir": str(out), "run-name": name,
+            "seed": seed, "clients-per-round": NODES, "num-server-rounds": 5,
+            "min-replies": NODES - 1, "local-steps": 5, "batch-size": 64,
+            "physical-batch-size": 64, "data.demo-records-per-site": 500,
+            "aggregation.rule": rule, "privacy.secure-noise": False}
+
+
+def one_run(out: Path, attack: str, seed: int, rule: str, model: str) -> dict:
+    """Final accuracy, and what the hostile site's replies became."""
+    config = run_config(out, f"{attack}-{rule}-seed{seed}", seed, rule, model)
+    grid = LocalGrid(config, NODES)
+    if attack != "none":
+        make_hostile(grid, HOSTILE, ATTACKS[attack])
+    run_federation(config, NODES, grid)
+    rows = read_metrics(out / config["run-name"])
+    rejected = sum("partition-4" in r["failures"]["train"] for r in rows)
+    reasons = {r["failures"]["train"].get("partition-4", "")[:40] for r in rows} - {""}
+    return {"accuracy": rows[-1]["eval_accuracy"], "rejected_rounds": rejected,
+            "reasons": sorted(reasons)}
+
+
+def _own_bound(spec: RunSpec, sent: dict, records: int) -> float | None:
+    """The bound the server checks this site's update against (sample level only)."""
+    if sent.get("sigma") is None:
+        return None
+    train = spec.train
+    return update_norm_bound(LocalUpdate(
+        records, train.batch_size, train.local_steps, spec.privacy.max_grad_norm,
+        sent["sigma"], train.learning_rate, train.optimizer,
+        sum(a.size for a in sent["arrays"].values())))
+
+
+def table(results: dict) -> str:
+    head = ["| hostile site | what the run did with its replies | "
+            + " | ".join(f"{rule}" for rule in RULES) + " |",
+            "|---|---|" + "---|" * len(RULES)]
+    for attack, by_rule in results.items():
+        cells = []
+        for rule in RULES:
+            accs = [r["accuracy"] for r in by_rule[rule]]
+            half = (2.0 * statistics.stdev(accs) / math.sqrt(len(accs))) if len(accs) > 1 else 0
+            cells.append(f"{statistics.mean(accs):.3f} ± {half:.3f}")
+        first = by_rule[RULES[0]][0]
+        did = ("none (no hostile site)" if attack == "none" else
+               f"rejected in {first['rejected_rounds']} of 5 rounds: {first['reasons'][0]}..."
+               if first["rejected_rounds"] else "accepted every round")
+        head.append(f"| {attack} | {did} | " + " | ".join(cells) + " |")
+    return "\n".join(head)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.hostile_sites")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    results = {a: {r: [one_run(args.out, a, s, r, args.model) for s in range(args.seeds)]
+                   for r in RULES} for a in args.attacks}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "hostile_sites.md").write_text(table(results) + "\n")
+    log.info("%s", table(results))
+
+
+if __name__ == "__main__":
+    main()
