@@ -157,9 +157,16 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = {a: {r: [one_run(args.out, a, s, r, args.model) for s in range(args.seeds)]
-                   for r in RULES} for a in args.attacks}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    saved = args.out / "results.json"  # runs of other invocations into --out are kept
+    results = json.loads(saved.read_text()) if saved.exists() else {}
+    for attack in args.attacks:
+        results[attack] = {r: [] for r in RULES}
+    for seed in range(args.seeds):  # every attack at a seed before the next seed
+        for attack in args.attacks:
+            for rule in RULES:
+                results[attack][rule].append(one_run(args.out, attack, seed, rule,
+                                                     args.model))
+                saved.write_text(json.dumps(results, indent=1))
     (args.out / "hostile_sites.md").write_text(table(results) + "\n")
     log.info("%s", table(results))
 
