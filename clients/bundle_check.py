@@ -31,7 +31,7 @@ CLIENT_APP = "clients.client_app:app"
 INSTALLED = {"fed_dplora": Path(fed_dplora.__file__).parent,
              "clients": Path(clients.__file__).parent}
 # Top-level packages a bundle may carry besides the site's own: server and study code.
-SERVER_SIDE = ("strategies", "experiments", "tests")
+SERVER_SIDE = ("strategies", "server", "experiments", "tests")
 
 
 class BundleRefused(RuntimeError):

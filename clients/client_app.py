@@ -22,13 +22,19 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import runtime
-from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
-from fed_dplora.data.site import (SITES_CACHED, DataSource, SitePlacement,
-                                  data_source, load_site, shareable_labels)
+from fed_dplora.data.site import (
+    SITES_CACHED,
+    DataSource,
+    SitePlacement,
+    data_source,
+    load_site,
+    shareable_labels,
+)
 from fed_dplora.data.sources import Splits
 from fed_dplora.tasks import uses_labels
-from strategies.codec import to_arrays, to_record
+from strategies import wire as p
+from strategies.wire import to_arrays, to_record
 
 app = ClientApp()
 EVAL_BATCH = 128

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
-from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec
 from fed_dplora.data.site import SITES_CACHED, SitePlacement
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
 from fed_dplora.tasks import uses_labels
 from fed_dplora.train import LocalTrainer, RoundPlan
+from strategies import wire as p
 
 
 def prepare(spec: RunSpec, placement: SitePlacement, splits, labels: tuple[str, ...]

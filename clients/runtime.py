@@ -17,8 +17,15 @@ from pathlib import Path
 
 from fed_dplora.data.site import SitePlacement
 from fed_dplora.data.sources import DataError
-from fed_dplora.protocol import (FRESH, SEEDED, SEEDED_BY_SITE, SHARE_ALL, SHARE_DP_ONLY,
-                                 SHARE_METRICS, SHARE_MODES)
+from strategies.wire import (
+    FRESH,
+    SEEDED,
+    SEEDED_BY_SITE,
+    SHARE_ALL,
+    SHARE_DP_ONLY,
+    SHARE_METRICS,
+    SHARE_MODES,
+)
 
 SIMULATION_ACTOR_MODULE = "flwr.simulation.ray_transport.ray_actor"
 

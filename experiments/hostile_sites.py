@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from experiments.local_grid import LocalGrid, run_federation
-from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
 from fed_dplora.results import read_metrics
-from strategies.codec import to_arrays, to_record
+from strategies import wire as p
+from strategies.wire import to_arrays, to_record
 
 log = logging.getLogger("fed_dplora.hostile_sites")
 NODES, HOSTILE = 5, 104  # node 104 is partition-4

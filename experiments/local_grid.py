@@ -23,13 +23,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients import runtime
 from clients.client_app import app as client_app
 from fed_dplora.checkpoint import Checkpoint
-from strategies import server_app as server_app_module
-from strategies.server_app import app as server_app
+from server import server_app as server_app_module
+from server.server_app import app as server_app
 
 # Server and clients share this process, which a real run never does: the heavy halves
 # are imported here, up front, so the ServerApp's background import (fed_dplora.preload)
 # never runs while a client loads data.
-for _heavy in ("clients.local_site", "strategies.federation"):
+for _heavy in ("clients.local_site", "server.federation"):
     importlib.import_module(_heavy)
 
 SERVER_NODE = 0

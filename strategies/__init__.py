@@ -1,5 +1,5 @@
-"""Flower server side of fed-dplora: strategies to take into any ServerApp, and the
-project's own ServerApp (`strategies.server_app`).
+"""Flower strategies of fed-dplora, to take into any ServerApp (the project's own is
+`server.server_app`), and the wire format they share with the ClientApp.
 
     from strategies import FfaFedAvg, client_config, to_record
 
@@ -16,8 +16,8 @@ _EXPORTS = {
     "FfaFedAvg": "strategies.lora_fedavg",
     "ClientLevelDpFedAvg": "strategies.client_level_dp",
     "client_config": "strategies.round_config",
-    "to_record": "strategies.codec",
-    "to_arrays": "strategies.codec",
+    "to_record": "strategies.wire",
+    "to_arrays": "strategies.wire",
 }
 __all__ = sorted(_EXPORTS)
 

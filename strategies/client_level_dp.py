@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_dplora.aggregation import aggregation_error
-from strategies.codec import to_arrays, to_record
 from strategies.lora_fedavg import LoraFedAvg
+from strategies.wire import to_arrays, to_record
 
 
 class ClientLevelDpFedAvg(Strategy):

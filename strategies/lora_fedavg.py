@@ -15,8 +15,9 @@ from FedAvg where a hospital network needs it:
 - the round's MetricRecord carries the aggregation error
   ||mean_i(B_i A_i) - mean(B) mean(A)||_F / ||mean_i(B_i A_i)||_F (0 for FFA).
 
-The last round's screened replies stay in `last_train` / `last_evaluate` for a caller
-that charges a privacy ledger.
+The MetricRecords `aggregate_train` and `aggregate_evaluate` return carry how the
+round's replies were screened (`ScreenedMetrics.screened`), for a caller that charges a
+privacy ledger or reports failures.
 """
 
 from __future__ import annotations
@@ -32,13 +33,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
-from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, capped_weights, weighted_mean
 from fed_dplora.class_scores import ClassCounts, summed
 from fed_dplora.config import AggregationSpec
 from fed_dplora.seeds import derived_seed
-from strategies.codec import to_arrays, to_record
-from strategies.screening import Expected, Screened, SiteHealth, expected_arrays, screen
+from strategies import wire as p
+from strategies.screening import (
+    Expected,
+    Screened,
+    ScreenedMetrics,
+    SiteHealth,
+    expected_arrays,
+    screen,
+)
+from strategies.wire import to_arrays, to_record
 
 log = logging.getLogger("fed_dplora.server")
 
@@ -80,8 +88,6 @@ class LoraFedAvg(FedAvg):
         self.sizes = sizes
         self.update_bounds = update_bounds  # node -> DP-aware bound on its update norm
         self.aggregation = aggregation
-        self.last_train: Screened | None = None
-        self.last_evaluate: Screened | None = None
         self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
 
     @classmethod
@@ -144,17 +150,18 @@ class LoraFedAvg(FedAvg):
                               Expected(None, EVALUATE_METRICS))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+                           ) -> ScreenedMetrics:
         """Loss, accuracy (and for classification macro-F1 and per-class recall) over the
         union of the valid replies' test sets, and of their validation splits where every
         reply has one: each site weighted by what its means are over (records, or tokens
-        for causal-lm), class scores from the summed per-class counts."""
+        for causal-lm), class scores from the summed per-class counts; only the counts
+        where no reply evaluated anything."""
         screened = self._screen(server_round, MessageType.EVALUATE, replies)
-        self.last_evaluate = screened
         rows = [r.metrics for r in screened.accepted.values()]
+        record = ScreenedMetrics({"replies": len(rows), "failures": len(screened.failed)},
+                                 screened)
         if not sum(m[p.EVAL_WEIGHT] for m in rows):
-            return None
-        record = MetricRecord({"replies": len(rows), "failures": len(screened.failed)})
+            return record
         record.update(pooled_evaluation(rows))
         if all(p.VALIDATION + p.EVAL_WEIGHT in m for m in rows):
             record.update(pooled_evaluation(rows, p.VALIDATION))
@@ -162,8 +169,7 @@ class LoraFedAvg(FedAvg):
 
     # Shared with the client-level DP wrapper.
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
-        self.last_train = self._screen(server_round, MessageType.TRAIN, replies)
-        return self.last_train
+        return self._screen(server_round, MessageType.TRAIN, replies)
 
     def is_lost(self, screened: Screened) -> bool:
         """Fewer valid replies than `min_replies` (None: every node asked that did not
@@ -193,11 +199,11 @@ class LoraFedAvg(FedAvg):
                 capped_weights(raw, self.aggregation.max_weight_share))
 
     @staticmethod
-    def train_metrics(screened: Screened, error: float | None) -> MetricRecord:
+    def train_metrics(screened: Screened, error: float | None) -> ScreenedMetrics:
         """The round's MetricRecord: `lost` 1 when no aggregate was released."""
         rows = [a.metrics for a in screened.accepted.values()]
-        metrics = MetricRecord({"replies": len(rows), "failures": len(screened.failed),
-                                "lost": int(error is None)})
+        metrics = ScreenedMetrics({"replies": len(rows), "failures": len(screened.failed),
+                                   "lost": int(error is None)}, screened)
         if error is not None:
             metrics["aggregation-error"] = error
         for key in (p.TRAIN_LOSS, p.CLIP_FRACTION):  # from the sites that share them

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from flwr.app import ConfigRecord
 
-from fed_dplora import protocol as p
+from strategies import wire as p
 
 
 def client_config(label_names: Sequence[str], *, noise_multiplier: float | None = None,

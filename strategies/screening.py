@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fed_dplora import protocol as p
-from strategies.codec import to_arrays
+from strategies import wire as p
+from strategies.wire import to_arrays
 
 log = logging.getLogger("fed_dplora.server")
 
@@ -59,6 +59,16 @@ class Screened:
     accepted: dict[int, Accepted]  # node -> its validated reply
     failed: dict[int, str]  # node -> reason
     declined: dict[int, str] = field(default_factory=dict)  # node -> its own limits' reason
+
+
+class ScreenedMetrics(MetricRecord):
+    """A round's aggregated metrics, and (as an attribute, not a record value) how its
+    replies were screened: what a caller that charges a privacy ledger or reports
+    failures needs from the value `aggregate_train` / `aggregate_evaluate` returns."""
+
+    def __init__(self, values: dict, screened: Screened) -> None:
+        super().__init__(values)
+        self.screened = screened
 
 
 def expected_arrays(record: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.deployment_lab import write_site_csv
-from strategies.federation import Federation
+from server.federation import Federation
 
 
 def deployed_nodes(folder: Path, count: int, **extra) -> list[dict]:

@@ -8,10 +8,10 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fed_dplora import protocol as p
 from fed_dplora.aggregation import aggregation_error, weighted_mean
 from fed_dplora.dp.noise import SeededRandom
 from strategies import ClientLevelDpFedAvg, FfaFedAvg, LoraFedAvg, to_arrays, to_record
+from strategies import wire as p
 from strategies.lora_fedavg import per_node_seed
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -105,7 +105,7 @@ def test_valid_replies_are_averaged_by_examples_and_a_nan_reply_never(rng):
     expected = (10 * good[1][B].astype(np.float64) + 30 * good[2][B]) / 40
     np.testing.assert_allclose(to_arrays(arrays)[B], expected, rtol=1e-6)
     assert (metrics["replies"], metrics["failures"], metrics["lost"]) == (2, 1, 0)
-    assert "NaN" in strategy.last_train.failed[3]
+    assert "NaN" in metrics.screened.failed[3]
     assert metrics["aggregation-error"] < 1e-12  # FFA: exact
 
 
@@ -127,9 +127,9 @@ def test_each_invalid_reply_is_rejected_with_its_reason(rng, change, reason):
     update, metrics = client(rng), {}
     change(update, metrics)
     ok = client(rng)
-    arrays, _ = strategy.aggregate_train(1, [answer(sent[1], ok),
-                                             answer(sent[2], update, **metrics)])
-    assert reason in strategy.last_train.failed[2]
+    arrays, screened = strategy.aggregate_train(1, [answer(sent[1], ok),
+                                                    answer(sent[2], update, **metrics)])
+    assert reason in screened.screened.failed[2]
     np.testing.assert_array_equal(to_arrays(arrays)[B], ok[B])
 
 
@@ -138,8 +138,8 @@ def test_an_error_from_the_superlink_is_attributed_by_message_id(rng):
     sent = send(strategy, [1, 2])
     unavailable = Message(Error(code=4, reason="node unavailable"), reply_to=sent[2])
     unavailable.metadata.__dict__["_src_node_id"] = 0  # sent by the SuperLink
-    strategy.aggregate_train(1, [answer(sent[1], client(rng)), unavailable])
-    assert strategy.last_train.failed == {2: "error reply: node unavailable"}
+    _, metrics = strategy.aggregate_train(1, [answer(sent[1], client(rng)), unavailable])
+    assert metrics.screened.failed == {2: "error reply: node unavailable"}
 
 
 def test_min_replies_decides_between_a_lost_round_and_an_aggregate(rng):
@@ -149,15 +149,16 @@ def test_min_replies_decides_between_a_lost_round_and_an_aggregate(rng):
         sent = send(strategy, [1, 2])
         arrays, metrics = strategy.aggregate_train(1, [answer(sent[1], update)])
         assert (arrays is None, metrics["lost"]) == (lost, int(lost))
-        assert strategy.last_train.failed == {2: "no reply before the round timeout"}
+        assert metrics.screened.failed == {2: "no reply before the round timeout"}
 
 
 def test_vanilla_accepts_any_a_and_ffa_needs_its_fingerprint(rng):
     vanilla = LoraFedAvg(node_sampler=lambda rnd, nodes: nodes, min_available_nodes=0)
     sent = send(vanilla, [1, 2])
-    arrays, _ = vanilla.aggregate_train(1, [answer(sent[1], client(rng), fingerprint="x"),
-                                            answer(sent[2], client(rng), fingerprint="y")])
-    assert arrays is not None and not vanilla.last_train.failed
+    arrays, metrics = vanilla.aggregate_train(1, [
+        answer(sent[1], client(rng), fingerprint="x"),
+        answer(sent[2], client(rng), fingerprint="y")])
+    assert arrays is not None and not metrics.screened.failed
     with pytest.raises(ValueError, match="for_model"):
         FfaFedAvg(a_fingerprint="", shared_arrays={})
 

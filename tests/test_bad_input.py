@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import strategies.census
+import server.census
+from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.checkpoint import CHECKPOINT_FILE
 from fed_dplora.config import parse_run_config
-from experiments.local_grid import LocalGrid, run_federation
 
 NODES = 3
 ROWS = "\n".join(f"note {i} chest pain,{'urgent' if i % 2 else 'routine'}" for i in range(200))
@@ -79,7 +79,7 @@ CASES = {
 def test_bad_input_is_one_clear_error_before_training(config, tmp_path, monkeypatch,
                                                       caplog, name):
     changes, fragment = CASES[name]
-    monkeypatch.setattr(strategies.census, "NODE_WAIT_S", 1)
+    monkeypatch.setattr(server.census, "NODE_WAIT_S", 1)
     config.update(changes(tmp_path))
     with pytest.raises(Exception) as raised:
         run_federation(config, NODES)

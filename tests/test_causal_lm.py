@@ -16,20 +16,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model_factory import CPU, with_nonzero_b
 
 from fed_dplora.config import ConfigError, LoraSpec, ModelSpec, parse_run_config
 from fed_dplora.data.demo import generate_site
 from fed_dplora.data.sources import LabelledText, load_local
 from fed_dplora.data.tokenize import tokenize
-from fed_dplora.dp.engine import DpSgdAccumulator, DpSgdConfig, PoissonSampling
-from fed_dplora.dp.engine import wrap_for_per_sample_grads
+from fed_dplora.dp.engine import (
+    DpSgdAccumulator,
+    DpSgdConfig,
+    PoissonSampling,
+    wrap_for_per_sample_grads,
+)
 from fed_dplora.dp.noise import SeededRandom
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
 from fed_dplora.results import read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.causal_lm import CausalLanguageModel, greedy_continuations
 from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
-from test_model_factory import CPU, with_nonzero_b
 
 LM = task_for("causal-lm")
 # Token ids of six records of different lengths (one of a single token: no target).
@@ -235,7 +239,7 @@ def test_causal_lm_config_is_validated():
 
 
 def test_perplexity_is_exp_of_the_token_weighted_loss():
-    from strategies.lm_outputs import LmOutputs
+    from server.lm_outputs import LmOutputs
     assert LmOutputs.row_fields(math.log(20.0))["eval_perplexity"] == pytest.approx(20.0)
     assert LmOutputs.row_fields(None) == {"eval_perplexity": None}
 
@@ -243,7 +247,7 @@ def test_perplexity_is_exp_of_the_token_weighted_loss():
 def test_a_causal_lm_federation_writes_perplexity_and_samples(tiny_llama_lm, config):
     """The project's ServerApp and ClientApp on the in-process grid, 2 sites, 2 rounds."""
     from experiments.local_grid import LocalGrid, run_server_app
-    from strategies.server_app import app
+    from server.server_app import app
 
     run_config = {**config, "task": "causal-lm", "model.name": tiny_llama_lm,
                   "num-server-rounds": 2, "generation.max-new-tokens": 4,
@@ -266,8 +270,8 @@ def test_a_resumed_causal_lm_run_writes_each_rounds_samples_once(tiny_llama_lm, 
     """A crash after round 2's samples and before its commit: the resumed run drops
     those samples and writes round 2's again, once."""
     from experiments.local_grid import LocalGrid, run_server_app
-    from strategies.federation import Federation
-    from strategies.server_app import app
+    from server.federation import Federation
+    from server.server_app import app
 
     run_config = {**config, "task": "causal-lm", "model.name": tiny_llama_lm,
                   "num-server-rounds": 2, "generation.max-new-tokens": 2,

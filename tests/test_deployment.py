@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.deployment_lab import SITES, Deployment
+from experiments.deployment_lab import Deployment
 from fed_dplora.results import load_final_model, read_metrics
 from fed_dplora.trial_certs import write_trial_certs
 from flwr_cli import REPO

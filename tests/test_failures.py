@@ -13,11 +13,11 @@ import pytest
 from dp_accounting import rdp
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from fed_dplora import protocol as p
+from experiments.local_grid import LocalGrid, run_federation, run_keeping_checkpoint
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.results import read_metrics
-from experiments.local_grid import LocalGrid, run_federation, run_keeping_checkpoint
-from strategies.codec import to_arrays, to_record
+from strategies import wire as p
+from strategies.wire import to_arrays, to_record
 
 NODES = 3
 BAD = 101  # the failing node: site "partition-1"

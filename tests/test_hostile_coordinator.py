@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import Crash, crash_at, deployed_nodes, write_site_csv
 
-from fed_dplora import protocol as p
+from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.config import ConfigError
 from fed_dplora.data.site import MAX_SHARED_LABELS
 from fed_dplora.results import read_metrics
 from fed_dplora.site_ledger import SiteLedger, SiteLimits
-from helpers import Crash, crash_at, deployed_nodes, write_site_csv
-from experiments.local_grid import LocalGrid, run_federation
+from strategies import wire as p
 from strategies.screening import ClientFailure
 
 NODES = 3

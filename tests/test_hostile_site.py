@@ -11,14 +11,17 @@ import pytest
 
 from experiments.hostile_sites import ATTACKS, HOSTILE, NODES, make_hostile
 from experiments.local_grid import LocalGrid, run_federation
-from experiments.update_bound_check import (CASES, adam_step_ratio,
-                                            adversarial_adam_gradients, exceedance_check)
-from fed_dplora import protocol as p
+from experiments.update_bound_check import (
+    CASES,
+    adam_step_ratio,
+    adversarial_adam_gradients,
+    exceedance_check,
+)
 from fed_dplora.aggregation import capped_weights
-from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import AggregationSpec, ConfigError, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
 from fed_dplora.results import read_metrics
+from strategies import wire as p
 from strategies.lora_fedavg import LoraFedAvg
 from strategies.screening import Accepted, Screened
 

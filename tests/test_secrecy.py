@@ -12,12 +12,12 @@ from pathlib import Path
 import dp_accounting as dpa
 import pytest
 from dp_accounting import rdp
+from helpers import Crash, crash_at, deployed_nodes
 
+from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.results import read_metrics
-from helpers import Crash, crash_at, deployed_nodes
-from experiments.local_grid import LocalGrid, run_federation
-from strategies.run_report import PARTICIPATION_FIELDS
+from server.reporting import PARTICIPATION_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 3

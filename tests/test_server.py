@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from dp_accounting import rdp
 
+from experiments.local_grid import run_federation, run_keeping_checkpoint
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import parse_run_config
 from fed_dplora.results import read_metrics
-from experiments.local_grid import run_federation, run_keeping_checkpoint
-from strategies.sites import SiteSampler
+from server.sites import SiteSampler
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 3

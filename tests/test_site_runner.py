@@ -122,8 +122,8 @@ def test_the_genuine_bundle_is_lean_passes_and_its_digest_is_the_installed_one(t
     (fab,) = tmp_path.glob("*.fab")
     with zipfile.ZipFile(fab) as bundle:
         tops = {name.split("/")[0] for name in bundle.namelist()}
-    assert tops <= {"fed_dplora", "clients", "strategies", "pyproject.toml", "README.md",
-                    ".info"}, tops  # no studies, docs, tests or caches
+    assert tops <= {"fed_dplora", "clients", "strategies", "server", "pyproject.toml",
+                    "README.md", ".info"}, tops  # no studies, docs, tests or caches
     assert fab.stat().st_size < 1_000_000  # 3.3 MB with the studies; 0.33 MB now
     assert check_bundle(fab.read_bytes()) == installed_digest()
     with pytest.raises(BundleRefused):

@@ -21,7 +21,7 @@ def heavy_modules_after(statement: str) -> str:
 
 def test_app_modules_import_without_torch_transformers_peft_or_opacus():
     # Flower imports both apps in the simulation driver while it starts Ray.
-    assert heavy_modules_after("import clients.client_app, strategies.server_app") == "[]"
+    assert heavy_modules_after("import clients.client_app, server.server_app") == "[]"
 
 
 def test_the_strategies_a_user_imports_pull_in_no_torch_or_dp_accounting():
@@ -30,8 +30,8 @@ def test_the_strategies_a_user_imports_pull_in_no_torch_or_dp_accounting():
 
 
 def test_preload_imports_once_and_surfaces_import_errors():
-    future = preload("strategies.federation")
-    assert preload("strategies.federation") is future
+    future = preload("server.federation")
+    assert preload("server.federation") is future
     assert hasattr(future.result(timeout=120), "run_federation")
     with pytest.raises(ModuleNotFoundError, match="no_such_module_xyz"):
         preload("fed_dplora.no_such_module_xyz").result(timeout=10)

@@ -23,7 +23,7 @@ from fed_dplora.config import (DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpe
                                TaskName)
 from fed_dplora.dp import guards
 from fed_dplora.lora.offline_models import SMOLLM2, resolve_model_name
-from fed_dplora.lora.seeded_init import seed_lora_a
+from fed_dplora.seeded_init import seed_lora_a
 from fed_dplora.tasks import task_for
 
 # lora.target-modules="auto": LoRA on the attention's query and value projections.

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel
 
 from fed_dplora.class_scores import ClassCounts
-from fed_dplora.lora.seeded_init import seeded_uniform
+from fed_dplora.seeded_init import seeded_uniform
 from fed_dplora.tasks.base import EvalSums, Task
 
 HEAD = "classifier"

@@ -1,4 +1,11 @@
-"""Message keys and wire-schema version shared by the ServerApp and the ClientApp."""
+"""The wire format shared by the ServerApp and the ClientApp: message keys, the schema
+version, and the codec between named float32 numpy arrays and Flower's `ArrayRecord`.
+The one module both sides import (they never import each other)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
 
 WIRE_VERSION = 2  # 2: evaluation replies carry EVAL_WEIGHT (causal-lm)
 
@@ -48,3 +55,16 @@ EVAL_CLASS_CORRECT = "eval-class-correct"  # and correct ones (lists, label orde
 VALIDATION = "val-"  # prefix of the same evaluation keys for the site's validation split
 EVAL_WEIGHT = "eval-weight"  # what loss and accuracy are means over: test records
 # (classification) or predicted tokens (causal-lm); the server weights sites by it
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array.from_numpy_ndarray(a) for name, a in arrays.items()})
+
+
+def to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def payload_bytes(arrays: dict[str, np.ndarray]) -> int:
+    """Tensor bytes that travel (serialization headers not counted)."""
+    return sum(a.nbytes for a in arrays.values())

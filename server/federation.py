@@ -29,7 +29,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fed_dplora import protocol as p
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.dp.noise import random_source
@@ -40,14 +39,15 @@ from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.results import RunFolder
 from fed_dplora.seeds import derived_seed
-from strategies import run_report
-from strategies.census import Census
+from server import reporting, resume
+from server.census import Census
+from server.lm_outputs import LmOutputs
+from server.sites import SiteConfigs, SiteSampler
+from strategies import wire as p
 from strategies.client_level_dp import ClientLevelDpFedAvg
-from strategies.codec import payload_bytes, to_arrays, to_record
-from strategies.lm_outputs import LmOutputs
 from strategies.lora_fedavg import MACRO_F1, RECALL, FfaFedAvg, LoraFedAvg
-from strategies.screening import Screened
-from strategies.sites import SiteConfigs, SiteSampler
+from strategies.screening import Screened, ScreenedMetrics
+from strategies.wire import payload_bytes, to_arrays, to_record
 
 log = logging.getLogger("fed_dplora.server")
 
@@ -84,20 +84,20 @@ class Federation:
     def set_up(cls, grid: Grid, run_id: int, spec: RunSpec, secure: bool, census: Census,
                started: float) -> "Federation":
         census_s = time.perf_counter() - started
-        run, checkpoint = run_report.open_run(spec, run_id, census)
-        planned = run_report.planned_census(spec, census, checkpoint)
+        run, checkpoint = resume.open_run(spec, run_id, census)
+        planned = resume.planned_census(spec, census, checkpoint)
         plan = plan_privacy(spec, planned.sizes)
-        run_report.log_plan(spec, plan, planned, secure)
+        reporting.log_plan(spec, plan, planned, secure)
         model = build_lora_model(ModelRecipe.from_spec(spec, len(planned.labels)),
                                  torch.device("cpu"))
         site_of = {node: site for site, node in planned.node_of.items()}
         lora, strategy = _strategies(spec, plan, planned, site_of, secure, model)
         accountant = CentralAccountant(plan, spec.train.local_steps)
         run.write_json("privacy_plan.json",
-                       run_report.plan_summary(spec, plan, planned, secure))
+                       reporting.plan_summary(spec, plan, planned, secure))
         state = Checkpoint(0, trainable_arrays(model), {}, planned.as_dict())
         if checkpoint:
-            state = run_report.restore(checkpoint, accountant, secure)
+            state = resume.restore(checkpoint, accountant, secure)
             lora.health.restore(state.excluded, state.failure_streaks, planned.node_of)
         lm = LmOutputs.for_run(spec, run, model)
         if lm and not checkpoint:
@@ -126,7 +126,7 @@ class Federation:
         self._write_ahead(rnd, sampled)
         new_arrays, train = self.strategy.aggregate_train(
             rnd, self._exchange(train_messages, "train"))
-        self._charge(self.lora.last_train)
+        self._charge(train.screened)
         evaluation, eval_messages = None, 0
         if new_arrays is None:
             self.state.failed_rounds.append(rnd)
@@ -145,7 +145,7 @@ class Federation:
         self.state.save(self.run.path)
         load_trainable_arrays(self.model, self.arrays)
         log.info("final adapter: %s", self.run.save_adapter(self.model))
-        run_report.write_final(self.run, self.plan, self.accountant, self.planned,
+        reporting.write_final(self.run, self.plan, self.accountant, self.planned,
                                self.state, self.secure, started)
 
     def _failure_stop(self) -> str | None:
@@ -200,8 +200,8 @@ class Federation:
         self.accountant.charge_sample(used)
         self.accountant.charge_client_round()
 
-    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> tuple[MetricRecord | None, int]:
-        """(metrics over the valid replies or None, evaluation messages sent)."""
+    def _evaluate(self, rnd: int, arrays: ArrayRecord) -> tuple[ScreenedMetrics, int]:
+        """(metrics over the valid replies, evaluation messages sent)."""
         messages = list(self.strategy.configure_evaluate(
             rnd, arrays, self._shared_config(), self.grid))
         replies = self._exchange(messages, "evaluate")
@@ -216,20 +216,21 @@ class Federation:
         self.waits[phase] = time.perf_counter() - start
         return replies
 
-    def _failures(self, evaluated: bool) -> dict[str, dict[str, str]]:
+    def _failures(self, train: Screened, evaluation: Screened | None
+                  ) -> dict[str, dict[str, str]]:
         """{phase: {site: reason}} of this round; "declined": out of the site's budget."""
-        phases = {"train": self.lora.last_train.failed,
-                  "declined": self.lora.last_train.declined}
-        if evaluated:
-            phases["evaluate"] = self.lora.last_evaluate.failed
+        phases = {"train": train.failed, "declined": train.declined}
+        if evaluation is not None:
+            phases["evaluate"] = evaluation.failed
         return {phase: {self.site_of[n]: reason for n, reason in failed.items()}
                 for phase, failed in phases.items()}
 
-    def _row(self, rnd: int, sampled: list[str], train: MetricRecord,
-             evaluation: MetricRecord | None, eval_sent: int, started_at: float,
+    def _row(self, rnd: int, sampled: list[str], train: ScreenedMetrics,
+             evaluation: ScreenedMetrics | None, eval_sent: int, started_at: float,
              start: float) -> dict:
-        accepted = self.lora.last_train.accepted.values()
-        failures = self._failures(evaluated=eval_sent > 0)
+        accepted = train.screened.accepted.values()
+        failures = self._failures(train.screened,
+                                  evaluation.screened if eval_sent else None)
         evaluation = evaluation or {}
         return {
             "round": rnd, **self._evaluation_fields(evaluation),
@@ -267,9 +268,9 @@ class Federation:
         return fields
 
     def _commit(self, rnd: int, row: dict) -> None:
-        self.run.append_metrics(run_report.shareable(row, self.secure))
+        self.run.append_metrics(reporting.shareable(row, self.secure))
         if self.secure:
-            run_report.log_participation(row)
+            reporting.log_participation(row)
         health = self.lora.health
         self.state = Checkpoint(rnd, self.arrays, self.accountant.state(),
                                 self.planned.as_dict(), lost_rounds=self.state.lost_rounds,
@@ -279,7 +280,7 @@ class Federation:
                                 failure_streaks={self.site_of[n]: k
                                                  for n, k in health.streak.items()})
         self.state.save(self.run.path)
-        run_report.log_round(row, self.spec.num_server_rounds)
+        reporting.log_round(row, self.spec.num_server_rounds)
 
 
 def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict[int, str],

@@ -2,7 +2,7 @@
 
 Start-up: Flower imports this module while it starts Ray, and the simulation's clients
 wait on the census. So this module imports only Flower and light parts, and the heavy
-half (`strategies.federation`: torch, transformers, PEFT, dp-accounting) is imported in
+half (`server.federation`: torch, transformers, PEFT, dp-accounting) is imported in
 a background thread while the clients answer the census.
 """
 
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fed_dplora.config import ConfigError, RunSpec, parse_run_config
 from fed_dplora.preload import preload
 from fed_dplora.tasks import uses_labels
-from strategies.census import census, wait_for_nodes
+from server.census import census, wait_for_nodes
 
 log = logging.getLogger("fed_dplora.server")
 app = ServerApp()
@@ -41,7 +41,7 @@ def _run(grid: Grid, context: Context) -> None:
     spec = parse_run_config(context.run_config)
     secure = _secure_noise(spec, grid)
     nodes = wait_for_nodes(grid, spec.clients_per_round)
-    federation = preload("strategies.federation")  # loads while the clients answer
+    federation = preload("server.federation")  # loads while the clients answer
     sites = census(grid, nodes, spec.failure.round_timeout, secure, uses_labels(spec.task))
     federation.result().run_federation(grid, context, spec, secure, sites, started)
 

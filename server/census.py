@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fed_dplora import protocol as p
 from fed_dplora.data.sources import sorted_label_names
+from strategies import wire as p
 from strategies.screening import ClientFailure
 
 log = logging.getLogger("fed_dplora.server")

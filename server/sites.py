@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from fed_dplora import protocol as p
 from fed_dplora.config import RunSpec
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.seeds import derived_seed
+from strategies import wire as p
 
 
 @dataclass(frozen=True)
