@@ -43,6 +43,7 @@ from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
 from fed_dplora.privacy.plan import plan_sample_level
 from fed_dplora.results import read_metrics
+from fed_dplora.tasks import task_for
 from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
 
 log = logging.getLogger("fed_dplora.bench_round")
@@ -161,7 +162,7 @@ class CommonPattern:
                     steps += 1
                     if steps == args.local_steps:
                         break
-            evaluate_model(model._module, test, 128, CPU)
+            evaluate_model(model._module, task_for(spec.task), test, 128, CPU)
         return time.perf_counter() - start
 
 
