@@ -238,6 +238,29 @@ def test_causal_lm_config_is_validated():
         parse_run_config({"generation.prompts": "a||b"})
 
 
+def test_an_encoder_is_refused_for_causal_lm_naming_the_model(tiny_bert, tiny_gpt2):
+    """BERT (and a GPT-2 body without its LM head) would load as a causal LM and train
+    into nonsense; the error names model.name and what would fit."""
+    from fed_dplora.lora.model import ModelError
+    for encoder in (tiny_bert, tiny_gpt2):
+        recipe = ModelRecipe(ModelSpec(encoder), LoraSpec(), "ffa", 0, 0, "causal-lm")
+        with pytest.raises(ModelError, match=r"model.name=.*not a causal language model.*"
+                                             r"SmolLM2-135M-Instruct"):
+            build_lora_model(recipe, CPU)
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_refused(tiny_gpt2_lm, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fed_dplora.lora.model import ModelError
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_lm)
+    tokenizer.eos_token = None
+    folder = tmp_path / "no-pad"
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelError, match="neither a pad nor an end-of-text token"):
+        load_tokenizer(ModelSpec(str(folder)))
+
+
 def test_perplexity_is_exp_of_the_token_weighted_loss():
     from server.lm_outputs import LmOutputs
     assert LmOutputs.row_fields(math.log(20.0))["eval_perplexity"] == pytest.approx(20.0)

@@ -51,6 +51,10 @@ def resolve_device(device: Device) -> torch.device:
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(_checked_source(spec.name))
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers
+        if tokenizer.eos_token is None:
+            raise ModelError(f"model.name={spec.name!r}: its tokenizer has neither a pad "
+                             "nor an end-of-text token, and batches need one to pad with; "
+                             "give a model whose tokenizer defines either")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

