@@ -7,7 +7,7 @@ the sampled order: the same trainer on the same records, with every length repor
 0 so the (stable) sort leaves the order alone. Modes alternate in repeats; the table
 gives median seconds per DP-SGD step and sorted/unsorted throughput.
 
-    python -m experiments.bench_padding [--data ../shared/data/sst2-glue]
+    python -m experiments.bench_padding [--data data/sst2-glue]   # python -m fed_dplora.data prepare sst2-glue data/sst2-glue
         [--text-column sentence] [--records 6000] [--batch 256] [--physical 32,64,128]
 """
 
@@ -40,7 +40,7 @@ class SampledOrder(TokenizedData):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/sst2-glue")
+    parser.add_argument("--data", default="data/sst2-glue")
     parser.add_argument("--text-column", default="sentence")
     parser.add_argument("--records", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=256)

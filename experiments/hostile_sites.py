@@ -101,8 +101,8 @@ def run_config(out: Path, name: str, seed: int, rule: str, model: str) -> dict:
                              .read_text())["tool"]["flwr"]["app"]["config"]
     return {**defaults, "model.name": model, "output-dir": str(out), "run-name": name,
             "seed": seed, "clients-per-round": NODES, "num-server-rounds": 5,
-            "min-replies": NODES - 1, "local-steps": 5, "batch-size": 64,
-            "physical-batch-size": 64, "data.demo-records-per-site": 500,
+            "min-replies": NODES - 1, "local-steps": 4, "batch-size": 64,
+            "physical-batch-size": 64, "data.demo-records-per-site": 400,
             "aggregation.rule": rule, "privacy.secure-noise": False}
 
 

@@ -11,7 +11,7 @@ The TOML file:
     gpus-per-client = 0.0           # fractional GPUs let several clients share one
 
     [base]                          # run-config keys every cell shares
-    "data.path" = "../shared/data/sst2-glue"
+    "data.path" = "../../data/sst2-glue"  # python -m fed_dplora.data prepare sst2-glue data/sst2-glue
     num-server-rounds = 10
 
     [grid]                          # every combination of these lists is one cell

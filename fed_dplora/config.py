@@ -103,6 +103,9 @@ class DataSpec:
     demo_records_per_site: int = 2000
     max_records: int = 0  # > 0: read only the first N records of each data file
     validation_fraction: float = 0.0  # > 0: each site holds out this much of its training
+    subset: str = ""  # data.name: the dataset's configuration (GLUE's "sst2"), if any
+    train_split: str = "train"  # data.name: the split the sites train on
+    test_split: str = "auto"  # data.name: "auto": the first labelled of test, validation
 
     @property
     def is_demo(self) -> bool:
@@ -228,6 +231,9 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "data.demo-records-per-site": ("data", "demo_records_per_site"),
     "data.max-records": ("data", "max_records"),
     "data.validation-fraction": ("data", "validation_fraction"),
+    "data.subset": ("data", "subset"),
+    "data.train-split": ("data", "train_split"),
+    "data.test-split": ("data", "test_split"),
     "min-replies": ("failure", "min_replies"),
     "round-timeout": ("failure", "round_timeout"),
     "max-lost-rounds": ("failure", "max_lost_rounds"),

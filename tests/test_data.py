@@ -104,3 +104,102 @@ def test_max_records_reads_only_the_first_rows_of_each_file(tmp_path):
         f"text number {i}" for i in range(20))
     with pytest.raises(ConfigError, match="must be >= 0"):
         parse_run_config({"data.max-records": -1})
+
+
+def test_prepare_checks_every_file_against_its_pinned_sha256(tmp_path, monkeypatch):
+    """A good copy is written and its sums returned; a copy with one byte changed is
+    refused and leaves nothing behind."""
+    import hashlib
+
+    from fed_dplora.data import public
+    files = {"train.tsv": b"a good film\t1\n", "test.tsv": b"a dull film\t0\n"}
+    monkeypatch.setitem(public.PUBLIC, "toy", tuple(
+        public.PublicFile(name, ("o/r", "0" * 40), name, hashlib.sha256(data).hexdigest())
+        for name, data in files.items()))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, data in files.items():
+        (mirror / name).write_bytes(data)
+    sums = public.prepare("toy", tmp_path / "out", mirror)
+    assert sums == {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}
+    assert (tmp_path / "out" / "train.tsv").read_bytes() == files["train.tsv"]
+    (mirror / "test.tsv").write_bytes(b"a dull film\t1\n")  # a flipped label
+    with pytest.raises(DataError, match="test.tsv.*SHA-256.*not the copy the studies used"):
+        public.prepare("toy", tmp_path / "tampered", mirror)
+    assert not (tmp_path / "tampered" / "test.tsv").exists()
+
+
+def test_the_studies_data_is_pinned_to_commits():
+    from fed_dplora.data.public import PUBLIC
+    for name, files in PUBLIC.items():
+        for file in files:
+            assert len(file.source[1]) == 40 and len(file.sha256) == 64, (name, file)
+            assert file.url.startswith("https://raw.githubusercontent.com/")
+
+
+@needs_shared
+def test_this_workspaces_offline_copy_is_the_pinned_one(tmp_path):
+    from fed_dplora.data.public import PUBLIC, prepare
+    for name in PUBLIC:
+        prepare(name, tmp_path / name, SHARED_DATA / name)
+
+
+def dataset_folder(tmp_path, hidden_test: bool = True):
+    """A local dataset folder as `datasets` reads one: train / validation / test CSVs,
+    the test split's labels hidden (-1) as GLUE publishes them."""
+    import csv
+    folder = tmp_path / "toy-dataset"
+    folder.mkdir()
+    texts, labels = generate_site(0, 400, 0)
+    sites = ["north", "south"]
+    for split, lo, hi in (("train", 0, 240), ("validation", 240, 320), ("test", 320, 400)):
+        with (folder / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sentence", "label", "site"])
+            for i in range(lo, hi):
+                hidden = split == "test" and hidden_test
+                writer.writerow([texts[i], -1 if hidden else LABELS.index(labels[i]),
+                                 sites[i % 2]])
+    return folder
+
+
+def hub_spec(folder, **extra) -> RunSpec:
+    return parse_run_config({"data.name": str(folder), "data.text-column": "sentence",
+                             **extra})
+
+
+def test_a_dataset_by_name_loads_through_federated_dataset_with_a_labelled_test_split(
+        tmp_path):
+    folder = dataset_folder(tmp_path)
+    sites = [load_site(hub_spec(folder), SitePlacement(i, 2)) for i in range(2)]
+    assert sum(len(s.train) for s in sites) == 240  # every record in one partition
+    assert sum(len(s.test) for s in sites) == 80  # "auto": validation (test is hidden)
+    assert set(sites[0].train.labels) <= {"0", "1", "2"} and "-1" not in sites[0].test.labels
+    capped = load_site(hub_spec(folder, **{"data.max-records": 100}), SitePlacement(0, 2))
+    assert len(capped.train) == 50 and len(capped.test) == 40  # 100 train, 80 validation
+    with pytest.raises(DataError, match="data.test-split='test'.*hides its labels"):
+        load_site(hub_spec(folder, **{"data.test-split": "test"}), SitePlacement(0, 2))
+    with pytest.raises(DataError, match="not 'dev'"):
+        load_site(hub_spec(folder, **{"data.train-split": "dev"}), SitePlacement(0, 2))
+
+
+def test_natural_partitioning_of_a_dataset_by_name_gives_each_site_its_own_records(
+        tmp_path):
+    folder = dataset_folder(tmp_path)
+    spec = hub_spec(folder, **{"data.partitioner": "natural",
+                               "data.partition-column": "site"})
+    north, south = (load_site(spec, SitePlacement(i, 2)) for i in range(2))
+    assert set(north.train.groups) == {"north"} and set(south.train.groups) == {"south"}
+    assert set(north.test.groups) == {"north"}
+    with pytest.raises(DataError, match="one SuperNode per value"):
+        load_site(spec, SitePlacement(0, 3))
+
+
+def test_a_federation_runs_on_a_dataset_by_name(config, tmp_path):
+    from experiments.local_grid import run_federation
+    from fed_dplora.results import read_metrics
+    config.update({"data.name": str(dataset_folder(tmp_path)),
+                   "data.text-column": "sentence", "num-server-rounds": 1})
+    run_federation(config, 2)
+    (row,) = read_metrics(tmp_path / "runs" / "run")
+    assert row["eval_accuracy"] is not None and row["replies"] == 2

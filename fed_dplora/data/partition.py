@@ -16,7 +16,7 @@ def partition(data: LabelledText, spec: DataSpec, partition_id: int,
     """Records of one partition; every record lands in exactly one partition."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} outside 0..{num_partitions - 1}")
-    partitioner = _make(spec, num_partitions, seed)
+    partitioner = make_partitioner(spec, num_partitions, seed)
     columns = {"text": list(data.texts), "label": list(data.labels)}
     if spec.partitioner == "natural":
         values = sorted(set(data.groups))
@@ -35,7 +35,8 @@ def partition(data: LabelledText, spec: DataSpec, partition_id: int,
                         if spec.partitioner == "natural" else ())
 
 
-def _make(spec: DataSpec, num_partitions: int, seed: int) -> Partitioner:
+def make_partitioner(spec: DataSpec, num_partitions: int, seed: int) -> Partitioner:
+    """The flwr-datasets partitioner `data.partitioner` names (natural: by "group")."""
     if spec.partitioner == "dirichlet":
         return DirichletPartitioner(num_partitions, partition_by="label", alpha=spec.alpha,
                                     min_partition_size=2, self_balancing=False, seed=seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
 from fed_dplora.data.sources import (SUFFIXES, TEST_FRACTION, DataError, LabelledText,
-                                     Splits, load_hub, load_local, split)
+                                     Splits, load_local, split)
 from fed_dplora.tasks import uses_labels
 
 
@@ -114,14 +114,16 @@ def _train_and_test(spec: RunSpec, placement: SitePlacement) -> Splits:
         texts, labels = generate_site(placement.partition_id, data.demo_records_per_site,
                                       spec.seed)
         return split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, spec.seed)
-    if data.path:
-        whole = load_local(data.path, text_column, label_column, spec.seed,
-                           data.partition_column, data.max_records)
-    else:
-        whole = load_hub(data.name, text_column, label_column)
     # Here only: flwr-datasets (with datasets, scipy, seaborn) takes ~1.5 s to import,
     # which a site with its own data or the demo task should not pay at start-up.
+    if not data.path:
+        from fed_dplora.data.hub import load_hub_site
+        return load_hub_site(spec, placement.partition_id, placement.num_partitions,
+                             text_column, label_column)
     from fed_dplora.data.partition import partition
+
+    whole = load_local(data.path, text_column, label_column, spec.seed,
+                       data.partition_column, data.max_records)
 
     return Splits(*(partition(part, data, placement.partition_id, placement.num_partitions,
                               spec.seed) for part in (whole.train, whole.test)))

@@ -1,4 +1,5 @@
-"""Labelled text from local files or the hub, as plain (texts, labels) pairs.
+"""Labelled text from local files, as plain (texts, labels) pairs (a dataset by name:
+`fed_dplora.data.hub`).
 
 Local data (`data.path`): a csv / tsv / jsonl / parquet file, or a folder holding a
 `train.*` file and a `test.*` (or `dev.*`) file. Delimited files may have a header row
@@ -63,23 +64,6 @@ def load_local(path: str | Path, text_column: str, label_column: str,
         raise DataError(f"data.path={str(path)!r}: no such file or folder")
     return split(_read_file(path, text_column, label_column, group_column, max_records),
                  TEST_FRACTION, seed)
-
-
-def load_hub(name: str, text_column: str, label_column: str) -> Splits:
-    """A hub dataset with a train split and a test (or validation) split; needs network."""
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(name)
-    except Exception as err:  # the hub raises many types; say which key failed and why
-        raise DataError(f"data.name={name!r}: cannot load from the hub ({err}); offline, "
-                        "use data.path with local files") from err
-    test_split = next((s for s in ("test", "validation") if s in dataset), None)
-    if "train" not in dataset or test_split is None:
-        raise DataError(f"data.name={name!r}: needs a train and a test/validation split, "
-                        f"has {list(dataset)}")
-    return Splits(*(_from_frame(dataset[s].to_pandas(), text_column, label_column, name)
-                    for s in ("train", test_split)))
 
 
 def split(data: LabelledText, test_fraction: float, seed: int) -> Splits:
