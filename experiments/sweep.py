@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import tomllib
 from dataclasses import dataclass
@@ -136,8 +135,6 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
                      cell.clients)
         return output
     runs.mkdir(parents=True, exist_ok=True)
-    (output / "cells.json").write_text(json.dumps(
-        {c.name: {"params": c.params, "clients": c.clients} for c in todo}, indent=2) + "\n")
     from tqdm import tqdm
 
     progress = tqdm(total=len(todo), initial=len(done), desc=sweep["name"], unit="cell")

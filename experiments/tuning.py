@@ -17,7 +17,7 @@ rate) is chosen. Writes into the sweep folder:
   and FFA minus vanilla at each rank, paired by seed. When the folder holds a
   hand-written `discussion.md` (what the tables show and do not, against published
   results), `results.md` opens with a link to it.
-Next to the sweep file, `<name>_chosen.toml`: a sweep over the same base config with
+In the study folder, `<name>_chosen.toml`: a sweep over the same base config with
 seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
 epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
 0-2), to run next; it is removed while no setting's choice is final.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import statistics
 import tomllib
@@ -295,6 +296,17 @@ def run_priority(key: tuple) -> tuple:
             else len(RUN_ORDER), privacy, partition, method, rank)
 
 
+def rebased(study: dict[str, Any], config_dir: Path, folder: Path) -> dict[str, Any]:
+    """`study` with its relative paths (data.path, model.name) relative to `folder`,
+    where the follow-up sweep file is written, instead of the study's config."""
+    def rebase(key: str, value: Any) -> Any:
+        if key in ("data.path", "model.name") and isinstance(value, str) \
+                and value.startswith("."):
+            return os.path.relpath((config_dir / value).resolve(), folder.resolve())
+        return value
+    return {**study, "base": {k: rebase(k, v) for k, v in study["base"].items()}}
+
+
 def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
     """The next sweep: seeds 1-2 of each chosen setting, then the rank study."""
     grids, rank_grids = [], []
@@ -369,9 +381,9 @@ def main() -> None:
         + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)
         + ["", RANK_GAP_HEADER, ""] + rank_method_gap_table(rows, chosen)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
-    follow = args.config.parent / f"{study['name']}_chosen.toml"
+    follow = sweep / f"{study['name']}_chosen.toml"  # generated: in the study folder
     if final:
-        follow.write_text(follow_up(study, final))
+        follow.write_text(follow_up(rebased(study, args.config.parent, sweep), final))
     else:  # a follow-up written before the grid grew would run unfinished choices
         follow.unlink(missing_ok=True)
     log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),

@@ -204,3 +204,16 @@ def test_the_rank_study_pairs_ffa_with_vanilla_at_each_rank(tmp_path):
     assert header == "| | rank 2 | rank 8 | rank 32 |"
     half = stats.t.ppf(0.975, 1) * statistics.stdev([0.02, 0.01]) / 2 ** 0.5
     assert gap == f"| ffa − vanilla | {0.015:.4f} ± {half:.4f} (n=2) | - | - |"
+
+
+def test_the_follow_up_sweep_is_written_into_the_study_folder_with_its_paths_rebased(
+        tmp_path):
+    from experiments.tuning import rebased
+    configs, study_folder = tmp_path / "experiments" / "configs", tmp_path / "results" / "s"
+    configs.mkdir(parents=True)
+    study_folder.mkdir(parents=True)
+    study = {"name": "s", "base": {"data.path": "../../data/agnews/dev.tsv", "seed": 0}}
+    moved = rebased(study, configs, study_folder)["base"]
+    assert (study_folder / moved["data.path"]).resolve() == (
+        configs / study["base"]["data.path"]).resolve()
+    assert moved["seed"] == 0
