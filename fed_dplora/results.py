@@ -92,7 +92,16 @@ class RunFolder:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    return _read_jsonl(Path(run_dir) / "metrics.jsonl")
+    """The training rounds' rows of metrics.jsonl (rounds 1, 2, ...)."""
+    return [r for r in _read_jsonl(Path(run_dir) / "metrics.jsonl") if r["round"] > 0]
+
+
+def read_base_score(run_dir: str | Path) -> dict[str, Any] | None:
+    """metrics.jsonl's round 0: the base model evaluated before any training (None where
+    the run has not reached it)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = _read_jsonl(path) if path.exists() else []
+    return next((r for r in rows if r["round"] == 0), None)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -37,7 +37,7 @@ from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
-from fed_dplora.results import RunFolder
+from fed_dplora.results import RunFolder, read_base_score
 from fed_dplora.seeds import derived_seed
 from server import reporting, resume
 from server.census import Census
@@ -56,6 +56,8 @@ def run_federation(grid: Grid, context, spec: RunSpec, secure: bool, census: Cen
                    started: float) -> None:
     """Plan privacy, build the model, run the rounds and write the run folder."""
     federation = Federation.set_up(grid, context.run_id, spec, secure, census, started)
+    if read_base_score(federation.run.path) is None:
+        federation.evaluate_base()
     for rnd in range(federation.state.round + 1, spec.num_server_rounds + 1):
         if not federation.run_round(rnd):
             break
@@ -108,6 +110,15 @@ class Federation:
                  time.perf_counter() - started - census_s)
         return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
                    lora, strategy, model, state.arrays, state, lm)
+
+    def evaluate_base(self) -> None:
+        """Round 0: the model before any training (every B is 0, so LoRA adds nothing),
+        evaluated where the sites share evaluation: what training then buys shows."""
+        start, started_at, self.waits = time.perf_counter(), time.time(), {}
+        evaluation, sent = self._evaluate(0, to_record(self.arrays))
+        untrained = ScreenedMetrics({"replies": 0, "failures": 0, "lost": 0},
+                                    Screened([], {}, {}))
+        self._commit(0, self._row(0, [], untrained, evaluation, sent, started_at, start))
 
     def run_round(self, rnd: int) -> bool:
         """One round; False when the run stops before it (budget, failures)."""

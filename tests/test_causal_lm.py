@@ -30,7 +30,7 @@ from fed_dplora.dp.engine import (
 )
 from fed_dplora.dp.noise import SeededRandom
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
-from fed_dplora.results import read_metrics
+from fed_dplora.results import read_base_score, read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.causal_lm import CausalLanguageModel, greedy_continuations
 from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
@@ -279,6 +279,9 @@ def test_a_causal_lm_federation_writes_perplexity_and_samples(tiny_llama_lm, con
     run_dir = Path(config["output-dir"]) / "run"
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
+    base = read_base_score(run_dir)  # round 0: the base LM's perplexity, before training
+    assert base["eval_perplexity"] == pytest.approx(math.exp(base["eval_loss"]))
+    assert base["eval_loss"] != rows[0]["eval_loss"] and base["epsilon_sample"] == 0.0
     for row in rows:
         assert row["eval_perplexity"] == pytest.approx(math.exp(row["eval_loss"]))
         assert 0 <= row["eval_accuracy"] <= 1 and row["epsilon_sample"] > 0

@@ -20,7 +20,7 @@ from dp_accounting import rdp
 from experiments.local_grid import run_federation, run_keeping_checkpoint
 from fed_dplora.checkpoint import Checkpoint
 from fed_dplora.config import parse_run_config
-from fed_dplora.results import read_metrics
+from fed_dplora.results import read_base_score, read_metrics
 from server.sites import SiteSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,16 @@ def test_both_levels_report_each_epsilon_against_dp_accounting(config, sampling)
     assert client["relation"] == ("ADD_OR_REMOVE_ONE" if sampling == "poisson"
                                   else "REPLACE_ONE")
     assert sample["epsilon_pld_max"] <= sample["epsilon_rdp_max"]
+
+
+def test_round_0_reports_the_base_model_before_any_training(config):
+    run_federation(config, NODES)
+    folder = Path(config["output-dir"]) / "run"
+    base, rows = read_base_score(folder), read_metrics(folder)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert base["eval_accuracy"] is not None and base["eval_macro_f1"] is not None
+    assert base["epsilon_sample"] == 0.0 and base["bytes_up"] == 0 and base["clients"] == []
+    assert base["eval_loss"] != rows[0]["eval_loss"]  # round 1 trained; round 0 did not
 
 
 def test_sample_budget_stops_at_the_round_dp_accounting_predicts(config):

@@ -14,6 +14,7 @@ import pytest
 from dp_accounting import pld, rdp
 
 from fed_dplora.data.site import DataSource
+from fed_dplora.results import read_metrics
 from fed_dplora.site_ledger import RoundAsk, SiteDeclines, SiteLedger, SiteLimits
 from experiments.local_grid import LocalGrid, run_federation
 
@@ -77,7 +78,7 @@ def test_two_runs_compose_at_the_site_and_the_second_is_declined_at_its_budget(
     second = site_config(config, tmp_path, "second")
     run_federation(second, NODES, LocalGrid(second, NODES, sites, run_id=2))
     folder = Path(second["output-dir"]) / "second"
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     report = json.loads((folder / "privacy_report.json").read_text())
     assert not rows[0]["failures"]["declined"] and sorted(rows[1]["failures"]["declined"]) == [
         f"partition-{i}" for i in range(NODES)]
