@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+import pytest
+import torch
+
 from experiments import bench_round
 from fed_dplora.config import parse_run_config
 
@@ -17,3 +21,47 @@ def test_bench_rounds_in_process_baselines_run_a_round(tiny_bert, tmp_path):
                              "model.name": tiny_bert, "physical-batch-size": 16})
     assert bench_round.PureCompute(args, spec).round(0) > 0
     assert bench_round.CommonPattern(args, spec).round(0) > 0
+
+
+def test_bench_dp_step_measures_a_tiny_models_modes():
+    from experiments import bench_dp_step
+    args = argparse.Namespace(batch=4, seq=8, steps=1, repeats=1, precision="fp32",
+                              memory=False)
+    row = bench_dp_step.measure("tiny-bert", "vanilla", torch.device("cpu"), args)
+    assert row["hooks_over_plain"] > 0 and row["plain_records_per_s"] > 0
+    assert "tiny-bert" in bench_dp_step.format_row(row)
+
+
+def test_bench_ledger_drives_the_accountant_and_its_report():
+    from experiments.bench_ledger import run
+    row = run(rounds=3, clients=4, per_round=2, steps=2)
+    assert 0 < row["eps_sample_pld"] <= row["eps_sample_rdp"] and row["eps_client_rdp"] > 0
+
+
+def test_privacy_check_agrees_with_dp_accounting_on_one_case():
+    from experiments.privacy_check import client_case, sample_case
+    sample = sample_case(0.08, 1.0, 20, 1e-5)
+    assert sample["ledger"] == pytest.approx(sample["dp_accounting"], rel=0.01)
+    assert sample["pld"] <= sample["ledger"]
+    client = client_case("poisson", 10, 3, 1.0, 5, 1e-2)
+    assert client["ledger"] == pytest.approx(client["dp_accounting"], rel=0.01)
+
+
+def test_audit_mias_scores_match_their_closed_forms():
+    from experiments.audit_mia import auc, best_threshold_accuracy
+    members, non_members = np.array([3.0, 4.0]), np.array([1.0, 2.0, 3.0])
+    assert auc(members, non_members) == pytest.approx((3 + 2.5) / 6)  # 1 tie of 6 pairs
+    assert auc(non_members, non_members) == 0.5
+    assert best_threshold_accuracy(members, non_members) == pytest.approx(
+        (1.0 + 2 / 3) / 2)  # threshold 3: both members, 2 of 3 non-members
+
+
+def test_the_study_tables_format_their_rows():
+    from experiments.bench_wan import table as wan_table
+    from experiments.hostile_sites import RULES
+    from experiments.hostile_sites import table as hostile_table
+    row = {"wall_s": 2.0, "train_s": 1.5, "bytes_up": 100, "bytes_down": 200}
+    assert "1.50x" in wan_table({"lan": [row], "wan": [{**row, "wall_s": 3.0}]})
+    result = {"accuracy": 0.8, "rejected_rounds": 5, "reasons": ["update norm 9 exceeds"]}
+    text = hostile_table({"scaled": {rule: [result, result] for rule in RULES}})
+    assert "rejected in 5 of 5 rounds" in text and "0.800 ± 0.000" in text
