@@ -6,11 +6,15 @@ import json
 import statistics
 import tomllib
 from collections import Counter
+from pathlib import Path
 
+import pytest
 from scipy import stats
 
 from experiments import tuning
 from experiments.sweep import cells
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8,
@@ -217,3 +221,20 @@ def test_the_follow_up_sweep_is_written_into_the_study_folder_with_its_paths_reb
     assert (study_folder / moved["data.path"]).resolve() == (
         configs / study["base"]["data.path"]).resolve()
     assert moved["seed"] == 0
+
+
+def test_holm_and_the_one_sided_paired_t_match_hand_computations():
+    from experiments.confirm import holm, one_sided_p
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None}) == pytest.approx(
+        {"a": 0.03, "b": 0.06, "c": 0.06, "d": None})  # 3*0.01, max(2*0.03, .03), 1*0.04->0.06
+    values = [0.02, 0.01, 0.03]
+    t = stats.t.sf(statistics.fmean(values) / (statistics.stdev(values) / 3 ** 0.5), 2)
+    assert one_sided_p(values) == pytest.approx(t)
+    assert one_sided_p([0.01]) is None
+
+
+def test_the_preregistered_family_is_read_from_its_toml_block():
+    from experiments.confirm import registered
+    plan = registered(REPO / "experiments" / "results" / "cpu_agnews_regime")
+    assert [h["id"] for h in plan["hypothesis"]] == ["H1", "H2", "H3", "H4", "H5", "H6"]
+    assert plan["family"]["correction"] == "holm"

@@ -1,0 +1,121 @@
+"""The pre-registered family of a tuned study, tested as registered.
+
+Reads the ```toml block of `<study>/preregistration.md` (hypotheses, score, seeds,
+correction), the study's finished cells at their chosen (validation-tuned) settings,
+and writes `<study>/confirmation.md`: each hypothesis's paired difference over the
+seeds both arms have run, its one-sided paired t p-value, the Holm-corrected p-value
+over the family, and whether it is confirmed; the seeds still missing are named.
+
+    python -m experiments.confirm experiments/results/cpu_agnews_regime
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import statistics
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from experiments.tuning import TUNED_RANK, cell_rows, choose, chosen_runs
+
+log = logging.getLogger("fed_dplora.confirm")
+PREREGISTRATION = "preregistration.md"
+CONFIRMATION = "confirmation.md"
+
+
+def registered(study: Path) -> dict[str, Any]:
+    """The pre-registration's TOML block."""
+    text = (study / PREREGISTRATION).read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    if block is None:
+        raise SystemExit(f"{study / PREREGISTRATION}: no ```toml block to read")
+    return tomllib.loads(block.group(1))
+
+
+def accuracy_by_seed(rows: list[dict], chosen: dict, method: str, privacy: str,
+                     partition: str) -> dict[int, float]:
+    key = (method, privacy, partition, TUNED_RANK)
+    if key not in chosen:
+        return {}
+    return {r["seed"]: r["accuracy"] for r in chosen_runs(rows, key, chosen[key])}
+
+
+def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, float]:
+    """Per seed: FFA - vanilla at `at`, or for an interaction that gap minus the gap at
+    the baseline privacy setting."""
+    at = hypothesis["at"]
+
+    def gap(privacy: str) -> dict[int, float]:
+        ffa, vanilla = (accuracy_by_seed(rows, chosen, m, privacy, at["partition"])
+                        for m in ("ffa", "vanilla"))
+        return {s: ffa[s] - vanilla[s] for s in ffa.keys() & vanilla.keys()}
+    first = gap(at["privacy"])
+    if hypothesis["difference"] != "interaction":
+        return first
+    base = gap(at["baseline"])
+    return {s: first[s] - base[s] for s in first.keys() & base.keys()}
+
+
+def one_sided_p(values: list[float]) -> float | None:
+    """Paired t, H0: mean <= 0 against mean > 0 (None with fewer than 2 seeds)."""
+    if len(values) < 2 or statistics.stdev(values) == 0:
+        return None
+    return float(stats.ttest_1samp(values, 0.0, alternative="greater").pvalue)
+
+
+def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
+    """Holm's step-down adjusted p-values (monotone, capped at 1)."""
+    ordered = sorted((p, h) for h, p in p_values.items() if p is not None)
+    adjusted, running = {}, 0.0
+    for rank, (p, h) in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p))
+        adjusted[h] = running
+    return {h: adjusted.get(h) for h in p_values}
+
+
+def confirmation(study: Path) -> str:
+    plan = registered(study)
+    rows = cell_rows(study)
+    chosen = choose(rows)
+    family, hypotheses = plan["family"], plan["hypothesis"]
+    diffs = {h["id"]: differences(rows, chosen, h) for h in hypotheses}
+    raw = {h: one_sided_p(list(d.values())) for h, d in diffs.items()}
+    adjusted = holm(raw)
+    lines = [f"# Confirmation of the pre-registered family ({PREREGISTRATION})", "",
+             f"Score: {family['score']}; paired t over seeds, one-sided; Holm over "
+             f"{len(hypotheses)} hypotheses; alpha {family['alpha']}.", "",
+             "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed |",
+             "|---|---|---|---|---|---|---|"]
+    for h in hypotheses:
+        values = diffs[h["id"]]
+        missing = sorted(set(h.get("seeds", family["seeds"])) - set(values))
+        mean = f"{100 * statistics.fmean(values.values()):+.2f}" if values else "-"
+        verdict = ("not yet: seeds " + ", ".join(map(str, missing)) + " missing"
+                   if missing else "yes" if (adjusted[h["id"]] or 1) < family["alpha"]
+                   else "no")
+        lines.append(f"| {h['id']} | {h['claim']} | {sorted(values)} | {mean} | "
+                     f"{_p(raw[h['id']])} | {_p(adjusted[h['id']])} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.confirm")
+    parser.add_argument("study", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    text = confirmation(args.study)
+    (args.study / CONFIRMATION).write_text(text)
+    log.info("%s", text)
+
+
+if __name__ == "__main__":
+    main()
