@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -80,6 +81,8 @@ def test_bad_input_is_one_clear_error_before_training(config, tmp_path, monkeypa
                                                       caplog, name):
     changes, fragment = CASES[name]
     monkeypatch.setattr(server.census, "NODE_WAIT_S", 1)
+    # Offline as this machine is, without 5 retries a hub lookup (23 s each).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     config.update(changes(tmp_path))
     with pytest.raises(Exception) as raised:
         run_federation(config, NODES)

@@ -211,6 +211,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.e2e  # SIGKILLs real server processes at six points: about a minute
 def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_run(config, tmp_path):
     config.update({"privacy.level": "both", "num-server-rounds": 4, "local-steps": 3})
     reference = {**config, "output-dir": str(tmp_path / "reference")}
