@@ -162,7 +162,7 @@ def _site_declines(spec: RunSpec, context: Context, plan) -> str | None:
     if ledger is None:
         return None
     from fed_dplora.privacy.events import sampling_probability
-    from fed_dplora.site_ledger import RoundAsk, SiteDeclines
+    from fed_dplora.site.ledger import RoundAsk, SiteDeclines
     placement = runtime.placement(context.node_config)
     splits = _site(spec, placement)
     ask = RoundAsk(str(context.run_id), sampling_probability(plan.batch_size,

@@ -15,7 +15,7 @@ from fed_dplora.data.site import SITES_CACHED, SitePlacement
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
 from fed_dplora.tasks import uses_labels
-from fed_dplora.train import LocalTrainer, RoundPlan
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan
 from strategies import wire as p
 
 

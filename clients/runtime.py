@@ -66,14 +66,14 @@ def site_ledger(node_config: Mapping):
     `max-epsilon`, `max-delta`, `min-noise-multiplier` and `allow-unnoised`. On by
     default outside the simulation, at $FLWR_HOME/fed-dplora/site-ledger.json (flwr has
     no SuperNode state folder); inside it only where `privacy-ledger` is given (a sweep
-    would exhaust it). Returns a `fed_dplora.site_ledger.SiteLedger`, or None."""
+    would exhaust it). Returns a `fed_dplora.site.ledger.SiteLedger`, or None."""
     path = node_config.get("privacy-ledger")
     if not path:
         if in_simulation():
             return None
         home = os.environ.get("FLWR_HOME") or Path.home() / ".flwr"
         path = Path(home) / "fed-dplora" / "site-ledger.json"
-    from fed_dplora.site_ledger import MAX_AUTO_DELTA, SiteLedger, SiteLimits  # dp-accounting
+    from fed_dplora.site.ledger import MAX_AUTO_DELTA, SiteLedger, SiteLimits  # dp-accounting
     return SiteLedger(path, SiteLimits(
         _positive(node_config, "max-epsilon"),
         _positive(node_config, "max-delta") or MAX_AUTO_DELTA,

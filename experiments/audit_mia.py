@@ -28,7 +28,7 @@ from experiments.flwr_job import LocalFederation
 from fed_dplora.data.sources import LabelledText, load_local
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import load_tokenizer
-from fed_dplora.results import load_final_model, read_metrics
+from fed_dplora.run.results import load_final_model, read_metrics
 
 log = logging.getLogger("fed_dplora.audit_mia")
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"

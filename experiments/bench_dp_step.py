@@ -43,7 +43,7 @@ from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulato
 from fed_dplora.dp.noise import SeededRandom
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, resolve_device
 from fed_dplora.tasks import task_for
-from fed_dplora.train import make_optimizer, mixed_precision
+from fed_dplora.site.trainer import make_optimizer, mixed_precision
 
 log = logging.getLogger("fed_dplora.bench_dp_step")
 MODES = ("plain", "dp-hooks", "dp-functorch")

@@ -26,7 +26,7 @@ from fed_dplora.data.sources import LabelledText, load_local, sorted_label_names
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer
-from fed_dplora.train import LocalTrainer, RoundPlan
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan
 
 log = logging.getLogger("fed_dplora.bench_padding")
 

@@ -42,9 +42,9 @@ from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
 from fed_dplora.privacy.plan import plan_sample_level
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 from fed_dplora.tasks import task_for
-from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan, evaluate_model
 
 log = logging.getLogger("fed_dplora.bench_round")
 CPU = torch.device("cpu")

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 
 from experiments.flwr_job import LocalFederation
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 
 log = logging.getLogger("fed_dplora.bench_scale")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from experiments.deployment_lab import Deployment, write_site_csv
 from experiments.netlab import NetLab, unavailable
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 
 log = logging.getLogger("fed_dplora.bench_wan")
 HOSPITALS = ("hospital-1", "hospital-2", "hospital-3")

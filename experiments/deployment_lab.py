@@ -23,7 +23,7 @@ from pathlib import Path
 from experiments.flwr_job import REPO, free_port
 from experiments.netlab import COORDINATOR, NetLab
 from fed_dplora.data.demo import generate_site
-from fed_dplora.trial_certs import write_trial_certs
+from fed_dplora.ops.trial_certs import write_trial_certs
 
 SITES = ("site-a", "site-b")
 LAB_PORT = 9093  # in namespaces every party has its own ports

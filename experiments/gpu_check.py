@@ -51,7 +51,7 @@ from fed_dplora.dp.engine import DpSgdAccumulator, DpSgdConfig, wrap_for_per_sam
 from fed_dplora.dp.noise import SeededRandom
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, resolve_device
 from fed_dplora.tasks import task_for
-from fed_dplora.train import LocalTrainer, RoundPlan, make_optimizer
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan, make_optimizer
 
 log = logging.getLogger("fed_dplora.gpu_check")
 CPU = torch.device("cpu")

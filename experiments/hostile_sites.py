@@ -31,7 +31,7 @@ import numpy as np
 from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 from strategies import wire as p
 from strategies.wire import to_arrays, to_record
 

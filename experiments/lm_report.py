@@ -30,9 +30,9 @@ from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.sources import LabelledText  # noqa: E402
 from fed_dplora.data.tokenize import tokenize  # noqa: E402
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer  # noqa: E402
-from fed_dplora.results import read_metrics  # noqa: E402
+from fed_dplora.run.results import read_metrics  # noqa: E402
 from fed_dplora.tasks import task_for  # noqa: E402
-from fed_dplora.train import evaluate_model  # noqa: E402
+from fed_dplora.site.trainer import evaluate_model  # noqa: E402
 
 log = logging.getLogger("fed_dplora.report")
 

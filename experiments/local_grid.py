@@ -22,12 +22,12 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients import runtime
 from clients.client_app import app as client_app
-from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.run.checkpoint import Checkpoint
 from server import server_app as server_app_module
 from server.server_app import app as server_app
 
 # Server and clients share this process, which a real run never does: the heavy halves
-# are imported here, up front, so the ServerApp's background import (fed_dplora.preload)
+# are imported here, up front, so the ServerApp's background import (fed_dplora.ops.preload)
 # never runs while a client loads data.
 for _heavy in ("clients.local_site", "server.federation"):
     importlib.import_module(_heavy)

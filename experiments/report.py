@@ -34,7 +34,7 @@ from experiments.tuning import TUNING_TABLE  # noqa: E402
 from fed_dplora.config import DataSpec, RunSpec  # noqa: E402
 from fed_dplora.data.site import SitePlacement, load_site  # noqa: E402
 from fed_dplora.data.sources import load_local  # noqa: E402
-from fed_dplora.results import read_metrics  # noqa: E402
+from fed_dplora.run.results import read_metrics  # noqa: E402
 
 log = logging.getLogger("fed_dplora.report")
 COLUMNS = ["cell", "dataset", "method", "privacy", "target_epsilon", "epsilon_sample",

@@ -41,7 +41,7 @@ from typing import Any
 from scipy import stats
 
 from experiments.sweep import REPO, cells, finished_cells, partition_label
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
 TUNED = ("learning_rate", "optimizer")

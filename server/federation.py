@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.dp.noise import random_source
 from fed_dplora.dp.update_bound import site_update_bounds
@@ -37,7 +37,7 @@ from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
-from fed_dplora.results import RunFolder, read_base_score
+from fed_dplora.run.results import RunFolder, read_base_score
 from fed_dplora.seeds import derived_seed
 from server import reporting, resume
 from server.census import Census

@@ -15,7 +15,7 @@ import torch
 from fed_dplora.config import RunSpec
 from fed_dplora.lora.adapters import load_trainable_arrays
 from fed_dplora.lora.model import load_tokenizer
-from fed_dplora.results import RunFolder
+from fed_dplora.run.results import RunFolder
 from fed_dplora.tasks.causal_lm import greedy_continuations
 
 log = logging.getLogger("fed_dplora.server")

@@ -7,10 +7,10 @@ import json
 import logging
 from datetime import datetime
 
-from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.privacy.central import CentralAccountant
-from fed_dplora.results import RunFolder
+from fed_dplora.run.results import RunFolder
 from server.census import Census
 from strategies.screening import ClientFailure
 

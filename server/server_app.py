@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_dplora.config import ConfigError, RunSpec, parse_run_config
-from fed_dplora.preload import preload
+from fed_dplora.ops.preload import preload
 from fed_dplora.tasks import uses_labels
 from server.census import census, wait_for_nodes
 

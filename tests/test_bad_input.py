@@ -14,7 +14,7 @@ import torch
 
 import server.census
 from experiments.local_grid import LocalGrid, run_federation
-from fed_dplora.checkpoint import CHECKPOINT_FILE
+from fed_dplora.run.checkpoint import CHECKPOINT_FILE
 from fed_dplora.config import parse_run_config
 
 NODES = 3

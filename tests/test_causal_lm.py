@@ -30,10 +30,10 @@ from fed_dplora.dp.engine import (
 )
 from fed_dplora.dp.noise import SeededRandom
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
-from fed_dplora.results import read_base_score, read_metrics
+from fed_dplora.run.results import read_base_score, read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.causal_lm import CausalLanguageModel, greedy_continuations
-from fed_dplora.train import LocalTrainer, RoundPlan, evaluate_model
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan, evaluate_model
 
 LM = task_for("causal-lm")
 # Token ids of six records of different lengths (one of a single token: no target).

@@ -15,9 +15,9 @@ from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.data.sources import LabelledText
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.model import build_lora_model, load_tokenizer
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 from fed_dplora.tasks import task_for
-from fed_dplora.train import evaluate_model
+from fed_dplora.site.trainer import evaluate_model
 from experiments.local_grid import run_federation
 from strategies.lora_fedavg import pooled_evaluation
 from test_model_factory import CPU, recipe

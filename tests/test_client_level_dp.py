@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.dp.fedavg import dp_fedavg
 from fed_dplora.dp.noise import SecureRandom, SeededRandom
 

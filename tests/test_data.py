@@ -197,7 +197,7 @@ def test_natural_partitioning_of_a_dataset_by_name_gives_each_site_its_own_recor
 
 def test_a_federation_runs_on_a_dataset_by_name(config, tmp_path):
     from experiments.local_grid import run_federation
-    from fed_dplora.results import read_metrics
+    from fed_dplora.run.results import read_metrics
     config.update({"data.name": str(dataset_folder(tmp_path)),
                    "data.text-column": "sentence", "num-server-rounds": 1})
     run_federation(config, 2)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from experiments.deployment_lab import Deployment
-from fed_dplora.results import load_final_model, read_metrics
-from fed_dplora.trial_certs import write_trial_certs
+from fed_dplora.run.results import load_final_model, read_metrics
+from fed_dplora.ops.trial_certs import write_trial_certs
 from flwr_cli import REPO
 
 pytestmark = pytest.mark.deployment

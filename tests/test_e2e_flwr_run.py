@@ -17,9 +17,9 @@ import torch
 from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.model import load_tokenizer
-from fed_dplora.results import load_final_model, read_metrics
+from fed_dplora.run.results import load_final_model, read_metrics
 from fed_dplora.tasks import task_for
-from fed_dplora.train import evaluate_model
+from fed_dplora.site.trainer import evaluate_model
 
 from flwr_cli import SUPERNODES, flwr_run, run_statuses
 

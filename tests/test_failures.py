@@ -14,8 +14,8 @@ from dp_accounting import rdp
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from experiments.local_grid import LocalGrid, run_federation, run_keeping_checkpoint
-from fed_dplora.checkpoint import Checkpoint
-from fed_dplora.results import read_metrics
+from fed_dplora.run.checkpoint import Checkpoint
+from fed_dplora.run.results import read_metrics
 from strategies import wire as p
 from strategies.wire import to_arrays, to_record
 

@@ -17,8 +17,8 @@ from helpers import Crash, crash_at, deployed_nodes, write_site_csv
 from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.config import ConfigError
 from fed_dplora.data.site import MAX_SHARED_LABELS
-from fed_dplora.results import read_metrics
-from fed_dplora.site_ledger import SiteLedger, SiteLimits
+from fed_dplora.run.results import read_metrics
+from fed_dplora.site.ledger import SiteLedger, SiteLimits
 from strategies import wire as p
 from strategies.screening import ClientFailure
 

@@ -20,7 +20,7 @@ from experiments.update_bound_check import (
 from fed_dplora.aggregation import capped_weights
 from fed_dplora.config import AggregationSpec, ConfigError, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
-from fed_dplora.results import read_metrics
+from fed_dplora.run.results import read_metrics
 from strategies import wire as p
 from strategies.lora_fedavg import LoraFedAvg
 from strategies.screening import Accepted, Screened

@@ -22,8 +22,8 @@ from dp_accounting import rdp
 
 from experiments.deployment_lab import Deployment
 from experiments.netlab import NetLab, unavailable
-from fed_dplora.results import read_metrics
-from fed_dplora.site_ledger import SiteLedger, SiteLimits
+from fed_dplora.run.results import read_metrics
+from fed_dplora.site.ledger import SiteLedger, SiteLimits
 
 pytestmark = [pytest.mark.deployment,
               pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))]

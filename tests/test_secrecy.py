@@ -15,8 +15,8 @@ from dp_accounting import rdp
 from helpers import Crash, crash_at, deployed_nodes
 
 from experiments.local_grid import LocalGrid, run_federation
-from fed_dplora.checkpoint import Checkpoint
-from fed_dplora.results import read_metrics
+from fed_dplora.run.checkpoint import Checkpoint
+from fed_dplora.run.results import read_metrics
 from server.reporting import PARTICIPATION_FIELDS
 
 REPO = Path(__file__).resolve().parents[1]

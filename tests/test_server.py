@@ -18,9 +18,9 @@ import pytest
 from dp_accounting import rdp
 
 from experiments.local_grid import run_federation, run_keeping_checkpoint
-from fed_dplora.checkpoint import Checkpoint
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.config import parse_run_config
-from fed_dplora.results import read_base_score, read_metrics
+from fed_dplora.run.results import read_base_score, read_metrics
 from server.sites import SiteSampler
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 from dp_accounting import pld, rdp
 
 from fed_dplora.data.site import DataSource
-from fed_dplora.results import read_metrics
-from fed_dplora.site_ledger import RoundAsk, SiteDeclines, SiteLedger, SiteLimits
+from fed_dplora.run.results import read_metrics
+from fed_dplora.site.ledger import RoundAsk, SiteDeclines, SiteLedger, SiteLimits
 from experiments.local_grid import LocalGrid, run_federation
 
 NODES = 3
@@ -164,7 +164,7 @@ def test_show_prints_each_run_and_the_total_in_both_relations(tmp_path):
     ledger = SiteLedger(tmp_path / "l.json", SiteLimits(max_delta=DELTA))
     ledger.charge_or_decline(SOURCE, RoundAsk("7", Q, SIGMA, 20))
     ledger.charge_or_decline(SOURCE, RoundAsk("8", Q, SIGMA, 30))
-    out = subprocess.run([sys.executable, "-m", "fed_dplora.site_ledger", "show",
+    out = subprocess.run([sys.executable, "-m", "fed_dplora.site.ledger", "show",
                           str(tmp_path / "l.json")],
                          capture_output=True, text=True, check=True).stdout
     total = out.split("epsilon ")[1]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fed_dplora.preload import preload
+from fed_dplora.ops.preload import preload
 
 HEAVY = ("torch", "transformers", "peft", "opacus", "dp_accounting", "flwr_datasets")
 

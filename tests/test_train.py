@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-import fed_dplora.train as train_module
+import fed_dplora.site.trainer as train_module
 from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.data.sources import LabelledText
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.dp.guards import GuardError
 from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import load_tokenizer
-from fed_dplora.train import LocalTrainer, RoundPlan
+from fed_dplora.site.trainer import LocalTrainer, RoundPlan
 from test_model_factory import CPU, recipe
 
 
@@ -115,7 +115,7 @@ def test_evaluate_reports_loss_and_accuracy_over_all_records(tiny_bert, data):
 def test_bf16_autocast_is_used_on_cuda_only():
     from contextlib import nullcontext
 
-    from fed_dplora.train import mixed_precision
+    from fed_dplora.site.trainer import mixed_precision
     assert isinstance(mixed_precision(torch.device("cpu")), nullcontext)
     cuda = mixed_precision(torch.device("cuda"))
     assert isinstance(cuda, torch.autocast)

@@ -4,7 +4,7 @@ server checks every reply against, so a registered site cannot send B x 1000.
 Everything here is fixed by the plan before the round: the site's n, the expected
 batch B (q = B / n), K local steps, the clip norm C, its noise multiplier sigma, the
 learning rate eta, the optimizer, and d, the number of coordinates that train and
-travel. The optimizer is fresh each round (`fed_dplora.train.make_optimizer`).
+travel. The optimizer is fresh each round (`fed_dplora.site.trainer.make_optimizer`).
 
 SGD with momentum mu (PyTorch's: v_t = mu v_{t-1} + g_t, p_t = p_{t-1} - eta v_t):
 each step's gradient is g_t = (S_t + Z_t) / B, where S_t sums b_t clipped per-sample

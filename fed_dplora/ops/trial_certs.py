@@ -11,7 +11,7 @@ Writes into a folder:
 Real deployments bring certificates from their own CA and keys made at each site
 (docs/deployment.md); these expire after 30 days.
 
-    python -m fed_dplora.trial_certs <folder> --sites hospital-a hospital-b [--host H]
+    python -m fed_dplora.ops.trial_certs <folder> --sites hospital-a hospital-b [--host H]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m fed_dplora.trial_certs",
+    parser = argparse.ArgumentParser(prog="python -m fed_dplora.ops.trial_certs",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--sites", nargs="+", required=True, help="one key pair each")

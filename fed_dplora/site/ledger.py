@@ -19,7 +19,7 @@ A round is charged before it trains (a crash afterwards cannot leave a release
 uncharged). The file is written whole (temporary file, fsync, rename) under an exclusive
 lock: a SuperNode may run several ClientApps at once.
 
-    python -m fed_dplora.site_ledger show <file>
+    python -m fed_dplora.site.ledger show <file>
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from fed_dplora.privacy.ledger import sample_level_ledger
 from fed_dplora.privacy.plan import MAX_AUTO_DELTA, auto_delta
 from fed_dplora.privacy.report import pld_epsilon
 
-log = logging.getLogger("fed_dplora.site_ledger")
+log = logging.getLogger("fed_dplora.site.ledger")
 FILE_VERSION = 2
 UNNOISED = "unnoised-rounds"  # a run's count of rounds without sample-level noise
 
@@ -196,7 +196,7 @@ def show(path: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m fed_dplora.site_ledger",
+    parser = argparse.ArgumentParser(prog="python -m fed_dplora.site.ledger",
                                      description="A site's privacy spend, per run and total")
     parser.add_argument("command", choices=["show"])
     parser.add_argument("file")

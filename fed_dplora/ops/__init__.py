@@ -1,0 +1,1 @@
+"""Operations: background imports at start-up, trial certificates for a deployment."""
