@@ -140,6 +140,21 @@ class AggregationSpec:
 
 
 @dataclass(frozen=True)
+class EvaluationSpec:
+    """Which sites evaluate the global model, and when: at 1,000 simulated sites with 10
+    training a round, evaluating every site every round costs more than the training.
+
+    `sites` > 0: that many sites a round, drawn independently of who trained (from the
+    OS CSPRNG under secret sampling); `every` k: rounds k, 2k, ... evaluate; the last
+    planned round evaluates every site if `final_all`.
+    """
+
+    sites: int = 0  # 0: every site that shares evaluation
+    every: int = 1
+    final_all: bool = True
+
+
+@dataclass(frozen=True)
 class FailureSpec:
     """What a round does when sites fail (crash, time out, send an invalid reply)."""
 
@@ -168,6 +183,7 @@ class RunSpec:
     failure: FailureSpec = FailureSpec()
     generation: GenerationSpec = GenerationSpec()
     aggregation: AggregationSpec = AggregationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,6 +260,9 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "aggregation.trim-fraction": ("aggregation", "trim_fraction"),
     "aggregation.weights": ("aggregation", "weights"),
     "aggregation.max-weight-share": ("aggregation", "max_weight_share"),
+    "evaluation.sites": ("evaluation", "sites"),
+    "evaluation.every": ("evaluation", "every"),
+    "evaluation.final-all": ("evaluation", "final_all"),
 }
 
 _SECTIONS = {
@@ -255,6 +274,7 @@ _SECTIONS = {
     "failure": FailureSpec,
     "generation": GenerationSpec,
     "aggregation": AggregationSpec,
+    "evaluation": EvaluationSpec,
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -274,7 +294,7 @@ _POSITIVE_INT = (
     "num-server-rounds", "clients-per-round", "local-steps", "batch-size",
     "physical-batch-size", "model.max-length", "lora.rank", "lora.alpha",
     "data.demo-records-per-site", "data.classes-per-client", "max-lost-rounds",
-    "max-site-failures", "generation.max-new-tokens",
+    "max-site-failures", "generation.max-new-tokens", "evaluation.every",
 )
 _POSITIVE_FLOAT = (
     "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
@@ -306,6 +326,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: valid values are {list(_CHOICES[key])}")
     if key in _POSITIVE_INT + _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{key}={value!r}: must be > 0")
+    if key == "evaluation.sites" and value < 0:
+        raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every site)")
     if key == "data.max-records" and value < 0:
         raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every record)")
     if key == "data.validation-fraction" and not 0.0 <= value < 1.0:

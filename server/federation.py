@@ -42,7 +42,7 @@ from fed_dplora.seeds import derived_seed
 from server import reporting, resume
 from server.census import Census
 from server.lm_outputs import LmOutputs
-from server.sites import SiteConfigs, SiteSampler
+from server.sites import EvaluationSampler, SiteConfigs, SiteSampler
 from strategies import wire as p
 from strategies.client_level_dp import ClientLevelDpFedAvg
 from strategies.lora_fedavg import MACRO_F1, RECALL, FfaFedAvg, LoraFedAvg
@@ -144,7 +144,8 @@ class Federation:
         else:
             self.arrays = to_arrays(new_arrays)
             self._mark_released()
-            evaluation, eval_messages = self._evaluate(rnd, new_arrays)
+            if self.lora.evaluation_sampler.evaluates(rnd):
+                evaluation, eval_messages = self._evaluate(rnd, new_arrays)
             if self.lm:
                 self.lm.write_samples(rnd, self.arrays)
         row = self._row(rnd, sampled, train, evaluation, eval_messages, started_at, start)
@@ -265,7 +266,10 @@ class Federation:
         """Pooled test metrics (classification: macro-F1, recall per label), validation
         metrics where the sites hold a validation split, perplexity for causal-lm."""
         fields = {"eval_loss": evaluation.get(p.EVAL_LOSS),
-                  "eval_accuracy": evaluation.get(p.EVAL_ACCURACY)}
+                  "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
+                  # what the pooled metrics cover (evaluation.sites may sample)
+                  "eval_sites": evaluation.get("replies"),
+                  "eval_records": evaluation.get(p.NUM_EXAMPLES)}
         if self.lm:
             return {**fields, **self.lm.row_fields(evaluation.get(p.EVAL_LOSS))}
         recall = evaluation.get(RECALL)
@@ -309,6 +313,7 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
         max_site_failures=spec.failure.max_site_failures, min_available_nodes=0,
         node_sampler=SiteSampler(spec, planned.sites, node_of, secure),
         node_config=SiteConfigs(spec, plan, site_of),
+        evaluation_sampler=EvaluationSampler(spec, secure),
         sizes={node_of[s]: planned.sizes[s] for s in node_of},
         update_bounds={node_of[s]: b for s, b in bounds.items() if s in node_of} or None,
         aggregation=spec.aggregation)

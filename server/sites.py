@@ -45,6 +45,31 @@ class SiteSampler:
 
 
 @dataclass(frozen=True)
+class EvaluationSampler:
+    """Which of the sites that share evaluation evaluate round `server_round`: all, or
+    `evaluation.sites` of them drawn independently of who trained (OS CSPRNG under
+    secret sampling, else seeded from (seed, round)); every site in the last planned
+    round if `evaluation.final-all`."""
+
+    spec: RunSpec
+    secure: bool
+
+    def __call__(self, server_round: int, evaluators: list[int]) -> list[int]:
+        wanted = self.spec.evaluation
+        last = server_round == self.spec.num_server_rounds and wanted.final_all
+        if not wanted.sites or last or wanted.sites >= len(evaluators):
+            return sorted(evaluators)
+        rng = (random.SystemRandom() if self.secure else
+               random.Random(derived_seed(self.spec.seed, server_round, "evaluate")))
+        return sorted(rng.sample(evaluators, wanted.sites))
+
+    def evaluates(self, server_round: int) -> bool:
+        """Round 0 (the base score), every `evaluation.every`-th round, and the last."""
+        every = self.spec.evaluation.every
+        return server_round % every == 0 or server_round == self.spec.num_server_rounds
+
+
+@dataclass(frozen=True)
 class SiteConfigs:
     """Each site's round config: its own seed and, at sample level, its noise."""
 

@@ -72,7 +72,8 @@ class LoraFedAvg(FedAvg):
                  node_config: NodeConfig | None = None, nodes: set[int] | None = None,
                  evaluators: set[int] | None = None, sizes: dict[int, int] | None = None,
                  update_bounds: dict[int, float] | None = None,
-                 aggregation: AggregationSpec = AggregationSpec(), **fedavg_kwargs) -> None:
+                 aggregation: AggregationSpec = AggregationSpec(),
+                 evaluation_sampler: NodeSampler | None = None, **fedavg_kwargs) -> None:
         super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
                          configrecord_key=p.CONFIG, **fedavg_kwargs)
         self.shared_arrays = shared_arrays or {}  # tensors that never travel (FFA's A)
@@ -88,6 +89,9 @@ class LoraFedAvg(FedAvg):
         self.sizes = sizes
         self.update_bounds = update_bounds  # node -> DP-aware bound on its update norm
         self.aggregation = aggregation
+        # (server round, evaluators that may be asked) -> those asked (None: FedAvg's
+        # fraction_evaluate of them, from the OS CSPRNG)
+        self.evaluation_sampler = evaluation_sampler
         self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
 
     @classmethod
@@ -139,13 +143,17 @@ class LoraFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """The nodes that may be asked and evaluate (fraction_evaluate of them)."""
+        """The nodes that may be asked and evaluate: those `evaluation_sampler` draws, or
+        fraction_evaluate of them."""
         nodes = [n for n in self.askable_nodes(grid)
                  if self.evaluators is None or n in self.evaluators]
         if self.fraction_evaluate == 0.0 or not nodes:
             return []
-        count = max(int(len(nodes) * self.fraction_evaluate), 1)
-        nodes = sorted(random.SystemRandom().sample(nodes, count))
+        if self.evaluation_sampler is not None:
+            nodes = self.evaluation_sampler(server_round, nodes)
+        else:
+            count = max(int(len(nodes) * self.fraction_evaluate), 1)
+            nodes = sorted(random.SystemRandom().sample(nodes, count))
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
                               Expected(None, EVALUATE_METRICS))
 

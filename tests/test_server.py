@@ -258,3 +258,33 @@ def test_a_bad_input_is_the_first_error_line_before_flowers_traceback(config, ca
         run_federation({**config, "local-steps": 0}, NODES)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors[0] == "ConfigError: local-steps=0: must be > 0"
+
+
+def test_evaluation_can_sample_sites_and_skip_rounds_and_says_what_it_covers(config):
+    """5 sites: 2 evaluate, every 2nd round; the last round evaluates all of them."""
+    config.update({"clients-per-round": 2, "num-server-rounds": 4, "evaluation.sites": 2,
+                   "evaluation.every": 2})
+    run_federation(config, 5)
+    folder = Path(config["output-dir"]) / "run"
+    base, rows = read_base_score(folder), read_metrics(folder)
+    assert base["eval_sites"] == 2
+    assert [r["eval_sites"] for r in rows] == [None, 2, None, 5]
+    assert rows[0]["eval_accuracy"] is None and rows[1]["eval_accuracy"] is not None
+    assert rows[3]["eval_records"] == 5 * 30  # every site's 30 test records
+
+
+def test_the_evaluated_sites_are_drawn_securely_under_secret_sampling(monkeypatch):
+    from server.sites import EvaluationSampler
+    spec = parse_run_config({"evaluation.sites": 2, "num-server-rounds": 5})
+    seeded = EvaluationSampler(spec, secure=False)
+    assert seeded(1, list(range(10))) == seeded(1, list(range(10)))  # replays
+    drawn = []
+
+    class Recording:
+        def sample(self, population, k):
+            drawn.append(k)
+            return list(population)[:k]
+    monkeypatch.setattr("server.sites.random.SystemRandom", Recording)
+    assert EvaluationSampler(spec, secure=True)(1, list(range(10))) == [0, 1]
+    assert drawn == [2]
+    assert EvaluationSampler(spec, secure=True)(5, list(range(10))) == list(range(10))

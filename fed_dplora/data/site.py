@@ -15,9 +15,10 @@ from fed_dplora.tasks import uses_labels
 
 
 # Sites whose data one simulation worker keeps (raw and tokenized) across rounds: above
-# the number of simulated sites, every worker loads each site once (evaluation visits
-# every site each round; experiments/bench_scale.py measures 100 sites).
-SITES_CACHED = 256
+# the number of simulated sites, every worker loads each site once, so sampled training
+# and evaluation never reload one (a demo site of 300 records keeps about 0.3 MB:
+# 2,048 sites about 0.6 GB a worker at most; experiments/bench_scale.py, 1,000 sites).
+SITES_CACHED = 2048
 # Label values leave a site (census) only when they look like labels: at most this many
 # distinct values, none longer than this many characters.
 MAX_SHARED_LABELS = 100
