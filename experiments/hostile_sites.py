@@ -107,13 +107,17 @@ def run_config(out: Path, name: str, seed: int, rule: str, model: str) -> dict:
 
 
 def one_run(out: Path, attack: str, seed: int, rule: str, model: str) -> dict:
-    """Final accuracy, and what the hostile site's replies became."""
+    """Final accuracy, and what the hostile site's replies became. A finished run is
+    read, not run again; an interrupted one continues from its checkpoint."""
     config = run_config(out, f"{attack}-{rule}-seed{seed}", seed, rule, model)
-    grid = LocalGrid(config, NODES)
-    if attack != "none":
-        make_hostile(grid, HOSTILE, ATTACKS[attack])
-    run_federation(config, NODES, grid)
-    rows = read_metrics(out / config["run-name"])
+    folder = out / config["run-name"]
+    if not (folder / "summary.json").exists():
+        config["resume"] = (folder / "config.json").exists()
+        grid = LocalGrid(config, NODES)
+        if attack != "none":
+            make_hostile(grid, HOSTILE, ATTACKS[attack])
+        run_federation(config, NODES, grid)
+    rows = read_metrics(folder)
     rejected = sum("partition-4" in r["failures"]["train"] for r in rows)
     reasons = {r["failures"]["train"].get("partition-4", "")[:40] for r in rows} - {""}
     return {"accuracy": rows[-1]["eval_accuracy"], "rejected_rounds": rejected,
