@@ -84,8 +84,10 @@ def memory_per_round(args, out: Path) -> list[dict]:
     rows = read_metrics(folder)
     return [{"round": r["round"], "rss_mb": memory.peak_between(
                 r["started_at"], r["started_at"] + r["wall_s"]),
-             "wall_s": r["wall_s"], "train_s": r["train_s"], "evaluate_s": r["evaluate_s"],
-             "server_s": r["wall_s"] - r["train_s"] - r["evaluate_s"]} for r in rows]
+             "wall_s": r["wall_s"], "train_s": r["train_s"],
+             "evaluate_s": r["evaluate_s"] or 0.0,  # a round that does not evaluate
+             "server_s": r["wall_s"] - r["train_s"] - (r["evaluate_s"] or 0.0)}
+            for r in rows]
 
 
 def time_per_sampled_site(args, out: Path) -> list[dict]:

@@ -65,3 +65,28 @@ def test_the_study_tables_format_their_rows():
     result = {"accuracy": 0.8, "rejected_rounds": 5, "reasons": ["update norm 9 exceeds"]}
     text = hostile_table({"scaled": {rule: [result, result] for rule in RULES}})
     assert "rejected in 5 of 5 rounds" in text and "0.800 ± 0.000" in text
+
+
+def test_bench_scale_reports_memory_growth_and_time_per_site(caplog):
+    import logging
+
+    from experiments.bench_scale import report
+    caplog.set_level(logging.INFO)
+    memory = [{"round": r, "rss_mb": 100.0 + r, "wall_s": 2.0, "train_s": 1.0,
+               "evaluate_s": 0.0, "server_s": 1.0} for r in range(1, 4)]
+    report(memory, [{"per_round": 10, "train_s": 5.0, "train_s_per_site": 0.5,
+                     "evaluate_s": 0.0, "server_s": 0.2}])
+    assert "RSS growth after round 2: +1.0%" in caplog.text
+
+
+def test_lm_reports_table_puts_each_round_below_the_base_model():
+    from experiments.lm_report import table
+    cell = {"config": {"method": "ffa", "privacy": {"level": "sample", "target_epsilon": 8}},
+            "summary": {"wall_s": 12.0},
+            "metrics": [{"eval_perplexity": 40.0, "eval_accuracy": 0.3,
+                         "epsilon_sample": 4.0},
+                        {"eval_perplexity": 30.0, "eval_accuracy": 0.35,
+                         "epsilon_sample": 8.0}]}
+    lines = table([cell], 50.0, 0.25)
+    assert lines[2].startswith("| base model (before) | 50.00")
+    assert lines[3] == "| ffa, ε = 8 | 40.00 | 30.00 | 0.3500 | 8.000 | 12 |"
