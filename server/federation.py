@@ -35,6 +35,7 @@ from fed_dplora.dp.noise import random_source
 from fed_dplora.dp.update_bound import site_update_bounds
 from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
+from fed_dplora.methods import method_for
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.run.results import RunFolder, read_base_score
@@ -301,7 +302,7 @@ class Federation:
 def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict[int, str],
                 secure: bool, model: torch.nn.Module) -> tuple[LoraFedAvg, Strategy]:
     """The Flower strategy the rounds go through, with this project's hooks."""
-    kind = FfaFedAvg if spec.method == "ffa" else LoraFedAvg
+    kind = FfaFedAvg if method_for(spec.method).shared_a else LoraFedAvg
     node_of = planned.node_of  # the planned sites connected now (site_of's inverse)
     evaluators = {node_of[s] for s, mode in planned.share_metrics.items()
                   if s in node_of and mode != p.SHARE_DP_ONLY}

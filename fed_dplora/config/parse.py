@@ -8,23 +8,11 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, get_args
 
-from fed_dplora.config.specs import (
-    DEMO_DATASET,
-    SECTIONS,
-    TEXT_ONLY_TASKS,
-    AggregationRule,
-    AggregationWeights,
-    ClientSampling,
-    ConfigError,
-    Device,
-    Method,
-    Optimizer,
-    Partitioner,
-    Pooling,
-    PrivacyLevel,
-    RunSpec,
-    TaskName,
-)
+from fed_dplora.config.methods import METHODS
+from fed_dplora.config.specs import (DEMO_DATASET, SECTIONS, TEXT_ONLY_TASKS,
+                                     AggregationRule, AggregationWeights, ClientSampling,
+                                     ConfigError, Device, Optimizer, Partitioner, Pooling,
+                                     PrivacyLevel, RunSpec, TaskName)
 
 # flat key -> (section, field); section None is RunSpec itself.
 _KEYS: dict[str, tuple[str | None, str]] = {
@@ -90,7 +78,6 @@ _KEYS: dict[str, tuple[str | None, str]] = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "task": get_args(TaskName),
-    "method": get_args(Method),
     "privacy.level": get_args(PrivacyLevel),
     "data.partitioner": get_args(Partitioner),
     "model.pooling": get_args(Pooling),
@@ -108,7 +95,7 @@ _POSITIVE_INT = (
     "max-site-failures", "generation.max-new-tokens", "evaluation.every",
 )
 _POSITIVE_FLOAT = (
-    "learning-rate", "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
+    "privacy.target-epsilon", "privacy.max-grad-norm", "data.alpha",
     "privacy.client-target-epsilon", "privacy.client-clip-norm", "round-timeout",
 )
 # "auto" or a number: key -> (upper bound exclusive or None, what "auto" means)
@@ -118,6 +105,7 @@ _AUTO_OR_NUMBER = {
     "privacy.noise-multiplier": (None, "calibrated from privacy.target-epsilon"),
     "privacy.client-noise-multiplier": (
         None, "calibrated from privacy.client-target-epsilon"),
+    "learning-rate": (None, "the method's default, fed_dplora.config.methods"),
 }
 
 
@@ -194,6 +182,13 @@ def _target_modules(key: str, value: Any) -> tuple[str, ...]:
     return modules
 
 
+def _method(key: str, value: Any) -> str:
+    if value not in METHODS:
+        raise ConfigError(f"{key}={value!r}: valid values are {sorted(METHODS)} (the "
+                          "methods registered in fed_dplora/config/methods.py)")
+    return value
+
+
 def _prompts(key: str, value: Any) -> tuple[str, ...]:
     prompts = tuple(p.strip() for p in value.split("|")) if isinstance(value, str) else ()
     if not prompts or not all(prompts):
@@ -203,7 +198,8 @@ def _prompts(key: str, value: Any) -> tuple[str, ...]:
 
 
 # Keys whose values are not simply their default's type.
-_SPECIAL = {"privacy.secure-noise": _secure_noise, "min-replies": _min_replies,
+_SPECIAL = {"method": _method,
+            "privacy.secure-noise": _secure_noise, "min-replies": _min_replies,
             "lora.target-modules": _target_modules, "generation.prompts": _prompts}
 
 
@@ -224,6 +220,9 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunSpec:
         default = {f.name: f.default for f in dataclasses.fields(owner)}[field]
         converted = _convert(key, value, default)
         (top if section is None else sections[section])[field] = converted
+    if sections["train"].get("learning_rate") is None:  # "auto", or not given
+        method = top.get("method", RunSpec.method)
+        sections["train"]["learning_rate"] = METHODS[method].learning_rate
     spec = RunSpec(**top, **{name: cls(**sections[name]) for name, cls in SECTIONS.items()})
     _check_combinations(spec)
     return spec

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 TaskName = Literal["sequence-classification", "causal-lm"]
 TEXT_ONLY_TASKS = ("causal-lm",)  # tasks that read no label column (fed_dplora.tasks)
-Method = Literal["ffa", "vanilla"]
 PrivacyLevel = Literal["none", "sample", "client", "both"]
 Partitioner = Literal["iid", "dirichlet", "pathological", "natural"]
 Pooling = Literal["mean", "cls", "last"]
@@ -111,7 +110,7 @@ class TrainSpec:
     local_steps: int = 10
     batch_size: int = 128  # logical (expected Poisson) batch
     physical_batch_size: int = 64
-    learning_rate: float = 1.0
+    learning_rate: float = 1.0  # "auto" in a run config: the method's default
     # SGD with momentum 0.9: under DP noise it learned the demo where Adam stalled.
     optimizer: Optimizer = "sgd"
 
@@ -161,7 +160,7 @@ class FailureSpec:
 @dataclass(frozen=True)
 class RunSpec:
     task: TaskName = "sequence-classification"
-    method: Method = "ffa"
+    method: str = "ffa"  # a name registered in fed_dplora.config.methods
     num_server_rounds: int = 5
     clients_per_round: int = 2
     seed: int = 0

@@ -19,11 +19,10 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from fed_dplora.config import (DEFAULT_MODEL, Device, LoraSpec, Method, ModelSpec, RunSpec,
-                               TaskName)
+from fed_dplora.config import DEFAULT_MODEL, Device, LoraSpec, ModelSpec, RunSpec, TaskName
 from fed_dplora.dp import guards
 from fed_dplora.lora.offline_models import SMOLLM2, resolve_model_name
-from fed_dplora.seeded_init import seed_lora_a
+from fed_dplora.methods import method_for
 from fed_dplora.tasks import task_for
 
 # lora.target-modules="auto": LoRA on the attention's query and value projections.
@@ -75,7 +74,7 @@ class ModelRecipe:
 
     model: ModelSpec
     lora: LoraSpec
-    method: Method
+    method: str  # a registered aggregation method (fed_dplora.methods)
     num_labels: int  # 0 for tasks without labels
     seed: int
     task: TaskName = "sequence-classification"
@@ -101,7 +100,7 @@ def build_base_model(recipe: ModelRecipe, device: torch.device) -> nn.Module:
 
 
 def build_lora_model(recipe: ModelRecipe, device: torch.device) -> PeftModel:
-    """Base on device -> PEFT LoRA -> seeded A (frozen under FFA) -> train()."""
+    """Base on device -> PEFT LoRA -> the method's A (seeded; frozen under FFA) -> train()."""
     base = build_base_model(recipe, device)
     guards.check_on_device(base, device, "before PEFT wraps it")
     targets = lora_targets(base, recipe.lora)
@@ -114,7 +113,7 @@ def build_lora_model(recipe: ModelRecipe, device: torch.device) -> PeftModel:
     except ValueError as err:
         raise ModelError(f"lora.target-modules={','.join(targets)!r} does not fit "
                          f"{recipe.model.name!r}: {err}") from err
-    seed_lora_a(model, recipe.seed, trainable=recipe.method == "vanilla")
+    method_for(recipe.method).prepare(model, recipe.seed)
     return model.train()
 
 
