@@ -31,7 +31,7 @@ from fed_dplora.lora.model import load_tokenizer
 from fed_dplora.run.results import load_final_model, read_metrics
 
 log = logging.getLogger("fed_dplora.audit_mia")
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+SST2 = Path(__file__).resolve().parents[1] / "data" / "sst2"  # python -m fed_dplora.data prepare sst2 data/sst2
 SETTINGS = [("none", None), ("sample", 8.0), ("sample", 1.0)]
 
 

@@ -40,7 +40,7 @@ from fed_dplora.lora.model import load_tokenizer
 from fed_dplora.run.results import load_final_model, read_metrics
 
 log = logging.getLogger("fed_dplora.audit_one_run")
-AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
+AGNEWS = Path(__file__).resolve().parents[1] / "data" / "agnews"  # python -m fed_dplora.data prepare agnews data/agnews
 CANARY_WORDS = 16  # about 25 tokens: within model.max-length 32
 TEST_RECORDS = 1000
 
