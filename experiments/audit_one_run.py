@@ -50,6 +50,7 @@ class Setting(NamedTuple):
     epsilon: float | None  # privacy.target-epsilon
     optimizer: str
     learning_rate: float
+    noise_scale: float | None = None  # positive control: this times the eps-1 run's sigma
 
 
 # No DP with Adam at 0.01, which memorises the canaries (at 0.003 the bound was 0.57, at
@@ -57,14 +58,23 @@ class Setting(NamedTuple):
 # at --dp-learning-rate.
 NO_DP = Setting("none", None, "adam", 0.01)
 DP_EPSILONS = {"eps8": 8.0, "eps1": 1.0}
-RUNS = ("none", *DP_EPSILONS)
+# Positive controls in the same DP pipeline as eps1 (SGD, the same clipping): its sigma
+# divided by 10, and by 1,000 (the config refuses 0: fail closed), with a target that
+# never stops them. The audit must bound them above 0, above 1 where canaries allow.
+CONTROLS = {"sigma/10": 0.1, "sigma/1000": 0.001}
+RUNS = ("none", *DP_EPSILONS, *CONTROLS)
+UNBOUNDED = 1e12  # the controls' privacy.target-epsilon: the budget stop never fires
 
 
 def settings(runs: list[str], dp_learning_rate: float) -> list[Setting]:
-    """The Settings of the named RUNS, in RUNS' order."""
-    return [NO_DP if name == "none"
-            else Setting("sample", DP_EPSILONS[name], "sgd", dp_learning_rate)
-            for name in RUNS if name in runs]
+    """The Settings of the named RUNS, in RUNS' order (the controls after eps1)."""
+    def setting(name: str) -> Setting:
+        if name == "none":
+            return NO_DP
+        if name in CONTROLS:
+            return Setting("sample", UNBOUNDED, "sgd", dp_learning_rate, CONTROLS[name])
+        return Setting("sample", DP_EPSILONS[name], "sgd", dp_learning_rate)
+    return [setting(name) for name in RUNS if name in runs]
 
 
 GUESSES = (25, 50, 100, 250, 500)  # k: guesses on each side; Bonferroni over these
@@ -120,41 +130,60 @@ def random_word_canaries(data: LabelledText, count: int, rng: random.Random
         tuple(rng.choice(names) for _ in range(count)))
 
 
-def prepare(work: Path, canaries: int, clean_records: int, seed: int,
+def prepare(work: Path, canaries: int, clean_records: int, seed: int, sites: int = 4,
             source: Path = AGNEWS / "dev.tsv") -> tuple[Path, LabelledText, np.ndarray]:
-    """A train/test folder of `source`'s records, with the included canaries in train;
-    the canaries, and which are in."""
-    rng = random.Random(seed)
+    """A train/test folder of `source`'s records with a `site` column (the run
+    partitions naturally by it), the included canaries in train; the canaries, and
+    which are in. Each clean record's site is drawn from its own seed, before and apart
+    from the canaries: inserting canaries leaves every other record where it was."""
     dev = load_local(source, "text", "label", seed)
-    clean = list(zip(dev.train.texts, dev.train.labels))[:clean_records]
+    placement = random.Random(seed)
+    clean = [(t, y, placement.randrange(sites))
+             for t, y in list(zip(dev.train.texts, dev.train.labels))[:clean_records]]
+    rng = random.Random(seed + 1)
     canary = random_word_canaries(dev.train, canaries, rng)
     included = np.array([rng.random() < 0.5 for _ in range(canaries)])
-    train = clean + [(t, y) for t, y, inside in zip(canary.texts, canary.labels, included)
-                     if inside]
-    rng.shuffle(train)
-    test = list(zip(dev.test.texts, dev.test.labels))[:TEST_RECORDS]
+    train = clean + [(t, y, rng.randrange(sites)) for t, y, inside
+                     in zip(canary.texts, canary.labels, included) if inside]
+    test = [(t, y, i % sites) for i, (t, y) in
+            enumerate(list(zip(dev.test.texts, dev.test.labels))[:TEST_RECORDS])]
     folder = work / "data"
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train.tsv", train), ("test.tsv", test)):
-        (folder / name).write_text("".join(f"{t}\t{y}\n" for t, y in rows))
+        (folder / name).write_text("text\tlabel\tsite\n" + "".join(
+            f"{t}\t{y}\tsite-{k}\n" for t, y, k in rows))
     return folder, canary, included
 
 
+def run_name(setting: Setting) -> str:
+    if setting.noise_scale is not None:
+        return f"sample-sigma-x{setting.noise_scale:g}"
+    return setting.level + (f"-eps{setting.epsilon:g}" if setting.epsilon else "")
+
+
 def run_setting(federation, folder: Path, work: Path, setting: Setting, args) -> Path:
-    name = setting.level + (f"-eps{setting.epsilon:g}" if setting.epsilon else "")
-    run_dir = work / "runs" / name
+    run_dir = work / "runs" / run_name(setting)
     if not (run_dir / "summary.json").exists():
         config = {"data.path": str(folder.resolve()), "num-server-rounds": args.rounds,
                   "clients-per-round": args.clients, "local-steps": 10, "batch-size": 64,
                   "physical-batch-size": 64, "model.max-length": 32,
+                  "data.partitioner": "natural", "data.partition-column": "site",
                   "optimizer": setting.optimizer, "learning-rate": setting.learning_rate,
-                  "seed": args.seed, "privacy.level": setting.level, "run-name": name,
-                  "output-dir": str(run_dir.parent.resolve())}
+                  "seed": args.seed, "privacy.level": setting.level,
+                  "run-name": run_dir.name, "output-dir": str(run_dir.parent.resolve())}
         if setting.epsilon:
             config["privacy.target-epsilon"] = setting.epsilon
-        log.info("training %s ...", name)
+        if setting.noise_scale is not None:
+            config["privacy.noise-multiplier"] = setting.noise_scale * eps1_sigma(work)
+        log.info("training %s ...", run_dir.name)
         federation.run(config)
     return run_dir
+
+
+def eps1_sigma(work: Path) -> float:
+    """The largest per-site sigma the eps-1 run was calibrated to (run it first)."""
+    plan = json.loads((work / "runs" / "sample-eps1" / "privacy_plan.json").read_text())
+    return max(plan["sample"]["noise_multiplier"].values())
 
 
 def score(run_dir: Path, canary: LabelledText, included: np.ndarray) -> dict:
@@ -198,13 +227,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/audit_one_run"))
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
+                        help="the controls (sigma/10, sigma/1000) need eps1's run first")
     parser.add_argument("--dp-learning-rate", type=float, default=0.3,
                         help="SGD learning rate of the DP runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = args.out / "work"
-    folder, canary, included = prepare(work, args.canaries, args.clean_records, args.seed)
+    folder, canary, included = prepare(work, args.canaries, args.clean_records, args.seed,
+                                       args.clients)
     results = []
     with LocalFederation(args.clients) as federation:
         for setting in settings(args.runs, args.dp_learning_rate):

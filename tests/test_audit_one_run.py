@@ -55,17 +55,38 @@ def test_exactly_the_included_canaries_are_trained_on(tmp_path):
     rows = [(f"clean text number {i} about topic {i % 4}", f"topic{i % 4}") for i in range(200)]
     source = tmp_path / "dev.tsv"
     source.write_text("".join(f"{t}\t{y}\n" for t, y in rows))
-    folder, canary, included = prepare(tmp_path / "work", 300, 100, 0, source)
-    train = (folder / "train.tsv").read_text().splitlines()
-    test = (folder / "test.tsv").read_text().splitlines()
+    folder, canary, included = prepare(tmp_path / "work", 300, 100, 0, 4, source)
+    train = (folder / "train.tsv").read_text().splitlines()[1:]
+    test = (folder / "test.tsv").read_text().splitlines()[1:]
+    texts = [line.rsplit("\t", 1)[0] for line in train]
     for text, label, inside in zip(canary.texts, canary.labels, included):
-        assert (f"{text}\t{label}" in train) == inside
+        assert (f"{text}\t{label}" in texts) == inside
         assert all(not line.startswith(text) for line in test)
     assert len(train) == 100 + included.sum() and 100 < included.sum() < 200
     assert set(canary.labels) <= {f"topic{i}" for i in range(4)}
     assert len(set(canary.texts)) == 300  # distinct canaries
 
 
+def test_canaries_leave_every_clean_records_site_where_it_was(tmp_path):
+    """The audited mechanism is the one epsilon covers: with or without canaries, each
+    clean record trains at the same site."""
+    rows = [(f"clean text number {i} about topic {i % 4}", f"topic{i % 4}") for i in range(200)]
+    source = tmp_path / "dev.tsv"
+    source.write_text("".join(f"{t}\t{y}\n" for t, y in rows))
+    sites = {}
+    for count in (0, 300):
+        folder, _, _ = prepare(tmp_path / f"work-{count}", count, 100, 0, 4, source)
+        lines = (folder / "train.tsv").read_text().splitlines()[1:]
+        sites[count] = {line.rsplit("\t", 1)[0]: line.rsplit("\t", 1)[1] for line in lines
+                        if line.startswith("clean")}
+    assert sites[0] == sites[300] and len(sites[0]) == 100
+    assert len(set(sites[0].values())) == 4
+
+
 def test_the_named_runs_are_audited_in_order_with_the_dp_learning_rate():
     assert settings(["eps1", "none"], 0.1) == [NO_DP, Setting("sample", 1.0, "sgd", 0.1)]
-    assert [s.epsilon for s in settings(list(RUNS), 0.3)] == [None, 8.0, 1.0]
+    runs = settings(list(RUNS), 0.3)
+    assert [s.epsilon for s in runs[:3]] == [None, 8.0, 1.0]
+    # The positive controls: the same DP pipeline (SGD at the DP rate), less noise.
+    assert [(s.level, s.optimizer, s.learning_rate, s.noise_scale) for s in runs[3:]] == [
+        ("sample", "sgd", 0.3, 0.1), ("sample", "sgd", 0.3, 0.001)]
