@@ -41,7 +41,7 @@ def round_plan(spec: RunSpec, config: Mapping, fresh_randomness: bool) -> RoundP
         learning_rate=spec.train.learning_rate, optimizer=spec.train.optimizer,
         noise_multiplier=config.get(p.NOISE_MULTIPLIER),
         max_grad_norm=spec.privacy.max_grad_norm, seed=int(config[p.ROUND_SEED]),
-        secure_noise=fresh_randomness)
+        secure_noise=fresh_randomness, server_round=int(config.get(p.ROUND, 1)))
 
 
 @lru_cache(maxsize=1)

@@ -302,10 +302,13 @@ class Federation:
 def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict[int, str],
                 secure: bool, model: torch.nn.Module) -> tuple[LoraFedAvg, Strategy]:
     """The Flower strategy the rounds go through, with this project's hooks."""
-    kind = FfaFedAvg if method_for(spec.method).shared_a else LoraFedAvg
+    method = method_for(spec.method)
+    kind = FfaFedAvg if method.shared_a else LoraFedAvg
     node_of = planned.node_of  # the planned sites connected now (site_of's inverse)
     evaluators = {node_of[s] for s, mode in planned.share_metrics.items()
                   if s in node_of and mode != p.SHARE_DP_ONLY}
+    # The dimension of every global tensor: where a round trains a part (RoLoRA), the
+    # bound is looser than it could be, never tighter (it grows with the dimension).
     bounds = site_update_bounds(spec, plan, planned.sizes,
                                 sum(a.size for a in trainable_arrays(model).values()))
     lora = kind.for_model(
@@ -317,7 +320,7 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
         evaluation_sampler=EvaluationSampler(spec, secure),
         sizes={node_of[s]: planned.sizes[s] for s in node_of},
         update_bounds={node_of[s]: b for s, b in bounds.items() if s in node_of} or None,
-        aggregation=spec.aggregation)
+        aggregation=spec.aggregation, method=method)
     if not plan.client:
         return lora, lora
     return lora, ClientLevelDpFedAvg(

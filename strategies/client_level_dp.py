@@ -21,8 +21,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fed_dplora.aggregation import aggregation_error
-from strategies.lora_fedavg import LoraFedAvg
-from strategies.wire import to_arrays, to_record
+from strategies.lora_fedavg import LoraFedAvg, released
+from strategies.wire import to_record
 
 
 class ClientLevelDpFedAvg(Strategy):
@@ -43,30 +43,30 @@ class ClientLevelDpFedAvg(Strategy):
         self.clip_norm = clip_norm
         self.expected_clients = expected_clients
         self.noise_for_round = noise_for_round or _secure_noise
-        self._global: dict[int, ArrayRecord] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global[server_round] = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Global + (sum of clipped updates + noise) / m; None when the round is lost."""
+        """Global + (sum of clipped updates + noise) / m over the tensors the round
+        trains (the rest held); None when the round is lost."""
         from fed_dplora.dp.fedavg import dp_fedavg  # torch: only where DP-FedAvg runs
         inner = self.strategy
+        sent, trained = inner.pop_round(server_round)
         screened = inner.screen_train(server_round, replies)
-        global_arrays = to_arrays(self._global.pop(server_round))
         if inner.is_lost(screened):
             return None, inner.train_metrics(screened, None)
         updates, weights = inner.updates(screened)
-        arrays, stats = dp_fedavg(global_arrays, updates, self.clip_norm,
+        arrays, stats = dp_fedavg({k: sent[k] for k in trained}, updates, self.clip_norm,
                                   self.noise_multiplier, self.expected_clients,
                                   self.noise_for_round(server_round))
-        error = aggregation_error(updates, weights, inner.shared_arrays) if updates else 0.0
+        error = (aggregation_error(updates, weights, inner.held(sent, trained))
+                 if updates else 0.0)
         metrics = inner.train_metrics(screened, error)
         metrics["update-clip-fraction"] = stats.clip_fraction
-        return to_record(arrays), metrics
+        return to_record(released(sent, arrays)), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -12,6 +12,8 @@ from FedAvg where a hospital network needs it:
 - a node that fails `max_site_failures` times in a row is no longer asked;
 - nodes are sampled with the OS CSPRNG (FedAvg uses an unseeded `random.sample`), or by
   a `node_sampler` the caller gives (the project's ServerApp: seeded in simulation);
+- a `method` that alternates (RoLoRA) trains a part of the tensors sent in each round:
+  replies carry that part, the rest is held at the values sent;
 - the round's MetricRecord carries the aggregation error
   ||mean_i(B_i A_i) - mean(B) mean(A)||_F / ||mean_i(B_i A_i)||_F (0 for FFA).
 
@@ -36,6 +38,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from fed_dplora.aggregation import aggregation_error, capped_weights, weighted_mean
 from fed_dplora.class_scores import ClassCounts, summed
 from fed_dplora.config import AggregationSpec
+from fed_dplora.methods.base import LoraMethod
 from fed_dplora.seeds import derived_seed
 from strategies import wire as p
 from strategies.screening import (
@@ -73,7 +76,8 @@ class LoraFedAvg(FedAvg):
                  evaluators: set[int] | None = None, sizes: dict[int, int] | None = None,
                  update_bounds: dict[int, float] | None = None,
                  aggregation: AggregationSpec = AggregationSpec(),
-                 evaluation_sampler: NodeSampler | None = None, **fedavg_kwargs) -> None:
+                 evaluation_sampler: NodeSampler | None = None,
+                 method: LoraMethod | None = None, **fedavg_kwargs) -> None:
         super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
                          configrecord_key=p.CONFIG, **fedavg_kwargs)
         self.shared_arrays = shared_arrays or {}  # tensors that never travel (FFA's A)
@@ -92,7 +96,10 @@ class LoraFedAvg(FedAvg):
         # (server round, evaluators that may be asked) -> those asked (None: FedAvg's
         # fraction_evaluate of them, from the OS CSPRNG)
         self.evaluation_sampler = evaluation_sampler
+        self.method = method  # None: every tensor sent trains every round
         self._sent: dict[tuple[int, str], tuple[list[Message], Expected]] = {}
+        # server round -> (the global tensors sent to train, the names that train)
+        self._rounds: dict[int, tuple[dict[str, np.ndarray], set[str]]] = {}
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "LoraFedAvg":
@@ -109,15 +116,20 @@ class LoraFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self.node_sampler(server_round, self.askable_nodes(grid))
-        expected = Expected(expected_arrays(arrays), TRAIN_METRICS, self.a_fingerprint,
-                            self.sizes, self.update_bounds,
-                            to_arrays(arrays) if self.update_bounds else None)
+        sent = to_arrays(arrays)
+        trained = self.trained(server_round, sent)
+        self._rounds[server_round] = (sent, trained)
+        shapes = {k: v for k, v in expected_arrays(arrays).items() if k in trained}
+        expected = Expected(shapes, TRAIN_METRICS, self.a_fingerprint, self.sizes,
+                            self.update_bounds, sent if self.update_bounds else None)
         return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN,
                               expected)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The valid replies combined by `aggregation.rule`; None when the round is lost."""
+        """The valid replies combined by `aggregation.rule` (with what the round held);
+        None when the round is lost."""
+        sent, trained = self.pop_round(server_round)
         screened = self.screen_train(server_round, replies)
         if self.is_lost(screened):
             return None, self.train_metrics(screened, None)
@@ -125,9 +137,9 @@ class LoraFedAvg(FedAvg):
         if not updates:
             return None, self.train_metrics(screened, None)
         combined = self.combine(updates, weights)
-        error = aggregation_error(updates, weights, self.shared_arrays,
+        error = aggregation_error(updates, weights, self.held(sent, trained),
                                   None if self.aggregation.rule == "mean" else combined)
-        return to_record(combined), self.train_metrics(screened, error)
+        return to_record(released(sent, combined)), self.train_metrics(screened, error)
 
     def combine(self, updates: list[dict[str, np.ndarray]], weights: list[float]
                 ) -> dict[str, np.ndarray]:
@@ -176,6 +188,20 @@ class LoraFedAvg(FedAvg):
         return record
 
     # Shared with the client-level DP wrapper.
+    def trained(self, server_round: int, sent: dict[str, np.ndarray]) -> set[str]:
+        """The tensors sent that train (and come back) in `server_round`."""
+        return set(sent) if self.method is None else self.method.trained(sent, server_round)
+
+    def pop_round(self, server_round: int) -> tuple[dict[str, np.ndarray], set[str]]:
+        """What `configure_train` sent for the round, and which of it trains."""
+        return self._rounds.pop(server_round, ({}, set()))
+
+    def held(self, sent: dict[str, np.ndarray], trained: set[str]
+             ) -> dict[str, np.ndarray]:
+        """The tensors identical on every site this round: those that never travel
+        (FFA's A) and those sent that did not train (RoLoRA's)."""
+        return {**self.shared_arrays, **{k: v for k, v in sent.items() if k not in trained}}
+
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> Screened:
         return self._screen(server_round, MessageType.TRAIN, replies)
 
@@ -266,6 +292,12 @@ class FfaFedAvg(LoraFedAvg):
             raise ValueError("FfaFedAvg needs the frozen A tensors and their fingerprint: "
                              "build it with FfaFedAvg.for_model(model) from an FFA model")
         super().__init__(a_fingerprint=a_fingerprint, shared_arrays=shared_arrays, **kwargs)
+
+
+def released(sent: dict[str, np.ndarray], combined: dict[str, np.ndarray]
+             ) -> dict[str, np.ndarray]:
+    """The new global tensors, by name: the combined ones, and those the round held."""
+    return {k: combined[k] if k in combined else sent[k] for k in sorted(sent)}
 
 
 def per_node_seed(server_round: int, node: int, config: ConfigRecord) -> ConfigRecord:

@@ -176,7 +176,8 @@ def _arrays_problem(arrays: dict[str, np.ndarray],
                     expected: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
     missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
     if missing or extra:
-        return f"tensor names differ from those sent: missing {missing[:3]}, extra {extra[:3]}"
+        return (f"tensor names differ from those the round trains: missing {missing[:3]}, "
+                f"extra {extra[:3]}")
     for name, array in arrays.items():
         shape, dtype = expected[name]
         if (array.shape, str(array.dtype)) != (shape, dtype):

@@ -85,7 +85,7 @@ def test_stale_optimizer_is_refused_in_later_rounds_too(tiny_bert, data, monkeyp
     """The weight-moved check runs once per trainer; the optimizer check every round."""
     trainer = LocalTrainer(recipe(tiny_bert, "ffa"), CPU, private=True)
     trainer.train(trainable_arrays(trainer.model), plan(), data)
-    assert trainer.update_verified
+    assert trainer.verified == {trainer.global_names}
     real = train_module.make_optimizer
     monkeypatch.setattr(train_module, "make_optimizer",
                         lambda model, name, lr: real(copy.deepcopy(model), name, lr))

@@ -2,7 +2,9 @@
 
 What travels is defined by what trains: every parameter with `requires_grad` (LoRA `B`,
 `A` under vanilla, the classifier head), never by attribute names. Under FFA `A` is
-frozen, so it stays home and only its fingerprint is sent.
+frozen, so it stays home and only its fingerprint is sent. A method that alternates
+(RoLoRA) freezes a part of its global tensors in a round: that part is loaded (by
+name), does not train, and does not travel back.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:
             for name, param in model.named_parameters() if param.requires_grad}
 
 
-def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Copy received arrays into the model's trainable tensors; key sets must match."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray],
+                          names: set[str] | None = None) -> None:
+    """Copy received arrays into the model's trainable tensors (or those `names`, the
+    global ones of a method that trains a part of them in a round); key sets must match."""
+    params = {name: p for name, p in model.named_parameters()
+              if (p.requires_grad if names is None else name in names)}
     missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
     if missing or extra:
         raise AdapterMismatchError(

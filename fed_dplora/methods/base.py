@@ -1,28 +1,63 @@
-"""What an aggregation method decides at the sites and the server."""
+"""What an aggregation method decides at the sites and the server.
+
+Torch-free at import (the server's strategies read a method's rounds without torch);
+`prepare` imports the seeded init where a model is built.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from fed_dplora.seeded_init import seed_lora_a
+# The kinds of tensor that travel: LoRA A, LoRA B, and the task's trained head.
+KINDS = ("A", "B", "head")
+
+
+def kind_of(name: str) -> str:
+    """"A" or "B" for a LoRA tensor, "head" for anything else that trains."""
+    if ".lora_A." in name:
+        return "A"
+    return "B" if ".lora_B." in name else "head"
 
 
 @dataclass(frozen=True)
 class LoraMethod:
     """An aggregation method of LoRA adapters under DP.
 
-    What trains is what travels (`fed_dplora.lora.adapters`): every LoRA B and the
+    The global tensors, which the server holds, sends every round and combines, are
+    what the built model trains (`fed_dplora.lora.adapters`): every LoRA B and the
     task's head always; A where `a_trains`. Where A does not train it holds the seeded
     init on every party, and `shared_a` makes the server reject a reply whose A
     fingerprint differs from its own (FFA's exactness rests on it).
+
+    `alternation` (empty: every global tensor trains every round) gives, round after
+    round and then again, the kinds of global tensor that train and travel back; the
+    others are held at the values the server sent.
     """
 
     name: str
     a_trains: bool
     shared_a: bool
+    alternation: tuple[frozenset[str], ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = {k for kinds in self.alternation for k in kinds} - set(KINDS)
+        if unknown:
+            raise ValueError(f"method {self.name!r}: alternation names {sorted(unknown)}; "
+                             f"kinds are {list(KINDS)}")
 
     def prepare(self, model: nn.Module, seed: int) -> None:
         """Set every A from the run seed, trainable or frozen as the method says."""
+        from fed_dplora.seeded_init import seed_lora_a
         seed_lora_a(model, seed, trainable=self.a_trains)
+
+    def trained(self, global_names: Iterable[str], server_round: int) -> set[str]:
+        """The global tensors that train (and travel back) in `server_round` (from 1)."""
+        if not self.alternation:
+            return set(global_names)
+        kinds = self.alternation[(server_round - 1) % len(self.alternation)]
+        return {name for name in global_names if kind_of(name) in kinds}

@@ -19,6 +19,7 @@ from fed_dplora.dp.update_bound import ADAM_BETAS, SGD_MOMENTUM
 from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
+from fed_dplora.methods import method_for
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.base import Task
 
@@ -36,6 +37,7 @@ class RoundPlan:
     max_grad_norm: float
     seed: int  # Poisson sampling and noise, unless secure_noise
     secure_noise: bool = False  # draw sampling and noise from the OS CSPRNG instead
+    server_round: int = 1  # what trains, for a method that alternates (RoLoRA)
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,35 @@ class EvalReport:
 class LocalTrainer:
     """A model (and its Opacus hooks), built once per worker process and reused.
 
-    Every round overwrites all trainable tensors from the server's arrays, so one
+    Every round overwrites all global tensors from the server's arrays, so one
     trainer serves every client that the process simulates; only the data differ.
     """
 
     def __init__(self, recipe: ModelRecipe, device: torch.device, private: bool) -> None:
         self.device = device
         self.task = task_for(recipe.task)
+        self.method = method_for(recipe.method)
         self.model = build_lora_model(recipe, device)
+        self.global_names = frozenset(trainable_arrays(self.model))
         self.private = private
         self.forward_module = (wrap_for_per_sample_grads(self.model, device) if private
                                else self.model)
-        # The moved/frozen checks cost two passes over every weight: once per trainer
-        # (its model, hooks and optimizer construction are the same every round).
-        self.update_verified = False
+        # The moved/frozen checks cost two passes over every weight: once per set of
+        # trained tensors (its hooks and optimizer construction are the same each round).
+        self.verified: set[frozenset[str]] = set()
+
+    def train_only(self, names: frozenset[str]) -> None:
+        """Train exactly the global tensors `names` (a round of a method that
+        alternates); Opacus' hooks are attached again when the set changes (they are
+        registered for the parameters that train when wrapping)."""
+        if names == frozenset(trainable_names(self.model)):
+            return
+        for name, param in self.model.named_parameters():
+            if name in self.global_names:
+                param.requires_grad_(name in names)
+        if self.private:
+            self.forward_module.remove_hooks()
+            self.forward_module = wrap_for_per_sample_grads(self.model, self.device)
 
     def a_fingerprint(self) -> str:
         return lora_a_fingerprint(self.model)
@@ -94,7 +111,8 @@ class LocalTrainer:
         start = time.perf_counter()
         if not plan.secure_noise:
             torch.manual_seed(plan.seed + 2)  # dropout: a seeded round replays exactly
-        load_trainable_arrays(self.model, arrays)
+        load_trainable_arrays(self.model, arrays, self.global_names)
+        self.train_only(frozenset(self.method.trained(self.global_names, plan.server_round)))
         self.model.train()
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
         guards.check_optimizer_holds_model_params(optimizer, self.model)
@@ -138,19 +156,20 @@ class LocalTrainer:
     def _apply(self, optimizer: torch.optim.Optimizer, stats: StepStats, checked: bool
                ) -> bool:
         """One optimizer step. The round's first step with examples checks the clipped
-        signal; the trainer's first such step also checks that exactly the trainable
-        tensors moved. Returns whether the round's check has run."""
+        signal; the first such step with each set of trained tensors also checks that
+        exactly those moved. Returns whether the round's check has run."""
         check = not checked and stats.examples > 0
+        trained = frozenset(trainable_names(self.model)) if check else frozenset()
         if check:
             guards.check_signal(stats.signal_norm, stats.examples)
-        verify = check and not self.update_verified
+        verify = check and trained not in self.verified
         if verify:
             before = guards.snapshot_trainable(self.model)
             frozen_before = guards.frozen_checksum(self.model)
         optimizer.step()
         if verify:
             guards.check_update_applied(self.model, before, frozen_before)
-            self.update_verified = True
+            self.verified.add(trained)
         optimizer.zero_grad(set_to_none=True)
         return checked or check
 
@@ -170,8 +189,12 @@ class LocalTrainer:
     @torch.no_grad()
     def evaluate(self, arrays: dict[str, np.ndarray], data: TokenizedData,
                  batch_size: int) -> EvalReport:
-        load_trainable_arrays(self.model, arrays)
+        load_trainable_arrays(self.model, arrays, self.global_names)
         return evaluate_model(self.model, self.task, data, batch_size, self.device)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 def mixed_precision(device: torch.device, precision: str = "auto") -> AbstractContextManager:
