@@ -46,33 +46,46 @@ def capped_weights(weights: list[float], max_share: float) -> list[float]:
 def aggregation_error(updates: list[dict[str, np.ndarray]], weights: list[float],
                       shared: dict[str, np.ndarray],
                       aggregate: dict[str, np.ndarray] | None = None) -> float:
-    """||mean_i(B_i A_i) - B A||_F / ||mean_i(B_i A_i)||_F over all LoRA pairs, where
-    (B, A) is the `aggregate` released (default: the weighted mean, mean(B) mean(A)).
+    """||mean_i(B_i R_i A_i) - B R A||_F / ||mean_i(B_i R_i A_i)||_F over all LoRA
+    modules (R, Fed-SB's, where there is one), where (B, R, A) is the `aggregate`
+    released (default: the weighted means).
 
-    `shared` holds tensors that do not travel (A under FFA), identical on every client;
-    FFA's error is then 0 up to float rounding for the mean, computed the same way as
-    vanilla's.
+    `shared` holds tensors that did not travel (A under FFA, A and B under Fed-SB, the
+    held half of a RoLoRA round), identical on every client; the error of an exact
+    method is then 0 up to float rounding, computed the same way as vanilla's.
     """
     full = [{**shared, **u} for u in updates]
     w = np.asarray(weights, dtype=np.float64) / float(sum(weights))
     released = None if aggregate is None else {**shared, **aggregate}
     num = den = 0.0
-    for a_name, b_name in lora_pairs(list(full[0])):
-        products = sum(wi * (f[b_name].astype(np.float64) @ f[a_name].astype(np.float64))
-                       for wi, f in zip(w, full))
-        if released is None:  # the mean, in float64
-            b = sum(wi * f[b_name].astype(np.float64) for wi, f in zip(w, full))
-            a = sum(wi * f[a_name].astype(np.float64) for wi, f in zip(w, full))
+    for chain in lora_chains(list(full[0])):
+        products = sum(wi * _product(f, chain) for wi, f in zip(w, full))
+        if released is None:  # the means, in float64
+            released_chain = {n: sum(wi * f[n].astype(np.float64) for wi, f in zip(w, full))
+                              for n in chain}
         else:
-            b, a = (released[n].astype(np.float64) for n in (b_name, a_name))
-        num += float(np.sum((products - b @ a) ** 2))
+            released_chain = released
+        num += float(np.sum((products - _product(released_chain, chain)) ** 2))
         den += float(np.sum(products ** 2))
     return (num ** 0.5) / (den ** 0.5) if den > 0 else 0.0
 
 
-def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """(A name, B name) for every LoRA module among `names` that carries both."""
+def _product(tensors: dict[str, np.ndarray], chain: tuple[str, ...]) -> np.ndarray:
+    """B R A (or B A) in float64, `chain` naming them B first."""
+    result = tensors[chain[0]].astype(np.float64)
+    for name in chain[1:]:
+        result = result @ tensors[name].astype(np.float64)
+    return result
+
+
+def lora_chains(names: list[str]) -> list[tuple[str, ...]]:
+    """(B, R, A) or (B, A) names of every LoRA module among `names` that carries B and
+    A; R is Fed-SB's, inside A's module (`<A's module>.lora_R.weight`)."""
     present = set(names)
-    return [(a, a.replace(".lora_A.", ".lora_B."))
-            for a in sorted(present) if ".lora_A." in a
-            and a.replace(".lora_A.", ".lora_B.") in present]
+    chains = []
+    for a in sorted(n for n in present if ".lora_A." in n and ".lora_R." not in n):
+        b = a.replace(".lora_A.", ".lora_B.")
+        r = a.removesuffix("weight") + "lora_R.weight"
+        if b in present:
+            chains.append((b, r, a) if r in present else (b, a))
+    return chains

@@ -28,3 +28,14 @@ def seed_lora_a(model: nn.Module, seed: int, trainable: bool) -> None:
                 bound = 1.0 / math.sqrt(param.shape[1])
                 param.copy_(seeded_uniform(param.shape, seed, name) * bound)
                 param.requires_grad_(trainable)
+
+
+def seed_lora_b(model: nn.Module, seed: int) -> None:
+    """Set every `lora_B` from the run seed, frozen (Fed-SB: B stays at its init), with
+    the same rule as A: U(-1, 1) / sqrt(fan-in), fan-in being the rank."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                param.copy_(seeded_uniform(param.shape, seed, name) * bound)
+                param.requires_grad_(False)

@@ -157,7 +157,8 @@ class Federation:
         self.state.ledgers = self.accountant.state()
         self.state.save(self.run.path)
         load_trainable_arrays(self.model, self.arrays)
-        log.info("final adapter: %s", self.run.save_adapter(self.model))
+        adapter = method_for(self.spec.method).exportable(self.model)
+        log.info("final adapter: %s", self.run.save_adapter(adapter))
         reporting.write_final(self.run, self.plan, self.accountant, self.planned,
                                self.state, self.secure, started)
 

@@ -104,11 +104,12 @@ class LoraFedAvg(FedAvg):
     @classmethod
     def for_model(cls, model, **kwargs) -> "LoraFedAvg":
         """A strategy for `model` (built by `fed_dplora.lora.model.build_lora_model`):
-        its frozen A tensors for the aggregation error and, for FFA, their fingerprint."""
-        from fed_dplora.lora.adapters import frozen_lora_a, lora_a_fingerprint
-        shared = frozen_lora_a(model)
+        its frozen LoRA factors for the aggregation error and, for FFA and Fed-SB,
+        their fingerprint."""
+        from fed_dplora.lora.adapters import frozen_lora_factors, frozen_lora_fingerprint
+        shared = frozen_lora_factors(model)
         if cls is FfaFedAvg:
-            kwargs["a_fingerprint"] = lora_a_fingerprint(model)
+            kwargs["a_fingerprint"] = frozen_lora_fingerprint(model)
         return cls(shared_arrays=shared, **kwargs)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -283,8 +284,9 @@ class LoraFedAvg(FedAvg):
 
 class FfaFedAvg(LoraFedAvg):
     """FFA-LoRA: every A frozen at the same seeded init, only B (and the head) travel
-    and are averaged, which is exact; a reply whose A fingerprint differs from
-    `a_fingerprint` is rejected. Build it with `FfaFedAvg.for_model(model, ...)`."""
+    and are averaged, which is exact; a reply whose fingerprint of the frozen factors
+    differs from `a_fingerprint` is rejected. Build it with
+    `FfaFedAvg.for_model(model, ...)`; it serves Fed-SB too (A and B frozen, R travels)."""
 
     def __init__(self, *, a_fingerprint: str, shared_arrays: dict[str, np.ndarray],
                  **kwargs) -> None:

@@ -18,9 +18,9 @@ from fed_dplora.methods.base import LoraMethod
 
 
 def test_an_unknown_method_is_refused_by_name_with_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"method='fedsa': valid values are \['ffa', "
-                                          r"'rolora', 'vanilla'\]"):
-        parse_run_config({"method": "fedsa"})
+    with pytest.raises(ConfigError, match=r"method='lora-xs': valid values are \['fed-sb', "
+                                          r"'ffa', 'rolora', 'vanilla'\]"):
+        parse_run_config({"method": "lora-xs"})
 
 
 def test_learning_rate_auto_is_the_methods_own_default_and_a_number_wins():

@@ -8,7 +8,7 @@ import torch
 
 from fed_dplora.config import LoraSpec, ModelSpec
 from fed_dplora.lora.adapters import (AdapterMismatchError, load_trainable_arrays,
-                                      lora_a_fingerprint, trainable_arrays)
+                                      frozen_lora_fingerprint, trainable_arrays)
 from fed_dplora.lora.model import (ModelError, ModelRecipe, build_lora_model,
                                    resolve_model_name)
 
@@ -55,8 +55,8 @@ def test_a_is_identical_across_builds_and_depends_on_seed(tiny_bert):
     first = build_lora_model(recipe(tiny_bert, "ffa", seed=3), CPU)
     again = build_lora_model(recipe(tiny_bert, "ffa", seed=3), CPU)
     other = build_lora_model(recipe(tiny_bert, "ffa", seed=4), CPU)
-    assert lora_a_fingerprint(first) == lora_a_fingerprint(again)
-    assert lora_a_fingerprint(first) != lora_a_fingerprint(other)
+    assert frozen_lora_fingerprint(first) == frozen_lora_fingerprint(again)
+    assert frozen_lora_fingerprint(first) != frozen_lora_fingerprint(other)
     a = dict(first.named_parameters())
     name = next(n for n in a if ".lora_A." in n)
     assert float(a[name].abs().max()) > 0  # A is a real random init, not zeros

@@ -19,7 +19,7 @@ from fed_dplora.run.results import read_metrics
 from fed_dplora.site.trainer import LocalTrainer
 from strategies import ClientLevelDpFedAvg, LoraFedAvg, to_arrays, to_record
 from strategies.wire import payload_bytes
-from test_aggregation import NodesOnly, answer, flower_task  # noqa: F401 (fixture)
+from test_aggregation import FINGERPRINT, NodesOnly, answer, flower_task  # noqa: F401 (fixture)
 from test_model_factory import CPU, recipe
 from test_train import data, plan  # noqa: F401 (fixture)
 
@@ -76,15 +76,18 @@ def global_tensors(rng) -> dict[str, np.ndarray]:
             HEAD: rng.normal(size=(3, 4)).astype(np.float32)}
 
 
-def exchange(strategy, rnd, sent, replies):
-    """A round: configure, answer each node with its update, aggregate."""
+def exchange(strategy, rnd, sent, replies, fingerprint=FINGERPRINT):
+    """A round: configure, answer each node with its update (and `fingerprint`, or
+    one per node), aggregate."""
+    prints = fingerprint if isinstance(fingerprint, list) else [fingerprint] * len(replies)
     messages = strategy.configure_train(rnd, to_record(sent), ConfigRecord({}),
                                         NodesOnly(list(range(1, len(replies) + 1))))
     for message in messages:
         message.metadata.__dict__["_message_id"] = f"r{rnd}-n{message.metadata.dst_node_id}"
     assert all(set(to_arrays(m.content["arrays"])) == set(sent) for m in messages)  # down
     arrays, metrics = strategy.aggregate_train(rnd, [
-        answer(m, u, examples=n) for m, (u, n) in zip(messages, replies)])
+        answer(m, u, examples=n, fingerprint=f)
+        for m, (u, n), f in zip(messages, replies, prints)])
     return arrays, metrics
 
 

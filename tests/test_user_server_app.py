@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fed_dplora.config import parse_run_config
-from fed_dplora.lora.adapters import lora_a_fingerprint, trainable_arrays
+from fed_dplora.lora.adapters import frozen_lora_fingerprint, trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from experiments.local_grid import LocalGrid, run_server_app
 from strategies import FfaFedAvg, client_config, to_arrays, to_record
@@ -62,7 +62,7 @@ def test_a_users_server_app_trains_and_ships_only_b_and_the_head(config):
     # Every client trained with the server's A: it never changed anywhere.
     strategy, model = results["strategy"], results["model"]
     assert grid.fingerprints and set(grid.fingerprints) == {strategy.a_fingerprint}
-    assert lora_a_fingerprint(model) == strategy.a_fingerprint
+    assert frozen_lora_fingerprint(model) == strategy.a_fingerprint
     initial, final = to_arrays(results["initial"]), to_arrays(results["final"])
     assert sorted(final) == sorted(initial)
     assert any(not np.array_equal(final[n], initial[n]) for n in initial if ".lora_B." in n)

@@ -2,7 +2,7 @@
 
 What travels is defined by what trains: every parameter with `requires_grad` (LoRA `B`,
 `A` under vanilla, the classifier head), never by attribute names. Under FFA `A` is
-frozen, so it stays home and only its fingerprint is sent. A method that alternates
+frozen (under Fed-SB `A` and `B`), so it stays home and only its fingerprint is sent. A method that alternates
 (RoLoRA) freezes a part of its global tensors in a round: that part is loaded (by
 name), does not train, and does not travel back.
 """
@@ -14,6 +14,8 @@ import hashlib
 import numpy as np
 import torch
 from torch import nn
+
+from fed_dplora.methods.base import kind_of
 
 
 class AdapterMismatchError(ValueError):
@@ -48,19 +50,19 @@ def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray],
             param.copy_(value.to(param.device, param.dtype))
 
 
-def lora_a_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every `lora_A` tensor (names and float32 bytes, in name order)."""
+def frozen_lora_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the frozen LoRA factors (`frozen_lora_factors`: names and float32
+    bytes, in name order)."""
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if ".lora_A." in name:
-            digest.update(name.encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for name, array in sorted(frozen_lora_factors(model).items()):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
-
-def frozen_lora_a(model: nn.Module) -> dict[str, np.ndarray]:
-    """The frozen LoRA A tensors (FFA's, which stay home) as float32 CPU arrays."""
+def frozen_lora_factors(model: nn.Module) -> dict[str, np.ndarray]:
+    """The frozen LoRA A and B tensors (FFA's A; Fed-SB's A and B), which stay home,
+    as float32 CPU arrays."""
     return {name: param.detach().to("cpu", torch.float32).numpy().copy()
             for name, param in model.named_parameters()
-            if ".lora_A." in name and not param.requires_grad}
+            if kind_of(name) in ("A", "B") and not param.requires_grad}

@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-# The kinds of tensor that travel: LoRA A, LoRA B, and the task's trained head.
-KINDS = ("A", "B", "head")
+# The kinds of tensor: LoRA A and B, Fed-SB's R between them, the task's trained head.
+KINDS = ("A", "B", "R", "head")
 
 
 def kind_of(name: str) -> str:
-    """"A" or "B" for a LoRA tensor, "head" for anything else that trains."""
-    if ".lora_A." in name:
-        return "A"
-    return "B" if ".lora_B." in name else "head"
+    """"A", "B" or "R" for a LoRA tensor (R lives inside its A's module), "head" for
+    anything else that trains."""
+    for kind in ("R", "A", "B"):
+        if f".lora_{kind}." in name:
+            return kind
+    return "head"
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class LoraMethod:
     The global tensors, which the server holds, sends every round and combines, are
     what the built model trains (`fed_dplora.lora.adapters`): every LoRA B and the
     task's head always; A where `a_trains`. Where A does not train it holds the seeded
-    init on every party, and `shared_a` makes the server reject a reply whose A
-    fingerprint differs from its own (FFA's exactness rests on it).
+    init on every party, and `shared_a` makes the server reject a reply whose
+    fingerprint of the frozen LoRA factors (A; B too under Fed-SB) differs from its own
+    (the exactness of FFA and Fed-SB rests on it).
 
     `alternation` (empty: every global tensor trains every round) gives, round after
     round and then again, the kinds of global tensor that train and travel back; the
@@ -54,6 +57,10 @@ class LoraMethod:
         """Set every A from the run seed, trainable or frozen as the method says."""
         from fed_dplora.seeded_init import seed_lora_a
         seed_lora_a(model, seed, trainable=self.a_trains)
+
+    def exportable(self, model: nn.Module) -> nn.Module:
+        """The model as a standard PEFT adapter saves it (Fed-SB folds its R in)."""
+        return model
 
     def trained(self, global_names: Iterable[str], server_round: int) -> set[str]:
         """The global tensors that train (and travel back) in `server_round` (from 1)."""

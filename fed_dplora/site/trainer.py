@@ -16,7 +16,7 @@ from fed_dplora.dp.engine import (DpSgdAccumulator, DpSgdConfig, PlainAccumulato
                                   PoissonSampling, StepStats, wrap_for_per_sample_grads)
 from fed_dplora.dp.noise import random_source
 from fed_dplora.dp.update_bound import ADAM_BETAS, SGD_MOMENTUM
-from fed_dplora.lora.adapters import (lora_a_fingerprint, load_trainable_arrays,
+from fed_dplora.lora.adapters import (frozen_lora_fingerprint, load_trainable_arrays,
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.methods import method_for
@@ -99,7 +99,7 @@ class LocalTrainer:
             self.forward_module = wrap_for_per_sample_grads(self.model, self.device)
 
     def a_fingerprint(self) -> str:
-        return lora_a_fingerprint(self.model)
+        return frozen_lora_fingerprint(self.model)
 
     def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData
               ) -> tuple[dict[str, np.ndarray], TrainReport]:
