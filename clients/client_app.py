@@ -32,6 +32,7 @@ from fed_dplora.data.site import (
     shareable_labels,
 )
 from fed_dplora.data.sources import Splits
+from fed_dplora.methods import method_for
 from fed_dplora.tasks import uses_labels
 from strategies import wire as p
 from strategies.wire import to_arrays, to_record
@@ -72,8 +73,7 @@ def query(msg: Message, context: Context) -> Message:
     splits = _site(spec, placement)
     mode = runtime.share_metrics(context.node_config)
     labels, trained = _census_labels(spec, splits, context, mode)
-    site = str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
-    reply = ConfigRecord({p.SITE_ID: site, p.NUM_TRAIN_EXAMPLES: len(splits.train),
+    reply = ConfigRecord({p.SITE_ID: _site_name(context), p.NUM_TRAIN_EXAMPLES: len(splits.train),
                           p.LABEL_NAMES: list(labels),
                           p.RANDOMNESS: _randomness(msg.content[p.CONFIG], context),
                           p.SHARE_METRICS: mode})
@@ -107,7 +107,11 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({p.CONFIG: ConfigRecord({p.DECLINED: declined})}),
                        reply_to=msg)
     trainer, (train_data, _, _) = _prepare(spec, context, config)
-    arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data)
+    own = _own_state(spec, context, config)
+    arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data,
+                                   own.load(plan.server_round) if own else None)
+    if own:
+        own.save(plan.server_round, trainer.local_arrays())
     metrics = MetricRecord({  # what the accountant needs (n: the census sent it already)
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
         p.SAMPLING_PROBABILITY: report.sampling_probability,
@@ -127,13 +131,25 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise PermissionError(f"this site shares no evaluation metrics ({p.SHARE_METRICS}="
                               f"{p.SHARE_DP_ONLY!r} in its node config)")
     spec = parse_run_config(context.run_config)
-    trainer, (_, test_data, validation) = _prepare(spec, context, _checked_config(msg))
+    config = _checked_config(msg)
+    trainer, splits = _prepare(spec, context, config)
     arrays = to_arrays(msg.content[p.ARRAYS])
-    metrics = MetricRecord(_eval_metrics(trainer.evaluate(arrays, test_data, EVAL_BATCH)))
-    if validation is not None:
-        metrics.update(_eval_metrics(trainer.evaluate(arrays, validation, EVAL_BATCH),
-                                     p.VALIDATION))
+    metrics = MetricRecord(_split_metrics(trainer, arrays, splits, None, ""))
+    own = _own_state(spec, context, config)
+    if own:  # and under the site's own tensors, as it left them this round
+        kept = own.load(int(config.get(p.ROUND, 0)) + 1)
+        metrics.update(_split_metrics(trainer, arrays, splits, kept, p.PERSONAL))
     return Message(RecordDict({p.METRICS: metrics}), reply_to=msg)
+
+
+def _split_metrics(trainer, arrays, splits, kept, prefix: str) -> dict:
+    """Test (and validation, where the site has it) metrics, keys under `prefix`."""
+    _, test_data, validation = splits
+    metrics = _eval_metrics(trainer.evaluate(arrays, test_data, EVAL_BATCH, kept), prefix)
+    if validation is not None:
+        metrics.update(_eval_metrics(trainer.evaluate(arrays, validation, EVAL_BATCH, kept),
+                                     prefix + p.VALIDATION))
+    return metrics
 
 
 def _eval_metrics(report, prefix: str = "") -> dict:
@@ -177,6 +193,21 @@ def _site_declines(spec: RunSpec, context: Context, plan) -> str | None:
     log.info("site ledger %s: epsilon %.4f replace-one, %.4f add/remove (delta %.3g) "
              "after this round", ledger.path, spend.replace_one, spend.add_remove, spend.delta)
     return None
+
+
+def _site_name(context: Context) -> str:
+    placement = runtime.placement(context.node_config)
+    return str(context.node_config.get("site-id", f"partition-{placement.partition_id}"))
+
+
+def _own_state(spec: RunSpec, context: Context, config: ConfigRecord):
+    """Where this site keeps its own tensors of the run (`fed_dplora.site.state`), for
+    a method that has them; None otherwise."""
+    if not method_for(spec.method).local:
+        return None
+    from fed_dplora.site.state import SiteState
+    return SiteState(runtime.site_state_root(context.node_config),
+                     str(config.get(p.RUN_KEY, "")), _site_name(context))
 
 
 def _randomness(config: ConfigRecord, context: Context) -> str:

@@ -71,13 +71,26 @@ def site_ledger(node_config: Mapping):
     if not path:
         if in_simulation():
             return None
-        home = os.environ.get("FLWR_HOME") or Path.home() / ".flwr"
-        path = Path(home) / "fed-dplora" / "site-ledger.json"
+        path = _own_folder() / "site-ledger.json"
     from fed_dplora.site.ledger import MAX_AUTO_DELTA, SiteLedger, SiteLimits  # dp-accounting
     return SiteLedger(path, SiteLimits(
         _positive(node_config, "max-epsilon"),
         _positive(node_config, "max-delta") or MAX_AUTO_DELTA,
         _positive(node_config, "min-noise-multiplier"), allows_unnoised(node_config)))
+
+
+def site_state_root(node_config: Mapping) -> Path:
+    """Where a site keeps its own tensors between rounds (FedSA's B): node config
+    `site-state` (a folder), else $FLWR_HOME/fed-dplora/site-state."""
+    path = node_config.get("site-state")
+    if path:
+        return Path(str(path))
+    return _own_folder() / "site-state"
+
+
+def _own_folder() -> Path:
+    """$FLWR_HOME/fed-dplora: the site's own files (flwr has no SuperNode state folder)."""
+    return Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr") / "fed-dplora"
 
 
 def allows_unnoised(node_config: Mapping) -> bool:

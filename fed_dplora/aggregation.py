@@ -45,20 +45,24 @@ def capped_weights(weights: list[float], max_share: float) -> list[float]:
 
 def aggregation_error(updates: list[dict[str, np.ndarray]], weights: list[float],
                       shared: dict[str, np.ndarray],
-                      aggregate: dict[str, np.ndarray] | None = None) -> float:
+                      aggregate: dict[str, np.ndarray] | None = None) -> float | None:
     """||mean_i(B_i R_i A_i) - B R A||_F / ||mean_i(B_i R_i A_i)||_F over all LoRA
     modules (R, Fed-SB's, where there is one), where (B, R, A) is the `aggregate`
     released (default: the weighted means).
 
     `shared` holds tensors that did not travel (A under FFA, A and B under Fed-SB, the
     held half of a RoLoRA round), identical on every client; the error of an exact
-    method is then 0 up to float rounding, computed the same way as vanilla's.
+    method is then 0 up to float rounding, computed the same way as vanilla's. None
+    where no module has both factors among them (FedSA: B never leaves the site).
     """
     full = [{**shared, **u} for u in updates]
     w = np.asarray(weights, dtype=np.float64) / float(sum(weights))
     released = None if aggregate is None else {**shared, **aggregate}
+    chains = lora_chains(list(full[0]))
+    if not chains:
+        return None
     num = den = 0.0
-    for chain in lora_chains(list(full[0])):
+    for chain in chains:
         products = sum(wi * _product(f, chain) for wi, f in zip(w, full))
         if released is None:  # the means, in float64
             released_chain = {n: sum(wi * f[n].astype(np.float64) for wi, f in zip(w, full))

@@ -33,7 +33,7 @@ from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.config import RunSpec
 from fed_dplora.dp.noise import random_source
 from fed_dplora.dp.update_bound import site_update_bounds
-from fed_dplora.lora.adapters import load_trainable_arrays, trainable_arrays
+from fed_dplora.lora.adapters import global_arrays, load_trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.methods import method_for
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
@@ -81,6 +81,7 @@ class Federation:
     arrays: dict[str, np.ndarray]  # the global tensors that travel
     state: Checkpoint
     lm: LmOutputs | None  # causal-lm: perplexity and greedy samples each round
+    run_key: str = ""  # names each site's own state of the run (resume.run_key)
     waits: dict[str, float] = field(default_factory=dict)  # this round's, by phase
 
     @classmethod
@@ -98,7 +99,8 @@ class Federation:
         accountant = CentralAccountant(plan, spec.train.local_steps)
         run.write_json("privacy_plan.json",
                        reporting.plan_summary(spec, plan, planned, secure))
-        state = Checkpoint(0, trainable_arrays(model), {}, planned.as_dict())
+        state = Checkpoint(0, global_arrays(model, method_for(spec.method)), {},
+                           planned.as_dict())
         if checkpoint:
             state = resume.restore(checkpoint, accountant, secure)
             lora.health.restore(state.excluded, state.failure_streaks, planned.node_of)
@@ -110,7 +112,7 @@ class Federation:
                  "%.1f s", time.perf_counter() - started, census_s,
                  time.perf_counter() - started - census_s)
         return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
-                   lora, strategy, model, state.arrays, state, lm)
+                   lora, strategy, model, state.arrays, state, lm, resume.run_key(run))
 
     def evaluate_base(self) -> None:
         """Round 0: the model before any training (every B is 0, so LoRA adds nothing),
@@ -156,7 +158,7 @@ class Federation:
     def finish(self, started: float) -> None:
         self.state.ledgers = self.accountant.state()
         self.state.save(self.run.path)
-        load_trainable_arrays(self.model, self.arrays)
+        load_trainable_arrays(self.model, self.arrays, set(self.arrays))
         adapter = method_for(self.spec.method).exportable(self.model)
         log.info("final adapter: %s", self.run.save_adapter(adapter))
         reporting.write_final(self.run, self.plan, self.accountant, self.planned,
@@ -181,7 +183,7 @@ class Federation:
 
     def _shared_config(self) -> ConfigRecord:
         return ConfigRecord({p.WIRE: p.WIRE_VERSION, p.LABEL_NAMES: list(self.planned.labels),
-                             p.SECURE_NOISE: self.secure})
+                             p.SECURE_NOISE: self.secure, p.RUN_KEY: self.run_key})
 
     def _sites_of(self, messages: list[Message]) -> list[str]:
         return sorted(self.site_of[m.metadata.dst_node_id] for m in messages)
@@ -266,12 +268,19 @@ class Federation:
 
     def _evaluation_fields(self, evaluation: MetricRecord | dict) -> dict:
         """Pooled test metrics (classification: macro-F1, recall per label), validation
-        metrics where the sites hold a validation split, perplexity for causal-lm."""
+        metrics where the sites hold a validation split, perplexity for causal-lm; the
+        same under each site's own tensors where the method keeps some (FedSA)."""
         fields = {"eval_loss": evaluation.get(p.EVAL_LOSS),
                   "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
                   # what the pooled metrics cover (evaluation.sites may sample)
                   "eval_sites": evaluation.get("replies"),
                   "eval_records": evaluation.get(p.NUM_EXAMPLES)}
+        for prefix, name in ((p.PERSONAL, "personal_eval"),
+                             (p.PERSONAL + p.VALIDATION, "personal_val")):
+            if prefix + p.EVAL_ACCURACY in evaluation:  # under each site's own tensors
+                fields.update({f"{name}_{field}": evaluation.get(prefix + key) for field, key
+                               in (("loss", p.EVAL_LOSS), ("accuracy", p.EVAL_ACCURACY),
+                                   ("macro_f1", MACRO_F1))})
         if self.lm:
             return {**fields, **self.lm.row_fields(evaluation.get(p.EVAL_LOSS))}
         recall = evaluation.get(RECALL)
@@ -311,7 +320,7 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
     # The dimension of every global tensor: where a round trains a part (RoLoRA), the
     # bound is looser than it could be, never tighter (it grows with the dimension).
     bounds = site_update_bounds(spec, plan, planned.sizes,
-                                sum(a.size for a in trainable_arrays(model).values()))
+                                sum(a.size for a in global_arrays(model, method).values()))
     lora = kind.for_model(
         model, min_replies=spec.failure.min_replies, nodes=set(node_of.values()),
         evaluators=evaluators,

@@ -42,7 +42,7 @@ class LmOutputs:
 
     def write_samples(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
         """Greedy continuations of the prompts under `arrays` (round 0: before training)."""
-        load_trainable_arrays(self.model, arrays)
+        load_trainable_arrays(self.model, arrays, set(arrays))
         texts = greedy_continuations(self.model, self.tokenizer, self.generation.prompts,
                                      self.generation.max_new_tokens)
         for prompt, text in zip(self.generation.prompts, texts):

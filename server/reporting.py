@@ -69,6 +69,8 @@ def log_round(row: dict, rounds: int) -> None:
     extra = (f" | eval_ppl {num(row['eval_perplexity'], '.2f')}"
              if "eval_perplexity" in row else
              f" | macro_f1 {num(row['eval_macro_f1'], '.4f')}")
+    if "personal_eval_accuracy" in row:
+        extra += f" | personal_acc {num(row['personal_eval_accuracy'], '.4f')}"
     sample = num(row["epsilon_sample"], ".3f")
     if row["epsilon_sample_replace_one"] is not None:
         sample += f" (replace-one {row['epsilon_sample_replace_one']:.3f})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from datetime import datetime
 
 from fed_dplora.run.checkpoint import Checkpoint
@@ -15,6 +16,7 @@ from server.census import Census
 from strategies.screening import ClientFailure
 
 log = logging.getLogger("fed_dplora.server")
+RUN_KEY_FILE = "run_key.json"
 
 
 def open_run(spec: RunSpec, run_id: int, census: Census
@@ -47,6 +49,16 @@ def open_run(spec: RunSpec, run_id: int, census: Census
     run.truncate_rounds(checkpoint.round)
     log.info("resuming %s after round %d", run.path.resolve(), checkpoint.round)
     return run, checkpoint
+
+
+def run_key(run: RunFolder) -> str:
+    """The run folder's random key, kept across resumes: a site names its own state of
+    the run by it (`fed_dplora.site.state`). Written before any training."""
+    if (run.path / RUN_KEY_FILE).exists():
+        return run.read_json(RUN_KEY_FILE)["run_key"]
+    key = secrets.token_hex(16)
+    run.write_json(RUN_KEY_FILE, {"run_key": key})
+    return key
 
 
 def check_sites(spec: RunSpec, census: Census) -> None:

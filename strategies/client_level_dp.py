@@ -57,13 +57,13 @@ class ClientLevelDpFedAvg(Strategy):
         sent, trained = inner.pop_round(server_round)
         screened = inner.screen_train(server_round, replies)
         if inner.is_lost(screened):
-            return None, inner.train_metrics(screened, None)
+            return None, inner.train_metrics(screened, None, lost=True)
         updates, weights = inner.updates(screened)
         arrays, stats = dp_fedavg({k: sent[k] for k in trained}, updates, self.clip_norm,
                                   self.noise_multiplier, self.expected_clients,
                                   self.noise_for_round(server_round))
         error = (aggregation_error(updates, weights, inner.held(sent, trained))
-                 if updates else 0.0)
+                 if updates else None)
         metrics = inner.train_metrics(screened, error)
         metrics["update-clip-fraction"] = stats.clip_fraction
         return to_record(released(sent, arrays)), metrics

@@ -133,10 +133,10 @@ class LoraFedAvg(FedAvg):
         sent, trained = self.pop_round(server_round)
         screened = self.screen_train(server_round, replies)
         if self.is_lost(screened):
-            return None, self.train_metrics(screened, None)
+            return None, self.train_metrics(screened, None, lost=True)
         updates, weights = self.updates(screened)
         if not updates:
-            return None, self.train_metrics(screened, None)
+            return None, self.train_metrics(screened, None, lost=True)
         combined = self.combine(updates, weights)
         error = aggregation_error(updates, weights, self.held(sent, trained),
                                   None if self.aggregation.rule == "mean" else combined)
@@ -174,7 +174,7 @@ class LoraFedAvg(FedAvg):
                            ) -> ScreenedMetrics:
         """Loss, accuracy (and for classification macro-F1 and per-class recall) over the
         union of the valid replies' test sets, and of their validation splits where every
-        reply has one: each site weighted by what its means are over (records, or tokens
+        reply has one (and the same under each site's own tensors, FedSA): each site weighted by what its means are over (records, or tokens
         for causal-lm), class scores from the summed per-class counts; only the counts
         where no reply evaluated anything."""
         screened = self._screen(server_round, MessageType.EVALUATE, replies)
@@ -184,8 +184,9 @@ class LoraFedAvg(FedAvg):
         if not sum(m[p.EVAL_WEIGHT] for m in rows):
             return record
         record.update(pooled_evaluation(rows))
-        if all(p.VALIDATION + p.EVAL_WEIGHT in m for m in rows):
-            record.update(pooled_evaluation(rows, p.VALIDATION))
+        for split in (p.VALIDATION, p.PERSONAL, p.PERSONAL + p.VALIDATION):
+            if all(split + p.EVAL_WEIGHT in m for m in rows):
+                record.update(pooled_evaluation(rows, split))
         return record
 
     # Shared with the client-level DP wrapper.
@@ -234,11 +235,13 @@ class LoraFedAvg(FedAvg):
                 capped_weights(raw, self.aggregation.max_weight_share))
 
     @staticmethod
-    def train_metrics(screened: Screened, error: float | None) -> ScreenedMetrics:
-        """The round's MetricRecord: `lost` 1 when no aggregate was released."""
+    def train_metrics(screened: Screened, error: float | None, lost: bool = False
+                      ) -> ScreenedMetrics:
+        """The round's MetricRecord: `lost` 1 when no aggregate was released; the
+        aggregation error where one is defined (not where B never leaves, FedSA)."""
         rows = [a.metrics for a in screened.accepted.values()]
         metrics = ScreenedMetrics({"replies": len(rows), "failures": len(screened.failed),
-                                   "lost": int(error is None)}, screened)
+                                   "lost": int(lost)}, screened)
         if error is not None:
             metrics["aggregation-error"] = error
         for key in (p.TRAIN_LOSS, p.CLIP_FRACTION):  # from the sites that share them

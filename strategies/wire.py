@@ -33,6 +33,7 @@ SHARE_MODES = (SHARE_ALL, SHARE_EVALUATION, SHARE_DP_ONLY)
 WIRE = "wire-version"
 ROUND = "server-round"
 ROUND_SEED = "round-seed"
+RUN_KEY = "run-key"  # random per run folder, kept on resume: names a site's own state
 NOISE_MULTIPLIER = "noise-multiplier"  # absent: no sample-level DP this round
 SECURE_NOISE = "secure-noise"  # the server asks for OS CSPRNG randomness (a client
 # outside Flower's simulation uses it whatever is asked)
@@ -53,6 +54,7 @@ EVAL_CLASS_TRUE = "eval-class-true"  # classification, per class: test records,
 EVAL_CLASS_PREDICTED = "eval-class-predicted"  # predictions of the class,
 EVAL_CLASS_CORRECT = "eval-class-correct"  # and correct ones (lists, label order)
 VALIDATION = "val-"  # prefix of the same evaluation keys for the site's validation split
+PERSONAL = "personal-"  # prefix for the test split under the site's own tensors (FedSA)
 EVAL_WEIGHT = "eval-weight"  # what loss and accuracy are means over: test records
 # (classification) or predicted tokens (causal-lm); the server weights sites by it
 

@@ -43,7 +43,7 @@ def test_privacy_levels_and_client_level_keys():
 
 @pytest.mark.parametrize("flat,pattern", [
     ({"privacy.epsilon": 3.0}, r"unknown run-config key.*privacy.epsilon.*privacy.target-epsilon"),
-    ({"method": "fedprox"}, r"method='fedprox'.*\['ffa', 'vanilla'\]"),
+    ({"method": "fedprox"}, r"method='fedprox'.*\['fed-sb', 'fedsa', 'ffa', 'rolora', 'vanilla'\]"),
     ({"local-steps": 2.5}, r"local-steps=2.5: expected int"),
     ({"local-steps": True}, r"local-steps=True: expected int"),
     ({"batch-size": 0}, r"batch-size=0: must be > 0"),

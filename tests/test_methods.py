@@ -19,7 +19,7 @@ from fed_dplora.methods.base import LoraMethod
 
 def test_an_unknown_method_is_refused_by_name_with_the_registered_ones():
     with pytest.raises(ConfigError, match=r"method='lora-xs': valid values are \['fed-sb', "
-                                          r"'ffa', 'rolora', 'vanilla'\]"):
+                                          r"'fedsa', 'ffa', 'rolora', 'vanilla'\]"):
         parse_run_config({"method": "lora-xs"})
 
 

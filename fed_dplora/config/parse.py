@@ -230,7 +230,16 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunSpec:
 
 def _check_combinations(spec: RunSpec) -> None:
     _check_run(spec)
+    _check_method(spec)
     _check_data(spec)
+
+
+def _check_method(spec: RunSpec) -> None:
+    entry = METHODS[spec.method]
+    if spec.privacy.level not in entry.privacy_levels:
+        raise ConfigError(
+            f"privacy.level={spec.privacy.level!r} with method={spec.method!r}: "
+            f"{entry.why_not}; valid levels for it are {list(entry.privacy_levels)}")
 
 
 def _check_run(spec: RunSpec) -> None:

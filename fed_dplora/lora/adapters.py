@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fed_dplora.methods.base import kind_of
+from fed_dplora.methods.base import LoraMethod, kind_of
 
 
 class AdapterMismatchError(ValueError):
@@ -26,6 +26,14 @@ def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's trainable tensors as float32 CPU arrays, by parameter name."""
     return {name: param.detach().to("cpu", torch.float32).numpy().copy()
             for name, param in model.named_parameters() if param.requires_grad}
+
+
+def global_arrays(model: nn.Module, method: LoraMethod) -> dict[str, np.ndarray]:
+    """The tensors the server holds, sends and combines: what the model trains, less
+    what the method keeps at each site (FedSA's B)."""
+    arrays = trainable_arrays(model)
+    names = method.global_names(arrays)
+    return {name: array for name, array in arrays.items() if name in names}
 
 
 def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray],

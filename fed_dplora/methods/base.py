@@ -39,18 +39,21 @@ class LoraMethod:
 
     `alternation` (empty: every global tensor trains every round) gives, round after
     round and then again, the kinds of global tensor that train and travel back; the
-    others are held at the values the server sent.
+    others are held at the values the server sent. `local` names the kinds of tensor
+    that train but never leave the site (FedSA's B): each site keeps its own between
+    rounds, and they are not global.
     """
 
     name: str
     a_trains: bool
     shared_a: bool
     alternation: tuple[frozenset[str], ...] = ()
+    local: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        unknown = {k for kinds in self.alternation for k in kinds} - set(KINDS)
+        unknown = ({k for kinds in self.alternation for k in kinds} | self.local) - set(KINDS)
         if unknown:
-            raise ValueError(f"method {self.name!r}: alternation names {sorted(unknown)}; "
+            raise ValueError(f"method {self.name!r}: names kinds {sorted(unknown)}; "
                              f"kinds are {list(KINDS)}")
 
     def prepare(self, model: nn.Module, seed: int) -> None:
@@ -61,6 +64,10 @@ class LoraMethod:
     def exportable(self, model: nn.Module) -> nn.Module:
         """The model as a standard PEFT adapter saves it (Fed-SB folds its R in)."""
         return model
+
+    def global_names(self, trainable: Iterable[str]) -> set[str]:
+        """Of the tensors a built model trains, those the server holds and combines."""
+        return {name for name in trainable if kind_of(name) not in self.local}
 
     def trained(self, global_names: Iterable[str], server_round: int) -> set[str]:
         """The global tensors that train (and travel back) in `server_round` (from 1)."""

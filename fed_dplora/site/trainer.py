@@ -77,7 +77,10 @@ class LocalTrainer:
         self.task = task_for(recipe.task)
         self.method = method_for(recipe.method)
         self.model = build_lora_model(recipe, device)
-        self.global_names = frozenset(trainable_arrays(self.model))
+        trainable = trainable_arrays(self.model)
+        self.global_names = frozenset(self.method.global_names(trainable))
+        # A site's own tensors (FedSA's B), at their init for a site that has none yet
+        self.initial_local = {n: a for n, a in trainable.items() if n not in self.global_names}
         self.private = private
         self.forward_module = (wrap_for_per_sample_grads(self.model, device) if private
                                else self.model)
@@ -86,13 +89,13 @@ class LocalTrainer:
         self.verified: set[frozenset[str]] = set()
 
     def train_only(self, names: frozenset[str]) -> None:
-        """Train exactly the global tensors `names` (a round of a method that
-        alternates); Opacus' hooks are attached again when the set changes (they are
-        registered for the parameters that train when wrapping)."""
+        """Train exactly `names` of the global tensors and the site's own (a round of a
+        method that alternates); Opacus' hooks are attached again when the set changes
+        (they are registered for the parameters that train when wrapping)."""
         if names == frozenset(trainable_names(self.model)):
             return
         for name, param in self.model.named_parameters():
-            if name in self.global_names:
+            if name in self.global_names or name in self.initial_local:
                 param.requires_grad_(name in names)
         if self.private:
             self.forward_module.remove_hooks()
@@ -101,9 +104,11 @@ class LocalTrainer:
     def a_fingerprint(self) -> str:
         return frozen_lora_fingerprint(self.model)
 
-    def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData
+    def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData,
+              kept: dict[str, np.ndarray] | None = None
               ) -> tuple[dict[str, np.ndarray], TrainReport]:
-        """Load the global tensors, take `plan.local_steps` DP-SGD steps, return ours.
+        """Load the global tensors (and the site's own, `kept`, where the method has
+        them), take `plan.local_steps` DP-SGD steps, return the global ones trained.
 
         The report's (q, sigma, steps) come from the code that sampled and noised."""
         if len(data) == 0:
@@ -111,8 +116,9 @@ class LocalTrainer:
         start = time.perf_counter()
         if not plan.secure_noise:
             torch.manual_seed(plan.seed + 2)  # dropout: a seeded round replays exactly
-        load_trainable_arrays(self.model, arrays, self.global_names)
-        self.train_only(frozenset(self.method.trained(self.global_names, plan.server_round)))
+        self._load(arrays, kept)
+        trained = self.method.trained(self.global_names, plan.server_round)
+        self.train_only(frozenset(trained | set(self.initial_local)))
         self.model.train()
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
         guards.check_optimizer_holds_model_params(optimizer, self.model)
@@ -131,7 +137,21 @@ class LocalTrainer:
             sampling_probability=sampling.probability, noise_multiplier=used_sigma,
             train_loss=loss_sum / max(seen, 1), clip_fraction=clipped / max(seen, 1),
             compute_s=time.perf_counter() - start)
-        return trainable_arrays(self.model), report
+        out = trainable_arrays(self.model)
+        return {n: a for n, a in out.items() if n in trained}, report
+
+    def local_arrays(self) -> dict[str, np.ndarray]:
+        """The site's own tensors now (after `train`: what it keeps for its next round)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().to("cpu", torch.float32).numpy().copy()
+                for n in self.initial_local}
+
+    def _load(self, arrays: dict[str, np.ndarray], kept: dict[str, np.ndarray] | None
+              ) -> None:
+        load_trainable_arrays(self.model, arrays, self.global_names)
+        if self.initial_local:
+            load_trainable_arrays(self.model, kept or self.initial_local,
+                                  set(self.initial_local))
 
     def _logical_step(self, accumulator: DpSgdAccumulator | PlainAccumulator,
                       indices: list[int], plan: RoundPlan, data: TokenizedData
@@ -188,8 +208,9 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, arrays: dict[str, np.ndarray], data: TokenizedData,
-                 batch_size: int) -> EvalReport:
-        load_trainable_arrays(self.model, arrays, self.global_names)
+                 batch_size: int, kept: dict[str, np.ndarray] | None = None) -> EvalReport:
+        """Under the global tensors, and the site's own (`kept`, else their init)."""
+        self._load(arrays, kept)
         return evaluate_model(self.model, self.task, data, batch_size, self.device)
 
 
