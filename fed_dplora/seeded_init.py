@@ -22,20 +22,20 @@ def seed_lora_a(model: nn.Module, seed: int, trainable: bool) -> None:
     The values depend only on the seed and the parameter name, so every client and the
     server hold bit-identical A on any device. FFA passes `trainable=False`.
     """
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                bound = 1.0 / math.sqrt(param.shape[1])
-                param.copy_(seeded_uniform(param.shape, seed, name) * bound)
-                param.requires_grad_(trainable)
+    _seed_factor(model, seed, ".lora_A.", trainable)
 
 
 def seed_lora_b(model: nn.Module, seed: int) -> None:
     """Set every `lora_B` from the run seed, frozen (Fed-SB: B stays at its init), with
     the same rule as A: U(-1, 1) / sqrt(fan-in), fan-in being the rank."""
+    _seed_factor(model, seed, ".lora_B.", trainable=False)
+
+
+def _seed_factor(model: nn.Module, seed: int, marker: str, trainable: bool) -> None:
+    """U(-1, 1) / sqrt(fan-in) from (seed, name) for every parameter named with `marker`."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".lora_B." in name:
+            if marker in name:
                 bound = 1.0 / math.sqrt(param.shape[1])
                 param.copy_(seeded_uniform(param.shape, seed, name) * bound)
-                param.requires_grad_(False)
+                param.requires_grad_(trainable)
