@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.local_grid import LocalGrid, run_federation
+from experiments.tuning import interval, t_half_width
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
 from fed_dplora.run.results import read_metrics
@@ -136,21 +137,55 @@ def _own_bound(spec: RunSpec, sent: dict, records: int) -> float | None:
 
 
 def table(results: dict) -> str:
-    head = ["| hostile site | what the run did with its replies | "
-            + " | ".join(f"{rule}" for rule in RULES) + " |",
-            "|---|---|" + "---|" * len(RULES)]
+    """Final accuracy per attack and rule (mean ± 95% t-interval over seeds), and what
+    the run did with the hostile site's replies over all its runs."""
+    lines = ["| hostile site | its replies, over all runs | seeds | "
+             + " | ".join(RULES) + " |", "|---|---|---|" + "---|" * len(RULES)]
     for attack, by_rule in results.items():
-        cells = []
-        for rule in RULES:
-            accs = [r["accuracy"] for r in by_rule[rule]]
-            half = (2.0 * statistics.stdev(accs) / math.sqrt(len(accs))) if len(accs) > 1 else 0
-            cells.append(f"{statistics.mean(accs):.3f} ± {half:.3f}")
-        first = by_rule[RULES[0]][0]
-        did = ("none (no hostile site)" if attack == "none" else
-               f"rejected in {first['rejected_rounds']} of 5 rounds: {first['reasons'][0]}..."
-               if first["rejected_rounds"] else "accepted every round")
-        head.append(f"| {attack} | {did} | " + " | ".join(cells) + " |")
-    return "\n".join(head)
+        runs = [r for rule in RULES for r in by_rule[rule]]
+        if runs:
+            cells = [interval([r["accuracy"] for r in by_rule[rule]]) if by_rule[rule]
+                     else "not run" for rule in RULES]
+            seeds = min(len(by_rule[rule]) for rule in RULES)
+            lines.append(f"| {attack} | {_what_it_did(attack, runs)} | {seeds} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _what_it_did(attack: str, runs: list[dict]) -> str:
+    if attack == "none":
+        return "(no hostile site)"
+    rounds, rejected = 5 * len(runs), sum(r["rejected_rounds"] for r in runs)
+    if not rejected:
+        return f"accepted in all {rounds} rounds"
+    reasons = sorted({reason.split(",")[0] for r in runs for reason in r["reasons"]})
+    return f"rejected in {rejected} of {rounds} rounds ({reasons[0]}, ...)"
+
+
+def differences(results: dict) -> str:
+    """Paired by seed: each attack's accuracy minus the same rule's without a hostile
+    site, and median or trimmed mean minus mean under the same attack (95% t-intervals;
+    "not shown" where the interval includes zero)."""
+    lines = ["| hostile site | " + " | ".join(f"{rule} - no hostile site" for rule in RULES)
+             + " | median - mean | trimmed-mean - mean |", "|---|" + "---|" * 5]
+    for attack, by_rule in results.items():
+        if attack == "none" or not all(by_rule[rule] for rule in RULES):
+            continue
+        cells = [_paired(by_rule[rule], results["none"][rule]) for rule in RULES]
+        cells += [_paired(by_rule[rule], by_rule["mean"]) for rule in RULES[:0:-1]]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired(runs: list[dict], baseline: list[dict]) -> str:
+    pairs = list(zip([r["accuracy"] for r in runs], [b["accuracy"] for b in baseline]))
+    gaps = [a - b for a, b in pairs]
+    if len(gaps) < 2:
+        return f"{gaps[0]:+.3f} (1 seed)" if gaps else "not run"
+    half = t_half_width(gaps)
+    mean = statistics.fmean(gaps)
+    shown = "" if abs(mean) > half else ", not shown"
+    return f"{mean:+.3f} ± {half:.3f}{shown}"
 
 
 def main() -> None:
@@ -159,10 +194,14 @@ def main() -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rewrite hostile_sites.md from results.json, run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     saved = args.out / "results.json"  # runs of other invocations into --out are kept
     results = json.loads(saved.read_text()) if saved.exists() else {}
+    if args.tables_only:
+        return write_tables(args.out, results)
     for attack in args.attacks:
         results[attack] = {r: [] for r in RULES}
     for seed in range(args.seeds):  # every attack at a seed before the next seed
@@ -171,8 +210,13 @@ def main() -> None:
                 results[attack][rule].append(one_run(args.out, attack, seed, rule,
                                                      args.model))
                 saved.write_text(json.dumps(results, indent=1))
-    (args.out / "hostile_sites.md").write_text(table(results) + "\n")
-    log.info("%s", table(results))
+    write_tables(args.out, results)
+
+
+def write_tables(out: Path, results: dict) -> None:
+    text = table(results) + "\n\n" + differences(results) + "\n"
+    (out / "hostile_sites.md").write_text(text)
+    log.info("%s", text)
 
 
 if __name__ == "__main__":

@@ -108,8 +108,12 @@ def interval(values: list[float]) -> str:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return f"{mean:.4f}"
-    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return f"{mean:.4f} ± {half:.4f}"
+    return f"{mean:.4f} ± {t_half_width(values):.4f}"
+
+
+def t_half_width(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean (n >= 2)."""
+    return stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
 
 
 def tried(rows: list[dict[str, Any]]) -> Counter:

@@ -139,3 +139,23 @@ def test_client_level_dp_accepts_only_the_mean():
     with pytest.raises(ConfigError, match="client-level DP's sensitivity"):
         parse_run_config({"privacy.level": "both", "aggregation.rule": "median"})
     parse_run_config({"privacy.level": "sample", "aggregation.rule": "median"})
+
+
+def test_the_study_tables_pair_by_seed_and_say_not_shown_where_zero_is_inside():
+    from experiments.hostile_sites import RULES, differences, table
+
+    def runs(accuracies, rejected=0):
+        return [{"accuracy": a, "rejected_rounds": rejected,
+                 "reasons": ["update norm 9e+03 exceeds 33, the bound"] if rejected else []}
+                for a in accuracies]
+    results = {"none": {rule: runs([0.80, 0.70, 0.75]) for rule in RULES},
+               "sign-flipped": {"mean": runs([0.60, 0.50, 0.55]),
+                                "trimmed-mean": runs([0.82, 0.68, 0.77]),
+                                "median": runs([0.70, 0.60, 0.65])},
+               "scaled": {rule: runs([0.8, 0.7, 0.75], rejected=5) for rule in RULES}}
+    rows = {line.split(" | ")[0][2:]: line for line in differences(results).splitlines()}
+    # mean - none: -0.2 at every seed; trimmed-mean - none: +0.02, -0.02, +0.02
+    assert "| -0.200 ± 0.000 |" in rows["sign-flipped"]
+    assert "+0.007 ± 0.057, not shown" in rows["sign-flipped"]  # t(0.975, 2) = 4.303
+    assert "rejected in 45 of 45 rounds (update norm 9e+03 exceeds 33" in table(results)
+    assert "| 3 | 0.7500 ± 0.1242 |" in table(results)
