@@ -64,7 +64,8 @@ def test_the_study_tables_format_their_rows():
     assert "1.50x" in wan_table({"lan": [row], "wan": [{**row, "wall_s": 3.0}]})
     result = {"accuracy": 0.8, "rejected_rounds": 5, "reasons": ["update norm 9 exceeds"]}
     text = hostile_table({"scaled": {rule: [result, result] for rule in RULES}})
-    assert "rejected in 5 of 5 rounds" in text and "0.800 ± 0.000" in text
+    # 3 rules x 2 seeds x 5 rounds; 95% t-interval of identical values
+    assert "rejected in 30 of 30 rounds" in text and "| 2 | 0.8000 ± 0.0000 |" in text
 
 
 def test_bench_scale_reports_memory_growth_and_time_per_site(caplog):
