@@ -12,10 +12,11 @@ from opacus.accountants import RDPAccountant
 
 from fed_dplora.privacy.calibrate import calibrate_dp_fedavg_noise, calibrate_dp_sgd_noise
 from fed_dplora.privacy.events import dp_fedavg_round, dp_sgd_step
-from fed_dplora.privacy.ledger import FEDERATION, client_level_ledger, sample_level_ledger
+from fed_dplora.privacy.ledger import (FEDERATION, client_level_ledger, rdp_curve,
+                                      sample_level_ledger)
 from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_level,
                                      plan_sample_level)
-from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION
+from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION, RDP_ORDERS
 from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
 
 DELTA = 1e-5
@@ -45,6 +46,28 @@ def test_sample_ledger_matches_opacus_rdp_accountant():
     opacus.history = [(sigma, q, steps) for q, sigma, steps in ROUNDS]
     reference = opacus.get_epsilon(DELTA)
     assert ledger_with(ROUNDS).epsilon("k") == pytest.approx(reference, rel=0.01)
+
+
+def test_ledgers_share_rdp_curves_per_relation_and_none_can_alter_them():
+    event = dp_sgd_step(0.08, 0.9)
+    first, second = ledger_with(ROUNDS), ledger_with(ROUNDS[:1], "other")
+    assert rdp_curve(event, first.relation) is rdp_curve(event, second.relation)
+    with pytest.raises(ValueError, match="read-only"):
+        rdp_curve(event, first.relation)[0] = 0.0
+    second.record("other", event, 1000)  # charging one ledger leaves the other's epsilon
+    assert first.epsilon("k") == ledger_with(ROUNDS).epsilon("k")
+    # Keyed by relation too: a fixed-size client sample's curve is replace-one's.
+    fixed = dp_fedavg_round("fixed", 100, 10, 1.1)
+    accountant = rdp.RdpAccountant(RDP_ORDERS, REPLACE_ONE)
+    accountant.compose(fixed)
+    np.testing.assert_allclose(rdp_curve(fixed, REPLACE_ONE), accountant.rdp)
+
+
+def test_calibration_is_cached_only_for_identical_plans():
+    sigma = calibrate_dp_sgd_noise(8.0, DELTA, 0.08, 100)
+    assert calibrate_dp_sgd_noise(8.0, DELTA, 0.08, 100) == sigma
+    assert calibrate_dp_sgd_noise(8.0, DELTA, 0.08, 200) > sigma  # more steps, more noise
+    assert calibrate_dp_sgd_noise(4.0, DELTA, 0.08, 100) > sigma
 
 
 # (clients N, expected per round m, z, rounds) as a DP-FedAvg run would charge them

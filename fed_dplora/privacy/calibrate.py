@@ -1,7 +1,12 @@
-"""Noise calibration from a target (epsilon, delta), through the ledgers' own events."""
+"""Noise calibration from a target (epsilon, delta), through the ledgers' own events.
+
+Each calibration is a pure function of its arguments and costs up to seconds (a bisection
+over dp-accounting compositions), so its result is cached for the process: a resumed or
+repeated run with the same plan calibrates once."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import dp_accounting as dpa
@@ -22,6 +27,7 @@ def calibrate_noise(event_for: Callable[[float], dpa.DpEvent], relation: Neighbo
         bracket_interval=dpa.LowerEndpointAndGuess(0.05, 1.0), tol=1e-4))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_dp_sgd_noise(target_epsilon: float, delta: float,
                            sampling_probability: float, steps: int) -> float:
     """Sigma such that `steps` DP-SGD steps stay within the target.
@@ -33,6 +39,7 @@ def calibrate_dp_sgd_noise(target_epsilon: float, delta: float,
                            SAMPLE_LEVEL_RELATION, target_epsilon, delta)
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_dp_fedavg_noise(target_epsilon: float, delta: float,
                               sampling: ClientSampling, num_clients: int,
                               expected_clients: int, rounds: int) -> float:

@@ -2,8 +2,8 @@
 
 A ledger stores counts, not event lists: `{account: {DpEvent: count}}`, keyed by the
 dp-accounting event of one occurrence (built by `fed_dplora.privacy.events`).
-The RDP curve of one event is computed once per distinct mechanism (by dp-accounting)
-and cached; an account's RDP is `sum(count * curve)`, recomputed from its counts so it
+The RDP curve of one event is computed once per distinct mechanism and relation (by
+dp-accounting) and cached for the process, whichever ledger asks; an account's RDP is `sum(count * curve)`, recomputed from its counts so it
 does not depend on the order of charges; epsilon is dp-accounting's RDP-to-(eps, delta)
 conversion, vectorized over accounts. Composing is a few vector operations however long
 the run. The same counts feed the final PLD report (`fed_dplora.privacy.report`) and
@@ -15,6 +15,7 @@ Two ledgers exist (see `sample_level_ledger` and `client_level_ledger`); a run w
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from typing import Any
 
@@ -44,7 +45,7 @@ class Ledger:
         self.relation = relation
         self.accepts = accepts
         self.counts: dict[str, Counter[dpa.DpEvent]] = {}
-        self._curves: dict[dpa.DpEvent, np.ndarray] = {}
+        self._curves: dict[dpa.DpEvent, np.ndarray] = {}  # this ledger's planned/charged
         self._rdp: dict[str, np.ndarray] = {}  # account -> sum(count * curve)
 
     def prepare(self, events: list[dpa.DpEvent]) -> None:
@@ -131,9 +132,7 @@ class Ledger:
             if type(event) is not self.accepts:
                 raise ValueError(f"the {self.kind} ledger charges {self.accepts.__name__} "
                                  f"events, not {event!r}")
-            accountant = make_rdp_accountant(self.relation)
-            accountant.compose(event)
-            self._curves[event] = accountant.rdp
+            self._curves[event] = rdp_curve(event, self.relation)
         return self._curves[event]
 
     def _sums(self, all_counts: list[Counter]) -> list[np.ndarray]:
@@ -150,6 +149,16 @@ class Ledger:
         for event in events[1:]:
             total = total + counts[event] * self._curve(event)
         return total
+
+
+@functools.lru_cache(maxsize=1024)
+def rdp_curve(event: dpa.DpEvent, relation: NeighborRel) -> np.ndarray:
+    """dp-accounting's RDP of one `event` over `RDP_ORDERS` (read-only: it is shared)."""
+    accountant = make_rdp_accountant(relation)
+    accountant.compose(event)
+    curve = np.array(accountant.rdp, dtype=np.float64)
+    curve.setflags(write=False)
+    return curve
 
 
 def epsilons(rdp: np.ndarray, delta: float) -> np.ndarray:
