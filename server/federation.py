@@ -83,6 +83,8 @@ class Federation:
     lm: LmOutputs | None  # causal-lm: perplexity and greedy samples each round
     run_key: str = ""  # names each site's own state of the run (resume.run_key)
     waits: dict[str, float] = field(default_factory=dict)  # this round's, by phase
+    # seconds from the ServerApp's start: nodes and census, and the whole set-up
+    setup_times: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def set_up(cls, grid: Grid, run_id: int, spec: RunSpec, secure: bool, census: Census,
@@ -107,12 +109,15 @@ class Federation:
         lm = LmOutputs.for_run(spec, run, model)
         if lm and not checkpoint:
             lm.write_samples(0, state.arrays)
+        federation = cls(grid, spec, secure, run, planned, site_of, plan, accountant,
+                         lora, strategy, model, state.arrays, state, lm, resume.run_key(run))
+        federation.setup_times = {"census_s": census_s,
+                                  "setup_s": time.perf_counter() - started}
         log.info("set-up %.1f s: nodes and census %.1f s (clients start and load their "
                  "data; the server imports its training half), privacy plan and model "
-                 "%.1f s", time.perf_counter() - started, census_s,
-                 time.perf_counter() - started - census_s)
-        return cls(grid, spec, secure, run, planned, site_of, plan, accountant,
-                   lora, strategy, model, state.arrays, state, lm, resume.run_key(run))
+                 "%.1f s", federation.setup_times["setup_s"], census_s,
+                 federation.setup_times["setup_s"] - census_s)
+        return federation
 
     def evaluate_base(self) -> None:
         """Round 0: the model before any training (every B is 0, so LoRA adds nothing),
@@ -121,7 +126,8 @@ class Federation:
         evaluation, sent = self._evaluate(0, to_record(self.arrays))
         untrained = ScreenedMetrics({"replies": 0, "failures": 0, "lost": 0},
                                     Screened([], {}, {}))
-        self._commit(0, self._row(0, [], untrained, evaluation, sent, started_at, start))
+        row = self._row(0, [], untrained, evaluation, sent, started_at, start)
+        self._commit(0, {**row, **self.setup_times})  # round 0's row: what set-up cost
 
     def run_round(self, rnd: int) -> bool:
         """One round; False when the run stops before it (budget, failures)."""

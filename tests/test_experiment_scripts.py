@@ -71,13 +71,36 @@ def test_the_study_tables_format_their_rows():
 def test_bench_scale_reports_memory_growth_and_time_per_site(caplog):
     import logging
 
-    from experiments.bench_scale import report
+    from experiments.bench_scale import report_rounds, report_timing
     caplog.set_level(logging.INFO)
     memory = [{"round": r, "rss_mb": 100.0 + r, "wall_s": 2.0, "train_s": 1.0,
                "evaluate_s": 0.0, "server_s": 1.0} for r in range(1, 4)]
-    report(memory, [{"per_round": 10, "train_s": 5.0, "train_s_per_site": 0.5,
-                     "evaluate_s": 0.0, "server_s": 0.2}])
+    report_rounds(memory)
+    report_timing([{"per_round": 10, "train_s": 5.0, "train_s_per_site": 0.5,
+                    "evaluate_s": 0.0, "server_s": 0.2}])
     assert "RSS growth after round 2: +1.0%" in caplog.text
+    assert "   10 |                 5.00 |    0.500" in caplog.text
+
+
+def test_bench_scale_compares_federation_sizes_from_round_two(caplog):
+    import logging
+
+    from experiments.bench_scale import report_sizes, size_summary
+    caplog.set_level(logging.INFO)
+
+    def rounds(wall: list[float], rss: list[float]) -> list[dict]:
+        return [{"round": i + 1, "rss_mb": m, "wall_s": w, "train_s": 1.0,
+                 "evaluate_s": 0.5, "server_s": w - 1.5}
+                for i, (w, m) in enumerate(zip(wall, rss))]
+
+    small = size_summary(100, rounds([30.0, 4.0, 5.0, 6.0], [500, 1000, 1000, 1050]),
+                         {"census_s": 10.0})
+    large = size_summary(1000, rounds([90.0, 5.0, 6.0, 7.0], [900, 2000, 2100, 2000]),
+                         {"census_s": 60.0})
+    assert small["wall_s"] == 5.0 and large["wall_s"] == 6.0  # round 1 left out
+    assert small["rss_growth"] == pytest.approx(0.05) and large["rss_growth"] == 0.0
+    report_sizes([small, large])
+    assert "1.20x |            6.00x" in caplog.text
 
 
 def test_lm_reports_table_puts_each_round_below_the_base_model():

@@ -79,6 +79,9 @@ def test_round_0_reports_the_base_model_before_any_training(config):
     assert base["eval_accuracy"] is not None and base["eval_macro_f1"] is not None
     assert base["epsilon_sample"] == 0.0 and base["bytes_up"] == 0 and base["clients"] == []
     assert base["eval_loss"] != rows[0]["eval_loss"]  # round 1 trained; round 0 did not
+    # Round 0 also says what set-up cost: nodes and census, within the whole set-up.
+    assert 0 < base["census_s"] < base["setup_s"]
+    assert all("census_s" not in r for r in rows)
 
 
 def test_sample_budget_stops_at_the_round_dp_accounting_predicts(config):
