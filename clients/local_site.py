@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import lru_cache
 
-from fed_dplora.config import RunSpec
+from transformers import PreTrainedTokenizerBase
+
+from fed_dplora.config import ModelSpec, RunSpec
 from fed_dplora.data.site import SITES_CACHED, SitePlacement
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.lora.model import ModelRecipe, load_tokenizer, resolve_device
@@ -49,10 +51,17 @@ def _trainer(recipe: ModelRecipe, device: str, private: bool) -> LocalTrainer:
     return LocalTrainer(recipe, resolve_device(device), private)
 
 
+@lru_cache(maxsize=4)
+def _tokenizer(model: ModelSpec) -> PreTrainedTokenizerBase:
+    """One tokenizer per model and process: loading it (about 50 ms for MiniLM) was most
+    of what a site's first visit to a worker cost (1,000 simulated sites: every visit)."""
+    return load_tokenizer(model)
+
+
 @lru_cache(maxsize=SITES_CACHED)
 def _tokenized(spec: RunSpec, placement: SitePlacement, labels: tuple[str, ...], splits
                ) -> tuple[TokenizedData, TokenizedData, TokenizedData | None]:
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = _tokenizer(spec.model)
     names = labels if uses_labels(spec.task) else None
     return tuple(None if part is None else
                  tokenize(part, tokenizer, spec.model.max_length, names)

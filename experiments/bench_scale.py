@@ -44,11 +44,12 @@ log = logging.getLogger("fed_dplora.bench_scale")
 
 
 class TreeMemory:
-    """Resident memory of a process and all its descendants, sampled in the background."""
+    """Resident memory of a process and all its descendants, and the CPU time of
+    Flower's simulation engine (the `flwr-simulation` process), sampled in the background."""
 
     def __init__(self, pattern: str, period_s: float = 0.5) -> None:
         self.pattern, self.period_s = pattern, period_s
-        self.samples: list[tuple[float, float]] = []  # (UNIX time, MB)
+        self.samples: list[tuple[float, float, float]] = []  # (UNIX time, MB, engine CPU s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,17 +65,26 @@ class TreeMemory:
         while not self._stop.wait(self.period_s):
             pids = subprocess.run(["pgrep", "-f", self.pattern], capture_output=True,
                                   text=True).stdout.split()
-            total = 0
+            total = engine_cpu = 0.0
             for pid in pids:
                 try:
                     root = psutil.Process(int(pid))
-                    total += sum(p.memory_info().rss for p in [root, *root.children(True)])
+                    tree = [root, *root.children(True)]
+                    total += sum(p.memory_info().rss for p in tree)
+                    engine_cpu += sum(sum(p.cpu_times()[:2]) for p in tree
+                                      if "flwr-simulation" in " ".join(p.cmdline()))
                 except psutil.Error:
                     continue  # a process ended while we looked
-            self.samples.append((time.time(), total / 2**20))
+            self.samples.append((time.time(), total / 2**20, engine_cpu))
 
     def peak_between(self, start: float, end: float) -> float:
-        return max((mb for t, mb in self.samples if start <= t <= end), default=float("nan"))
+        return max((mb for t, mb, _ in self.samples if start <= t <= end),
+                   default=float("nan"))
+
+    def engine_cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds the simulation engine used from `start` to `end` (nearest samples)."""
+        inside = [cpu for t, _, cpu in self.samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else float("nan")
 
 
 def run_config(args, out: Path, name: str, per_round: int, rounds: int) -> dict:
@@ -96,6 +106,8 @@ def memory_per_round(args, out: Path, sites: int) -> tuple[list[dict], dict]:
     rows = read_metrics(folder)
     return [{"round": r["round"], "rss_mb": memory.peak_between(
                 r["started_at"], r["started_at"] + r["wall_s"]),
+             "engine_cpu_s": memory.engine_cpu_between(r["started_at"],
+                                                       r["started_at"] + r["wall_s"]),
              "wall_s": r["wall_s"], "train_s": r["train_s"],
              "evaluate_s": r["evaluate_s"] or 0.0,  # a round that does not evaluate
              "server_s": r["wall_s"] - r["train_s"] - (r["evaluate_s"] or 0.0)}
@@ -109,6 +121,7 @@ def size_summary(sites: int, rounds: list[dict], base: dict) -> dict:
             "wall_s": statistics.median(r["wall_s"] for r in later),
             "server_s": statistics.median(r["server_s"] for r in later),
             "evaluate_s": statistics.median(r["evaluate_s"] for r in later),
+            "engine_share": statistics.median(r["engine_cpu_s"] / r["wall_s"] for r in later),
             "rss_growth": rounds[-1]["rss_mb"] / rounds[1]["rss_mb"] - 1}
 
 
@@ -131,20 +144,22 @@ def report_sizes(sizes: list[dict]) -> None:
     """One line per federation size, with its ratio to the first size."""
     first = sizes[0]
     log.info("sites | census s | round wall s (median) | server s | evaluate wait s | "
-             "RSS growth | wall / %d sites | census / %d sites", first["sites"],
-             first["sites"])
+             "engine CPU / wall | RSS growth | wall / %d sites | census / %d sites",
+             first["sites"], first["sites"])
     for r in sizes:
-        log.info("%5d | %8.1f | %21.2f | %8.3f | %15.2f | %+9.1f%% | %15.2fx | %15.2fx",
-                 r["sites"], r["census_s"], r["wall_s"], r["server_s"], r["evaluate_s"],
-                 100 * r["rss_growth"], r["wall_s"] / first["wall_s"],
-                 r["census_s"] / first["census_s"])
+        log.info("%5d | %8.1f | %21.2f | %8.3f | %15.2f | %17.2f | %+9.1f%% | %15.2fx | "
+                 "%15.2fx", r["sites"], r["census_s"], r["wall_s"], r["server_s"],
+                 r["evaluate_s"], r["engine_share"], 100 * r["rss_growth"],
+                 r["wall_s"] / first["wall_s"], r["census_s"] / first["census_s"])
 
 
 def report_rounds(memory: list[dict]) -> None:
-    log.info("round | peak RSS MB | wall s | train wait s | evaluate wait s | server s")
+    log.info("round | peak RSS MB | wall s | train wait s | evaluate wait s | server s | "
+             "engine CPU s")
     for r in memory:
-        log.info("%5d | %11.0f | %6.1f | %12.1f | %15.1f | %8.2f", r["round"], r["rss_mb"],
-                 r["wall_s"], r["train_s"], r["evaluate_s"], r["server_s"])
+        log.info("%5d | %11.0f | %6.1f | %12.1f | %15.1f | %8.2f | %12.2f", r["round"],
+                 r["rss_mb"], r["wall_s"], r["train_s"], r["evaluate_s"], r["server_s"],
+                 r["engine_cpu_s"])
     base = memory[1]["rss_mb"]  # after round 2: every worker has built its trainer
     log.info("RSS growth after round 2: %+.1f%% (round 2 %.0f MB -> last round %.0f MB)",
              100 * (memory[-1]["rss_mb"] / base - 1), base, memory[-1]["rss_mb"])

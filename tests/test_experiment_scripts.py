@@ -74,7 +74,7 @@ def test_bench_scale_reports_memory_growth_and_time_per_site(caplog):
     from experiments.bench_scale import report_rounds, report_timing
     caplog.set_level(logging.INFO)
     memory = [{"round": r, "rss_mb": 100.0 + r, "wall_s": 2.0, "train_s": 1.0,
-               "evaluate_s": 0.0, "server_s": 1.0} for r in range(1, 4)]
+               "evaluate_s": 0.0, "server_s": 1.0, "engine_cpu_s": 0.5} for r in range(1, 4)]
     report_rounds(memory)
     report_timing([{"per_round": 10, "train_s": 5.0, "train_s_per_site": 0.5,
                     "evaluate_s": 0.0, "server_s": 0.2}])
@@ -90,7 +90,7 @@ def test_bench_scale_compares_federation_sizes_from_round_two(caplog):
 
     def rounds(wall: list[float], rss: list[float]) -> list[dict]:
         return [{"round": i + 1, "rss_mb": m, "wall_s": w, "train_s": 1.0,
-                 "evaluate_s": 0.5, "server_s": w - 1.5}
+                 "evaluate_s": 0.5, "server_s": w - 1.5, "engine_cpu_s": w / 2}
                 for i, (w, m) in enumerate(zip(wall, rss))]
 
     small = size_summary(100, rounds([30.0, 4.0, 5.0, 6.0], [500, 1000, 1000, 1050]),
@@ -100,6 +100,7 @@ def test_bench_scale_compares_federation_sizes_from_round_two(caplog):
     assert small["wall_s"] == 5.0 and large["wall_s"] == 6.0  # round 1 left out
     assert small["rss_growth"] == pytest.approx(0.05) and large["rss_growth"] == 0.0
     report_sizes([small, large])
+    assert small["engine_share"] == 0.5
     assert "1.20x |            6.00x" in caplog.text
 
 
