@@ -42,7 +42,7 @@ from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
 from fed_dplora.privacy.plan import plan_sample_level
-from fed_dplora.run.results import read_metrics
+from fed_dplora.run.results import read_base_score, read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.site.trainer import LocalTrainer, RoundPlan, evaluate_model
 
@@ -69,23 +69,25 @@ def _timed_job(federation: LocalFederation, config: dict, app: Path | None = Non
 
 
 def startup(args, out: Path, federation: LocalFederation
-            ) -> tuple[list[float], list[float], list[float]]:
-    """Seconds from `flwr run` to the first round's start (ours; the empty floor app) and
-    to the end of our 1-step round 1 (work deferred past start-up shows up there), in
+            ) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Seconds from `flwr run` to the end of set-up (round 0, the base model's evaluation,
+    starts), for the empty floor app to its census's end, and for ours to round 1's start
+    and to the end of its 1-step round 1 (work deferred past start-up shows up there), in
     interleaved pairs on one running SuperLink."""
-    ours, floor, first_round_end = [], [], []
+    ours, floor, round_1, first_round_end = [], [], [], []
     for rep in range(args.startup_repeats):
         launched, folder = _timed_job(
             federation, {**run_config(args, out), "num-server-rounds": 1, "local-steps": 1,
                          "run-name": f"startup-{rep}"})
         first = read_metrics(folder)[0]
-        ours.append(first["started_at"] - launched)
+        ours.append(read_base_score(folder)["started_at"] - launched)
+        round_1.append(first["started_at"] - launched)
         first_round_end.append(first["started_at"] + first["wall_s"] - launched)
         launched, folder = _timed_job(
             federation, {"num-nodes": args.clients, "output-dir": str(out),
                          "run-name": f"floor-{rep}"}, FLOOR_APP)
         floor.append(json.loads((folder / "ready.json").read_text())["ready_at"] - launched)
-    return ours, floor, first_round_end
+    return ours, floor, round_1, first_round_end
 
 
 def simulated(args, out: Path, federation: LocalFederation) -> list[float]:
@@ -185,7 +187,8 @@ def main() -> None:
         # A first small job starts the SuperLink (once per federation, as in a sweep).
         federation.run({**run_config(args, out), "num-server-rounds": 1, "local-steps": 1,
                         "run-name": "warm-up"})
-        ours_startup, floor_startup, first_round_end = startup(args, out, federation)
+        ours_startup, floor_startup, round_1, first_round_end = startup(args, out,
+                                                                          federation)
         sim = simulated(args, out, federation)
     pure_runner, common_runner = PureCompute(args, spec), CommonPattern(args, spec)
     pure, common = [], []
@@ -199,16 +202,25 @@ def main() -> None:
     log.info("%-44s %10.2f", "flwr run simulation, round 1 (cold clients)", sim[0])
     log.info("%-44s %10.2f", "pure compute, one process (median)", pure_round)
     log.info("%-44s %10.2f", "common pattern: rebuild every round (median)", common_round)
-    log.info("start-up, `flwr run` to round 1 start (SuperLink running, median of %d): "
-             "fed-dplora %.1f s, empty Flower app (floor) %.1f s, ours - floor %.1f s",
-             args.startup_repeats, statistics.median(ours_startup),
-             statistics.median(floor_startup),
-             statistics.median(ours_startup) - statistics.median(floor_startup))
-    log.info("`flwr run` to the end of a 1-step round 1 (cold clients): %.1f s",
-             statistics.median(first_round_end))
+    log_startup(ours_startup, floor_startup, round_1, first_round_end)
     log.info("simulation overhead: simulated / pure compute = %.3f", steady / pure_round)
     log.info("common pattern / ours (pure) = %.2fx; common pattern / ours (simulated) "
              "= %.2fx", common_round / pure_round, common_round / steady)
+
+
+def log_startup(ours: list[float], floor: list[float], round_1: list[float],
+                first_round_end: list[float]) -> None:
+    """Start-up against the empty app's, as medians of the interleaved repeats."""
+    med = statistics.median
+    log.info("start-up, `flwr run` to set-up done (round 0 starts; SuperLink running, "
+             "median of %d): fed-dplora %.1f s, empty Flower app (floor) %.1f s, "
+             "ours / floor %.2fx, ours - floor %.1f s", len(ours), med(ours), med(floor),
+             med(ours) / med(floor), med(ours) - med(floor))
+    log.info("per repeat, ours / floor: %s", ", ".join(
+        f"{o / f:.2f}x" for o, f in zip(ours, floor)))
+    log.info("`flwr run` to round 1 start (after round 0's evaluation): %.1f s; to the "
+             "end of a 1-step round 1 (cold clients): %.1f s", med(round_1),
+             med(first_round_end))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,17 @@ def test_the_study_tables_format_their_rows():
     assert "rejected in 30 of 30 rounds" in text and "| 2 | 0.8000 ± 0.0000 |" in text
 
 
+def test_bench_round_states_start_up_as_a_ratio_to_the_empty_app(caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    bench_round.log_startup([10.0, 12.0, 11.0], [8.0, 8.0, 10.0], [13.0, 14.0, 15.0],
+                            [20.0, 21.0, 22.0])
+    assert "fed-dplora 11.0 s, empty Flower app (floor) 8.0 s, ours / floor 1.38x" in (
+        caplog.text)
+    assert "per repeat, ours / floor: 1.25x, 1.50x, 1.10x" in caplog.text
+    assert "round 1 start (after round 0's evaluation): 14.0 s" in caplog.text
+
+
 def test_bench_scale_reports_memory_growth_and_time_per_site(caplog):
     import logging
 

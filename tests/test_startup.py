@@ -9,7 +9,8 @@ import pytest
 
 from fed_dplora.ops.preload import preload
 
-HEAVY = ("torch", "transformers", "peft", "opacus", "dp_accounting", "flwr_datasets")
+HEAVY = ("torch", "transformers", "peft", "opacus", "dp_accounting", "flwr_datasets",
+         "pandas")
 
 
 def heavy_modules_after(statement: str) -> str:

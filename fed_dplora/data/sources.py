@@ -17,8 +17,10 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas (0.4 s) loads only where a file is read, not for demo data
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ def _find(folder: Path, stems: tuple[str, ...]) -> Path:
 
 def _read_file(path: Path, text_column: str, label_column: str,
                group_column: str = "", max_records: int = 0) -> LabelledText:
+    import pandas as pd
+
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported suffix {suffix!r}; use {' / '.join(SUFFIXES)}")
@@ -107,6 +111,8 @@ def _read_file(path: Path, text_column: str, label_column: str,
 
 def _read_delimited(path: Path, sep: str, text_column: str,
                     label_column: str) -> pd.DataFrame:
+    import pandas as pd
+
     with path.open(newline="", encoding="utf-8") as handle:
         first = next(csv.reader(handle, delimiter=sep, quoting=csv.QUOTE_NONE), [])
     header = text_column in first and (not label_column or label_column in first)
