@@ -3,9 +3,11 @@
 A ledger stores counts, not event lists: `{account: {DpEvent: count}}`, keyed by the
 dp-accounting event of one occurrence (built by `fed_dplora.privacy.events`).
 The RDP curve of one event is computed once per distinct mechanism and relation (by
-dp-accounting) and cached for the process, whichever ledger asks; an account's RDP is `sum(count * curve)`, recomputed from its counts so it
-does not depend on the order of charges; epsilon is dp-accounting's RDP-to-(eps, delta)
-conversion, vectorized over accounts. Composing is a few vector operations however long
+dp-accounting) and cached for the process, whichever ledger asks (`rdp_curve`; each
+ledger also keeps its own events' curves in a dict, the fast path of every charge); an
+account's RDP is `sum(count * curve)`, recomputed from its counts so it does not depend
+on the order of charges; epsilon is dp-accounting's RDP-to-(eps, delta) conversion,
+vectorized over accounts. Composing is a few vector operations however long
 the run. The same counts feed the final PLD report (`fed_dplora.privacy.report`) and
 serialize to JSON for checkpoints.
 
