@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,21 +46,13 @@ class LocalFederation:
                                   f"client-resources-num-gpus={gpus_per_client}")
         self.timeout_s = timeout_s
         self.home = Path(tempfile.mkdtemp(prefix="fed-dplora-flwr-"))
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
-                    "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-                    "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+        self.env = flwr_environment(self.home)
 
     def __enter__(self) -> "LocalFederation":
         return self
 
     def __exit__(self, *exc) -> None:
-        pids = subprocess.run(["pgrep", "-f", f"flower-superlink.*{self.home}"],
-                              capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            os.kill(int(pid), signal.SIGTERM)
+        stop_local_superlink(self.home)
 
     def run(self, run_config: dict[str, Any], app: Path = REPO) -> Path:
         """Run one job of `app` (fed-dplora unless given); returns its run folder
@@ -84,7 +77,49 @@ class LocalFederation:
         return {run["run-id"]: run["status"] for run in json.loads(out)["runs"]}
 
 
+def stop_local_superlink(home: Path) -> None:
+    """Stop the local SuperLink that `flwr run` left for the FLWR_HOME `home`."""
+    pids = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"],
+                          capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def flwr_environment(home: Path) -> dict[str, str]:
+    """The environment of a private `flwr` installation in `home` on free ports."""
+    return {**os.environ, "FLWR_HOME": str(home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+_HANDED_OUT: set[int] = set()
+LOWEST_PORT = 20000
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that is free now, below the kernel's ephemeral range and
+    never handed out before by this process. A port from `bind(0)` is itself
+    ephemeral: between this call and a server binding it, an outgoing connection
+    (a SuperNode dialling the SuperLink) could take it, and the server would fail to
+    start."""
+    candidates = [p for p in range(LOWEST_PORT, _ephemeral_floor()) if p not in _HANDED_OUT]
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {LOWEST_PORT}-{_ephemeral_floor()}")
