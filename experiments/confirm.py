@@ -1,7 +1,8 @@
 """The pre-registered family of a tuned study, tested as registered.
 
 Reads the ```toml block of `<study>/preregistration.md` (hypotheses, score, seeds,
-correction), the study's finished cells at their chosen (validation-tuned) settings,
+correction, and `baselines`: other studies' folders whose cells of the named methods
+join this study's), the finished cells at their chosen (validation-tuned) settings,
 and writes `<study>/confirmation.md`: each hypothesis's paired difference over the
 seeds both arms have run, its one-sided paired t p-value, the Holm-corrected p-value
 over the family, and whether it is confirmed; the seeds still missing are named.
@@ -37,23 +38,57 @@ def registered(study: Path) -> dict[str, Any]:
     return tomllib.loads(block.group(1))
 
 
-def accuracy_by_seed(rows: list[dict], chosen: dict, method: str, privacy: str,
-                     partition: str) -> dict[int, float]:
+SCORES = {"": "accuracy", "personal": "personal_accuracy"}  # an arm's "method[:score]"
+INTERACTION_ARMS = "ffa - vanilla"  # an interaction's gap unless it names its `arms`
+
+
+def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:
+    """The study's finished cells and, from each baseline folder (relative to the study),
+    the cells of the methods the pre-registration names for it."""
+    rows = cell_rows(study)
+    for folder, methods in family.get("baselines", {}).items():
+        rows += [r for r in cell_rows(study / folder) if r["method"] in methods]
+    return rows
+
+
+def score_by_seed(rows: list[dict], chosen: dict, arm: str, privacy: str,
+                  partition: str) -> dict[int, float]:
+    """An arm's score per seed at its chosen setting: "method" is its test accuracy,
+    "method:personal" the same under each site's own tensors (FedSA)."""
+    method, _, score = arm.partition(":")
+    if score not in SCORES:
+        raise SystemExit(f"{PREREGISTRATION}: arm {arm!r}: the score after ':' must be "
+                         f"one of {sorted(s for s in SCORES if s)}")
     key = (method, privacy, partition, TUNED_RANK)
     if key not in chosen:
         return {}
-    return {r["seed"]: r["accuracy"] for r in chosen_runs(rows, key, chosen[key])}
+    return {r["seed"]: r[SCORES[score]] for r in chosen_runs(rows, key, chosen[key])
+            if r[SCORES[score]] is not None}
+
+
+def arms(hypothesis: dict) -> tuple[str, str]:
+    """The two arms of `difference = "a - b"` (an interaction: of its `arms`)."""
+    text = (hypothesis.get("arms", INTERACTION_ARMS)
+            if hypothesis["difference"] == "interaction" else hypothesis["difference"])
+    parts = [part.strip() for part in text.split(" - ")]
+    if len(parts) != 2 or not all(parts):
+        raise SystemExit(f"{PREREGISTRATION}: hypothesis {hypothesis['id']}: "
+                         f"{text!r} is not of the form \"a - b\"")
+    return parts[0], parts[1]
 
 
 def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, float]:
-    """Per seed: FFA - vanilla at `at`, or for an interaction that gap minus the gap at
-    the baseline privacy setting."""
-    at = hypothesis["at"]
+    """Per seed: arm a minus arm b at `at`, or for an interaction that gap minus the gap
+    at the baseline privacy setting."""
+    at, (left, right) = hypothesis["at"], arms(hypothesis)
+    if hypothesis.get("sided", "greater") != "greater":
+        raise SystemExit(f"{PREREGISTRATION}: hypothesis {hypothesis['id']}: only "
+                         "sided = \"greater\" (one-sided, a - b > 0) is tested")
 
     def gap(privacy: str) -> dict[int, float]:
-        ffa, vanilla = (accuracy_by_seed(rows, chosen, m, privacy, at["partition"])
-                        for m in ("ffa", "vanilla"))
-        return {s: ffa[s] - vanilla[s] for s in ffa.keys() & vanilla.keys()}
+        a, b = (score_by_seed(rows, chosen, arm, privacy, at["partition"])
+                for arm in (left, right))
+        return {s: a[s] - b[s] for s in a.keys() & b.keys()}
     first = gap(at["privacy"])
     if hypothesis["difference"] != "interaction":
         return first
@@ -80,9 +115,9 @@ def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
 
 def confirmation(study: Path) -> str:
     plan = registered(study)
-    rows = cell_rows(study)
-    chosen = choose(rows)
     family, hypotheses = plan["family"], plan["hypothesis"]
+    rows = study_rows(study, family)
+    chosen = choose(rows)
     diffs = {h["id"]: differences(rows, chosen, h) for h in hypotheses}
     raw = {h: one_sided_p(list(d.values())) for h, d in diffs.items()}
     adjusted = holm(raw)

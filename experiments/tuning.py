@@ -65,16 +65,22 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_rows(sweep: Path) -> list[dict[str, Any]]:
-    """One row per finished cell: its setting, hyper-parameters, seed, final metrics and
-    the rounds it lost to failing sites (shown, never dropped)."""
+    """One row per finished cell: its setting, hyper-parameters, seed, final metrics (and
+    under each site's own tensors where the method keeps some, FedSA), bytes per training
+    round (all sites together) and the rounds it lost to failing sites (shown, never
+    dropped)."""
     rows = []
     for folder in finished_cells(sweep):
-        last = read_metrics(folder)[-1]
+        metrics = read_metrics(folder)
+        last = metrics[-1]
         summary = json.loads((folder / "summary.json").read_text())
         rows.append({
             "cell": folder.name, **describe(json.loads((folder / "config.json").read_text())),
             "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
             "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"],
+            "personal_accuracy": last.get("personal_eval_accuracy"),
+            "bytes_up": statistics.fmean(m["bytes_up"] for m in metrics),
+            "bytes_down": statistics.fmean(m["bytes_down"] for m in metrics),
             "rounds_lost": summary.get("rounds_lost_to_failures", 0)})
     return rows
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8,
-              partitioner="iid", rounds_lost=None):
+              partitioner="iid", rounds_lost=None, personal=None, bytes_up=1000):
     folder = root / "cells" / name
     folder.mkdir(parents=True)
     level = "none" if privacy == "none" else "sample"
@@ -31,7 +31,9 @@ def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=
     (folder / "summary.json").write_text(json.dumps(summary))
     (folder / "metrics.jsonl").write_text(json.dumps({
         "round": 1, "val_accuracy": val, "eval_accuracy": test, "eval_macro_f1": test - 0.1,
-        "epsilon_sample": None if level == "none" else privacy}) + "\n")
+        "epsilon_sample": None if level == "none" else privacy, "bytes_up": bytes_up,
+        "bytes_down": 2 * bytes_up,
+        **({} if personal is None else {"personal_eval_accuracy": personal})}) + "\n")
 
 
 def test_the_best_validation_accuracy_is_chosen_and_reported_on_test(tmp_path):
@@ -238,3 +240,56 @@ def test_the_preregistered_family_is_read_from_its_toml_block():
     plan = registered(REPO / "experiments" / "results" / "cpu_agnews_regime")
     assert [h["id"] for h in plan["hypothesis"]] == ["H1", "H2", "H3", "H4", "H5", "H6"]
     assert plan["family"]["correction"] == "holm"
+
+
+def _preregister(study, hypotheses, baselines=None):
+    block = ['[family]', 'score = "final_test_accuracy"', 'alpha = 0.05',
+             'correction = "holm"', 'seeds = [0, 1]']
+    if baselines:
+        block.append("baselines = " + json.dumps(baselines).replace(":", " ="))
+    for h in hypotheses:
+        block += ["", "[[hypothesis]]"] + [f"{k} = {json.dumps(v)}" for k, v in h.items()
+                                          if k != "at"]
+        block.append("at = { " + ", ".join(f"{k} = {json.dumps(v)}"
+                                            for k, v in h["at"].items()) + " }")
+    (study / "preregistration.md").write_text("# P\n\n```toml\n" + "\n".join(block)
+                                              + "\n```\n")
+
+
+def test_a_registered_difference_of_any_two_methods_reads_baselines_and_personal_scores(
+        tmp_path):
+    """Arms from the study and from a baseline folder (only the methods named for it),
+    FedSA's personal score as its own arm; differences paired by seed, by hand."""
+    from experiments.confirm import confirmation, differences, study_rows
+    study, baseline = tmp_path / "methods", tmp_path / "regime"
+    for seed, ffa, sb, personal in [(0, 0.80, 0.83, 0.90), (1, 0.82, 0.86, 0.91)]:
+        fake_cell(baseline, f"ffa{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa)
+        fake_cell(study, f"sb{seed}", "fed-sb", 1.0, 0.1, "sgd", seed, val=0.8, test=sb)
+        fake_cell(study, f"sa{seed}", "fedsa", 1.0, 0.1, "sgd", seed, val=0.8, test=0.7,
+                  personal=personal)
+    # a baseline cell of a method not named for that folder must not join the study
+    fake_cell(baseline, "sb-old", "fed-sb", 1.0, 0.3, "sgd", 0, val=0.99, test=0.1)
+    at = {"privacy": "1.0", "partition": "iid"}
+    hypotheses = [{"id": "M1", "claim": "c", "difference": "fed-sb - ffa", "at": at},
+                  {"id": "M2", "claim": "c", "difference": "fedsa:personal - fedsa", "at": at}]
+    _preregister(study, hypotheses, {"../regime": ["ffa"]})
+    rows = study_rows(study, {"baselines": {"../regime": ["ffa"]}})
+    assert sorted(r["cell"] for r in rows) == ["ffa0", "ffa1", "sa0", "sa1", "sb0", "sb1"]
+    chosen = tuning.choose(rows)
+    assert differences(rows, chosen, hypotheses[0]) == pytest.approx({0: 0.03, 1: 0.04})
+    assert differences(rows, chosen, hypotheses[1]) == pytest.approx({0: 0.20, 1: 0.21})
+    report = confirmation(study)
+    assert "| M1 | c | [0, 1] | +3.50 |" in report and "| M2 | c | [0, 1] | +20.50 |" in report
+
+
+@pytest.mark.parametrize("hypothesis, named", [
+    ({"difference": "fed-sb minus ffa"}, "is not of the form"),
+    ({"difference": "fed-sb - ffa", "sided": "less"}, "only sided"),
+    ({"difference": "fedsa:global - fedsa"}, "the score after ':'")])
+def test_a_malformed_hypothesis_is_refused_by_name(tmp_path, hypothesis, named):
+    from experiments.confirm import confirmation
+    fake_cell(tmp_path, "a", "fedsa", 1.0, 0.1, "sgd", 0, val=0.8, test=0.8, personal=0.9)
+    _preregister(tmp_path, [{"id": "M9", "claim": "c",
+                             "at": {"privacy": "1.0", "partition": "iid"}, **hypothesis}])
+    with pytest.raises(SystemExit, match=named):
+        confirmation(tmp_path)
