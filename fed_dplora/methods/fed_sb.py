@@ -1,9 +1,9 @@
-"""Fed-SB (LoRA-SB; Singh et al., 2025): every A and B frozen at a seeded, identical
-init on every party; an r x r matrix R between them (B R A) trains and travels, zero at
-the start. Averaging R is exact, mean_i(B R_i A) = B mean_i(R_i) A, and a reply carries
-r^2 numbers per adapted layer, so DP noise covers far fewer coordinates than B's. The
-init reads no data (seeded from the run seed), so it costs no privacy; the saved
-adapter is folded into standard LoRA (A' = R A)."""
+"""Fed-SB (LoRA-SB; Singhal et al., 2025, arXiv:2502.15436): every A and B frozen at a
+seeded, identical init on every party; an r x r matrix R between them (B R A) trains and
+travels, zero at the start. Averaging R is exact, mean_i(B R_i A) = B mean_i(R_i) A, and
+a reply carries r^2 numbers per adapted layer, so DP noise covers far fewer coordinates
+than B's. The init reads no data (seeded from the run seed), so it costs no privacy; the
+saved adapter is folded into standard LoRA (A' = R A)."""
 
 from __future__ import annotations
 
