@@ -1,0 +1,58 @@
+"""experiments.compare_methods: methods side by side at their validation choices."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from scipy import stats
+from test_tuning import _preregister, fake_cell
+
+from experiments import compare_methods, tuning
+
+
+def _study(tmp_path):
+    study, regime = tmp_path / "methods", tmp_path / "regime"
+    for seed, ffa, sb, sa in [(0, 0.80, 0.83, 0.70), (1, 0.82, 0.86, 0.71),
+                              (2, 0.81, 0.85, 0.72)]:
+        fake_cell(regime, f"ffa{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa,
+                  bytes_up=600)
+        fake_cell(study, f"sb{seed}", "fed-sb", 1.0, 0.1, "sgd", seed, val=0.8, test=sb,
+                  bytes_up=20)
+        fake_cell(study, f"sa{seed}", "fedsa", 1.0, 0.1, "sgd", seed, val=0.8,
+                  test=sa + 0.1, personal=sa + 0.2, bytes_up=300)
+    # a worse seed-0 candidate on validation, better on test: never chosen
+    fake_cell(study, "sb-other", "fed-sb", 1.0, 0.3, "sgd", 0, val=0.7, test=0.99)
+    _preregister(study, [{"id": "M1", "claim": "c", "difference": "fed-sb - ffa",
+                          "at": {"privacy": "1.0", "partition": "iid"}}],
+                 {"../regime": ["ffa"]})
+    return study
+
+
+def test_each_method_is_scored_at_its_choice_and_paired_with_ffa_by_seed(tmp_path):
+    study = _study(tmp_path)
+    rows = compare_methods.study_rows(study, compare_methods.registered(study)["family"])
+    table = compare_methods.comparison(rows, tuning.choose(rows), {"fed-sb", "fedsa"})
+    (sb,) = [line for line in table.splitlines() if line.startswith("| fed-sb |")]
+    gaps = [0.03, 0.04, 0.04]  # by hand, seed by seed
+    half = 100 * stats.t.ppf(0.975, 2) * statistics.stdev(gaps) / 3 ** 0.5
+    assert f"| +{100 * statistics.fmean(gaps):.2f} ± {half:.2f} (n=3) |" in sb
+    assert "| sgd 0.1 | 0, 1, 2 | 0.8467 ± " in sb and "| 0.0 | 0.0 |" in sb  # 20 B
+    (sa,) = [line for line in table.splitlines() if line.startswith("| fedsa |")]
+    assert "| 0.9100 ± " in sa and "not shown" in sa  # personal; +0.00 ± 0.02 vs FFA
+    assert table.index("| ffa |") < table.index("| fed-sb |")  # the registry's order
+
+
+def test_the_figure_plots_each_method_at_its_upload_bytes_with_its_interval(tmp_path):
+    study = _study(tmp_path)
+    rows = compare_methods.study_rows(study, compare_methods.registered(study)["family"])
+    points = compare_methods.figure_points(rows, tuning.choose(rows), {"fed-sb", "fedsa"})
+    half = lambda v: stats.t.ppf(0.975, 2) * statistics.stdev(v) / 3 ** 0.5  # noqa: E731
+    expected = [("iid", "1.0", "ffa", 600, 0.81, half([0.80, 0.82, 0.81])),
+                ("iid", "1.0", "fed-sb", 20, 0.8467, half([0.83, 0.86, 0.85])),
+                ("iid", "1.0", "fedsa", 300, 0.81, half([0.80, 0.81, 0.82]))]
+    assert [p[:4] for p in points] == [e[:4] for e in expected]
+    for point, (*_, mean, width) in zip(points, expected):
+        assert point[4:] == pytest.approx((mean, width), abs=1e-4)
+    path = compare_methods.figure(points, study / compare_methods.FIGURE)
+    assert path.read_bytes()[:4] == b"\x89PNG"
