@@ -33,6 +33,7 @@ from fed_dplora.data.site import (
 )
 from fed_dplora.data.sources import Splits
 from fed_dplora.methods import method_for
+from fed_dplora.ops.memory import release_freed_memory
 from fed_dplora.tasks import uses_labels
 from strategies import wire as p
 from strategies.wire import to_arrays, to_record
@@ -45,7 +46,8 @@ log = logging.getLogger("fed_dplora.client")
 
 def _site_errors(handler: Callable[[Message, Context], Message]):
     """Unless the site shares everything, an error leaves the site as its type alone:
-    its text could quote a record. The full error goes to the site's own log."""
+    its text could quote a record. The full error goes to the site's own log. After
+    each message the memory it freed goes back to the OS (a worker serves many sites)."""
     @functools.wraps(handler)
     def guarded(msg: Message, context: Context) -> Message:
         try:
@@ -57,6 +59,8 @@ def _site_errors(handler: Callable[[Message, Context], Message]):
             log.exception("%s failed at this site", handler.__name__)
             raise RuntimeError(f"{type(exc).__name__} at this site (details in the "
                                f"site's log; {p.SHARE_METRICS}={mode})") from None
+        finally:
+            release_freed_memory()
     return guarded
 
 

@@ -36,6 +36,7 @@ from fed_dplora.dp.update_bound import site_update_bounds
 from fed_dplora.lora.adapters import global_arrays, load_trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.methods import method_for
+from fed_dplora.ops.memory import release_freed_memory
 from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.run.results import RunFolder, read_base_score
@@ -62,6 +63,7 @@ def run_federation(grid: Grid, context, spec: RunSpec, secure: bool, census: Cen
     for rnd in range(federation.state.round + 1, spec.num_server_rounds + 1):
         if not federation.run_round(rnd):
             break
+        release_freed_memory()  # this process also holds Flower's message store
     federation.finish(started)
 
 

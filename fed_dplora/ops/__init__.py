@@ -1,1 +1,2 @@
-"""Operations: background imports at start-up, trial certificates for a deployment."""
+"""Operations: background imports at start-up, trial certificates for a deployment, freed
+memory handed back to the OS."""
