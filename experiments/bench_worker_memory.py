@@ -6,8 +6,8 @@ Runs the same worker's life twice, side by side in two processes (same machine l
 each round, 10 of `--sites` demo sites visit it, half training 2 DP-SGD steps of
 expected batch 16 and half evaluating, as in bench_scale (MiniLM, 100 records a site).
 One process calls `release_freed_memory` after each visit, as the ClientApp does; the
-other does not. Prints each round's resident memory and the growth from round 2 to the
-last round of both.
+other does not. Prints each round's resident memory, the growth from round 2 to the
+last round of both, and the share of the trimming process's time spent trimming.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import os
 import random
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 from fed_dplora.ops.memory import release_freed_memory
 
@@ -32,8 +34,26 @@ def _rss_mb() -> float:
 
 
 def worker_life(sites: int, rounds: int, trim: bool,
-                model: str = "all-MiniLM-L6-v2") -> list[float]:
-    """Resident MB after each round of one worker's life."""
+                model: str = "all-MiniLM-L6-v2") -> tuple[list[float], float]:
+    """Resident MB after each round of one worker's life, and the share of its time
+    from round 2 on (after the imports and the model build) spent trimming."""
+    visit = _visitor(model, sites)
+    draw, memory, trimming, started = random.Random(0), [], 0.0, None
+    for rnd in range(1, rounds + 1):
+        started = time.perf_counter() if rnd == 2 else started
+        for site in draw.sample(range(sites), min(PER_ROUND, sites)):
+            visit(site, rnd)
+            if trim:
+                before = time.perf_counter()
+                release_freed_memory()
+                trimming += time.perf_counter() - before if started else 0.0
+        memory.append(_rss_mb())
+    elapsed = time.perf_counter() - started if started else 0.0
+    return memory, trimming / elapsed if elapsed else 0.0
+
+
+def _visitor(model: str, sites: int) -> Callable[[int, int], None]:
+    """A site's visit to the worker: 2 DP-SGD steps (odd sites) or an evaluation."""
     from clients import client_app, local_site
     from fed_dplora.config.parse import parse_run_config
     from fed_dplora.data.site import SitePlacement
@@ -42,25 +62,24 @@ def worker_life(sites: int, rounds: int, trim: bool,
     spec = parse_run_config({"model.name": model, "local-steps": 2,
                              "data.demo-records-per-site": 100, "batch-size": 16,
                              "physical-batch-size": 16})
-    draw, labels, arrays, memory = random.Random(0), None, None, []
-    for rnd in range(1, rounds + 1):
-        for site in draw.sample(range(sites), min(PER_ROUND, sites)):
-            placement = SitePlacement(site, sites)
-            splits = client_app._site(spec, placement)
-            labels = labels or tuple(sorted(set(splits.train.labels)
-                                            | set(splits.test.labels)))
-            trainer, (train, test, _) = local_site.prepare(spec, placement, splits, labels)
-            arrays = arrays or trainable_arrays(trainer.model)
-            if site % 2:
-                trainer.train(arrays, local_site.round_plan(spec, {
-                    p.NOISE_MULTIPLIER: 1.0, p.ROUND_SEED: rnd * 10_000 + site,
-                    p.ROUND: rnd}, True), train)
-            else:
-                trainer.evaluate(arrays, test, client_app.EVAL_BATCH)
-            if trim:
-                release_freed_memory()
-        memory.append(_rss_mb())
-    return memory
+    shared: dict = {}  # the label set and the global tensors, from the first site
+
+    def visit(site: int, rnd: int) -> None:
+        placement = SitePlacement(site, sites)
+        splits = client_app._site(spec, placement)
+        if "labels" not in shared:
+            shared["labels"] = tuple(sorted(set(splits.train.labels) | set(splits.test.labels)))
+        trainer, (train, test, _) = local_site.prepare(spec, placement, splits,
+                                                       shared["labels"])
+        if "arrays" not in shared:
+            shared["arrays"] = trainable_arrays(trainer.model)
+        if site % 2:
+            trainer.train(shared["arrays"], local_site.round_plan(spec, {
+                p.NOISE_MULTIPLIER: 1.0, p.ROUND_SEED: rnd * 10_000 + site, p.ROUND: rnd},
+                True), train)
+        else:
+            trainer.evaluate(shared["arrays"], test, client_app.EVAL_BATCH)
+    return visit
 
 
 def growth(memory: list[float]) -> float:
@@ -76,7 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.trim:  # one side of the comparison, in its own process
-        sys.stdout.write(json.dumps(worker_life(args.sites, args.rounds, args.trim == "on")))
+        sys.stdout.write(json.dumps(worker_life(args.sites, args.rounds,
+                                                args.trim == "on")))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a Ray worker of 1 CPU
     sides = {trim: subprocess.Popen(
@@ -84,13 +104,15 @@ def main() -> None:
          str(args.sites), "--rounds", str(args.rounds), "--trim", trim],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         for trim in ("off", "on")}
-    memory = {trim: json.loads(proc.communicate()[0]) for trim, proc in sides.items()}
+    results = {trim: json.loads(proc.communicate()[0]) for trim, proc in sides.items()}
+    memory = {trim: result[0] for trim, result in results.items()}
     log.info("round | RSS MB, no trim | RSS MB, trim after each visit")
     for rnd, (off, on) in enumerate(zip(memory["off"], memory["on"]), start=1):
         log.info("%5d | %14.0f | %29.0f", rnd, off, on)
     log.info("growth from round 2: no trim %+.1f%%, trim %+.1f%%; last round: trim / no "
-             "trim = %.2f", 100 * growth(memory["off"]), 100 * growth(memory["on"]),
-             memory["on"][-1] / memory["off"][-1])
+             "trim = %.2f; time spent trimming (rounds 2+): %.2f%%",
+             100 * growth(memory["off"]), 100 * growth(memory["on"]),
+             memory["on"][-1] / memory["off"][-1], 100 * results["on"][1])
 
 
 if __name__ == "__main__":
