@@ -3,9 +3,10 @@
 A long-lived process that trains and evaluates on tensors of changing shapes (Poisson
 batch sizes, records of varying length, one site after another) frees most of what it
 allocates, but glibc keeps the freed chunks in its heap: the process's resident memory
-then climbs for many rounds. One simulated worker's life in bench_scale (in process,
-100 demo sites, 5 train and 5 evaluate a round) grew +11.7% from round 2 to round 16
-without a trim and +1.7% with a trim after each message, 190 MB lower throughout.
+then climbs for many rounds. One simulated worker's life (`python -m
+experiments.bench_worker_memory`: 100 demo sites, 5 train and 5 evaluate a round) grew
++9.7% from round 2 to round 16 without a trim and +1.6% with one after each message,
+ending 31% lower, for 1.5% of its time (docs/performance.md, section 4).
 Elsewhere (musl, macOS) there is no `malloc_trim` and this does nothing.
 """
 
