@@ -99,9 +99,9 @@ def comparison(rows: list[dict], chosen: dict, study_methods: set[str]) -> str:
 
 
 def figure_points(rows: list[dict], chosen: dict, study_methods: set[str]
-                  ) -> list[tuple[str, str, str, float, float, float | None]]:
+                  ) -> list[tuple[str, str, str, float, float, float | None, int]]:
     """(partition, privacy, method, upload bytes per round, mean test accuracy, 95%
-    half-width or None for one seed): the figure's points."""
+    half-width or None for one seed, seeds): the figure's points."""
     points = []
     for privacy, partition in settings(rows, study_methods):
         for method in METHODS:
@@ -111,7 +111,8 @@ def figure_points(rows: list[dict], chosen: dict, study_methods: set[str]
                 points.append((partition, privacy, method,
                                statistics.fmean(r["bytes_up"] for r in runs),
                                statistics.fmean(accuracy),
-                               t_half_width(accuracy) if len(runs) > 1 else None))
+                               t_half_width(accuracy) if len(runs) > 1 else None,
+                               len(runs)))
     return points
 
 
@@ -122,11 +123,11 @@ def figure(points: list[tuple], path: Path) -> Path:
                              squeeze=False, sharey=True)
     markers = dict(zip(METHODS, "osD^v<>"))
     for ax, partition in zip(axes[0], partitions):
-        for _, privacy, method, upload, mean, half in (p for p in points
-                                                      if p[0] == partition):
+        for _, privacy, method, upload, mean, half, seeds in (p for p in points
+                                                             if p[0] == partition):
             ax.errorbar(upload, mean, yerr=half, marker=markers[method], capsize=3,
                         color=f"C{privacies.index(privacy)}", linestyle="none",
-                        label=f"{method}, {privacy_label(privacy)}")
+                        label=f"{method}, {privacy_label(privacy)} (n={seeds})")
         ax.set_xscale("log")
         ax.set_xlabel("upload bytes per round (all sites)")
         ax.set_title(partition)

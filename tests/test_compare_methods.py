@@ -53,6 +53,6 @@ def test_the_figure_plots_each_method_at_its_upload_bytes_with_its_interval(tmp_
                 ("iid", "1.0", "fedsa", 300, 0.81, half([0.80, 0.81, 0.82]))]
     assert [p[:4] for p in points] == [e[:4] for e in expected]
     for point, (*_, mean, width) in zip(points, expected):
-        assert point[4:] == pytest.approx((mean, width), abs=1e-4)
+        assert point[4:6] == pytest.approx((mean, width), abs=1e-4) and point[6] == 3
     path = compare_methods.figure(points, study / compare_methods.FIGURE)
     assert path.read_bytes()[:4] == b"\x89PNG"
