@@ -22,6 +22,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import psutil
+
 from fed_dplora.ops.memory import release_freed_memory
 
 log = logging.getLogger("fed_dplora.bench_worker_memory")
@@ -29,8 +31,7 @@ PER_ROUND = 10
 
 
 def _rss_mb() -> float:
-    return int(open(f"/proc/{os.getpid()}/statm").read().split()[1]) * os.sysconf(
-        "SC_PAGE_SIZE") / 2**20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def worker_life(sites: int, rounds: int, trim: bool,

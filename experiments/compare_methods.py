@@ -26,7 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.confirm import registered, study_rows  # noqa: E402
+from experiments.confirm import registered, score_by_seed, study_rows  # noqa: E402
 from experiments.tuning import (TUNED_RANK, choose, chosen_runs, interval,  # noqa: E402
                                 markdown_head, markdown_row, privacy_columns,
                                 privacy_label, t_half_width)
@@ -55,11 +55,13 @@ def runs_of(rows: list[dict], chosen: dict, method: str, privacy: str,
     return chosen_runs(rows, key, chosen[key]) if key in chosen else []
 
 
-def paired_against(runs: list[dict], reference: list[dict]) -> str:
+def paired_against(rows: list[dict], chosen: dict, method: str, privacy: str,
+                   partition: str) -> str:
     """Test accuracy minus the reference's, paired by seed, in points; "not shown" where
     the 95% interval includes zero."""
-    theirs = {r["seed"]: r["accuracy"] for r in reference}
-    gaps = [r["accuracy"] - theirs[r["seed"]] for r in runs if r["seed"] in theirs]
+    ours, theirs = (score_by_seed(rows, chosen, m, privacy, partition)
+                    for m in (method, REFERENCE))
+    gaps = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
     if len(gaps) < 2:
         return "-" if not gaps else f"{100 * gaps[0]:+.2f} (n=1)"
     mean, half = 100 * statistics.fmean(gaps), 100 * t_half_width(gaps)
@@ -67,7 +69,7 @@ def paired_against(runs: list[dict], reference: list[dict]) -> str:
     return f"{mean:+.2f} ± {half:.2f} (n={len(gaps)}{shown})"
 
 
-def method_row(method: str, runs: list[dict], reference: list[dict]) -> list[str]:
+def method_row(method: str, runs: list[dict], paired: str) -> list[str]:
     best = runs[0]
     personal = [r["personal_accuracy"] for r in runs if r["personal_accuracy"] is not None]
     return [method, f"{best['optimizer']} {best['learning_rate']:g}",
@@ -77,7 +79,7 @@ def method_row(method: str, runs: list[dict], reference: list[dict]) -> list[str
             interval(personal) if personal else "",
             f"{statistics.fmean(r['bytes_up'] for r in runs) / 1e3:.1f}",
             f"{statistics.fmean(r['bytes_down'] for r in runs) / 1e3:.1f}",
-            "" if method == REFERENCE else paired_against(runs, reference)]
+            paired]
 
 
 def comparison(rows: list[dict], chosen: dict, study_methods: set[str]) -> str:
@@ -88,12 +90,13 @@ def comparison(rows: list[dict], chosen: dict, study_methods: set[str]) -> str:
              "sites together, per training round. The last column is exploratory except "
              "where preregistration.md names it (confirmation.md tests those).", ""]
     for privacy, partition in settings(rows, study_methods):
-        reference = runs_of(rows, chosen, REFERENCE, privacy, partition)
         lines += [f"## {privacy_label(privacy)}, {partition}", ""] + markdown_head(COLUMNS)
         for method in METHODS:
             runs = runs_of(rows, chosen, method, privacy, partition)
             if runs:
-                lines.append(markdown_row(method_row(method, runs, reference)))
+                paired = ("" if method == REFERENCE else
+                          paired_against(rows, chosen, method, privacy, partition))
+                lines.append(markdown_row(method_row(method, runs, paired)))
         lines.append("")
     return "\n".join(lines)
 
