@@ -8,7 +8,10 @@ the message and context as Flower's `flwr-clientapp` does, checks the coordinato
 bundle (`clients.bundle_check`: refused, with the reason in this site's log, when it
 would change what runs here), and calls the installed `clients.client_app.app`; the
 bundle is never installed or imported. Tasks run one at a time, in this process, so a
-site's model and data stay loaded across rounds.
+site's model and data stay loaded across rounds. So one task must never hold up the
+next: a task revoked while it runs (its run ended, its token expired) fails alone, where
+Flower's task client would end the process (a SIGINT, or a BaseException), and a message
+whose download stops (`STALL_S`) is given up, where Flower's pull waits up to 2 hours.
 
     fed-dplora-site run --runtime-api 127.0.0.1:9094 --superexec-auth-secret-file SECRET
     fed-dplora-site digest     # the installed release's digest, to compare and pin
@@ -22,17 +25,22 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
                                          RuntimeVersionHttpInterceptor,
                                          SuperExecAuthHttpInterceptor)
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
+from flwr.supercore.run import InvalidRunStatusException, RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                   push_task_output)
@@ -42,6 +50,9 @@ from clients.bundle_check import BundleRefused, check_bundle, installed_digest
 log = logging.getLogger("fed_dplora.site")
 POLL_S = 1.0
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
+RUN_ENDED = (RunNotRunningException, InvalidRunStatusException)  # BaseExceptions in flwr
+TASK_REVOKED = (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN)  # token gone, run ended
+STALL_S = 120.0  # a message's download with no new part for this long is given up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,24 +90,98 @@ def serve(address: str, secret: bytes, root_certificates: str | None = None) -> 
 
 def run_task(address: str, token: str, root_certificates: str | None = None) -> None:
     """One task: pull it, check the bundle, run the installed ClientApp, push the reply.
-    A refused bundle or a raising ClientApp is an error reply, as Flower sends one."""
+    A refused bundle or a raising ClientApp is an error reply, as Flower sends one. A
+    task whose input cannot be pulled is left to expire: its heartbeat stops and the
+    SuperNode replies for it that the ClientApp stopped responding."""
     client = _client(address, root_certificates, [
         RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-        RuntimeTokenHttpInterceptor(token)])
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        RuntimeTokenHttpInterceptor(token)], _task_retry_invoker())
+    heartbeat = HeartbeatSender(_heartbeat(client))
     heartbeat.start()
-    context: Context | None = None
-    status, details = SubStatus.FAILED, "the site runner could not pull its task"
     try:
-        message, context, run, fab = pull_task_input(client)
-        reply, status, details = _reply(message, context, fab.content, run.run_id)
+        try:
+            message, context, run, fab = pull_task_input(StallGuard(client))
+        except (Exception, *RUN_ENDED):
+            log.exception("this SuperNode's task could not be pulled; left to expire")
+            return
+        _answer(client, message, context, fab.content, run.run_id)
+    finally:
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+
+
+def _answer(client: RuntimeHttpClient, message: Message, context: Context, fab: bytes,
+            run_id: int) -> None:
+    """Run the task and push its reply, then its final status."""
+    status, details = SubStatus.FAILED, "the site runner could not push its reply"
+    try:
+        reply, *outcome = _reply(message, context, fab, run_id)
         push_message(client, reply, context)
-    except Exception:  # the task fails; the runner goes on with the next one
+        status, details = outcome
+    except (Exception, *RUN_ENDED):  # the task fails; the runner goes on with the next
         log.exception("task of this SuperNode failed before its reply was pushed")
     finally:
-        push_task_output(client, context, status, details)
-        heartbeat.stop()
-        client.close()
+        push_task_output(client, context, status, details)  # logs an HTTP error itself
+
+
+class StallGuard:
+    """A task's Runtime API client whose message download gives up once no part of it
+    has arrived for `STALL_S`. A SuperNode that drops a message while downloading it
+    (its run ended while the SuperLink was away) keeps the task open and the parts never
+    come: Flower's pull would wait up to 2 hours, every later task queued behind it."""
+
+    def __init__(self, client: RuntimeHttpClient) -> None:
+        self._client, self._progress = client, time.monotonic()
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
+        response = self._client.PullObject(request)
+        if response.object_available:
+            self._progress = time.monotonic()
+        elif time.monotonic() - self._progress > STALL_S:
+            raise ObjectPullError(request.object_id,
+                                  f"no part of the message arrived for {STALL_S:g} s")
+        return response
+
+
+def _task_retry_invoker() -> RetryInvoker:
+    """Flower's Runtime API retries, but a revoked task (401: its token is gone; 403: its
+    run ended) raises an `httpx.HTTPStatusError` instead of interrupting the process."""
+    invoker = make_simple_http_retry_invoker()
+    flower_gives_up = invoker.should_giveup
+
+    def gives_up(exc: Exception) -> bool:
+        if (isinstance(exc, httpx.HTTPStatusError)
+                and exc.response.status_code in TASK_REVOKED):
+            return True
+        return flower_gives_up(exc)
+
+    invoker.should_giveup = gives_up
+    return invoker
+
+
+def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
+    """A task's heartbeat that never raises and never signals: when the SuperNode no
+    longer acknowledges the task (its run ended) the ClientApp's work in progress ends
+    as it would (its reply is then refused), and this runner lives on."""
+    request, warned = SendTaskHeartbeatRequest(), False
+
+    def beat() -> bool:
+        nonlocal warned
+        try:
+            acknowledged = client.SendTaskHeartbeat(request).success
+        except httpx.HTTPError:
+            return False  # HeartbeatSender retries, with backoff, until the task ends
+        if not acknowledged and not warned:
+            warned = True
+            log.warning("the SuperNode no longer acknowledges this task (its run ended); "
+                        "its reply will be refused")
+        return True
+
+    return beat
 
 
 def _reply(message: Message, context: Context, fab: bytes, run_id: int
@@ -130,12 +215,12 @@ def _configure_logging() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API call
 
 
-def _client(address: str, root_certificates: str | None, interceptors: list
-            ) -> RuntimeHttpClient:
+def _client(address: str, root_certificates: str | None, interceptors: list,
+            retry_invoker: RetryInvoker | None = None) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None,
         root_certificates=root_certificates, interceptors=interceptors,
-        retry_invoker=make_simple_http_retry_invoker())
+        retry_invoker=retry_invoker or make_simple_http_retry_invoker())
 
 
 def _parser() -> argparse.ArgumentParser:

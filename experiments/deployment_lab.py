@@ -138,10 +138,21 @@ class Deployment:
         return sum(node.get("status") == "online" for node in json.loads(out)["nodes"])
 
     def run(self, config: str, app: Path = REPO) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(COORDINATOR, "flwr", "run", str(app), "hospitals",
-                                       "--stream", "--run-config", config),
-                              env=self.env, cwd=self.tmp, capture_output=True, text=True,
-                              timeout=900)
+        try:
+            return subprocess.run(self.command(COORDINATOR, "flwr", "run", str(app),
+                                               "hospitals", "--stream", "--run-config", config),
+                                  env=self.env, cwd=self.tmp, capture_output=True, text=True,
+                                  timeout=900)
+        except subprocess.TimeoutExpired as hung:
+            raise TimeoutError(f"flwr run did not end in 900 s; {self.ended_runners()}") from hung
+
+    def ended_runners(self) -> str:
+        """Which site runners have exited (a SuperNode without one waits for ever on its
+        next task), with the end of each one's log."""
+        ended = [name for name, process in self.processes.items()
+                 if name.endswith(".runner") and process.poll() is not None]
+        return f"site runners that exited: {ended or 'none'}" + "".join(
+            f"\n--- {name}.log\n{self.log(name)[-2000:]}" for name in ended)
 
     def statuses(self) -> list[str]:
         out = self.cli("ls", "hospitals", "--format", "json").stdout
