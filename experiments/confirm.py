@@ -22,7 +22,7 @@ from typing import Any
 
 from scipy import stats
 
-from experiments.tuning import TUNED_RANK, cell_rows, choose, chosen_runs
+from experiments.tuning import TUNED_RANK, cell_rows, choose, setting_by_seed
 
 log = logging.getLogger("fed_dplora.confirm")
 PREREGISTRATION = "preregistration.md"
@@ -59,11 +59,8 @@ def score_by_seed(rows: list[dict], chosen: dict, arm: str, privacy: str,
     if score not in SCORES:
         raise SystemExit(f"{PREREGISTRATION}: arm {arm!r}: the score after ':' must be "
                          f"one of {sorted(s for s in SCORES if s)}")
-    key = (method, privacy, partition, TUNED_RANK)
-    if key not in chosen:
-        return {}
-    return {r["seed"]: r[SCORES[score]] for r in chosen_runs(rows, key, chosen[key])
-            if r[SCORES[score]] is not None}
+    return setting_by_seed(rows, chosen, (method, privacy, partition, TUNED_RANK),
+                           SCORES[score])
 
 
 def arms(hypothesis: dict) -> tuple[str, str]:

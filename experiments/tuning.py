@@ -221,15 +221,22 @@ def summary_entry(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tu
             + (" *" if provisional else ""))
 
 
+def setting_by_seed(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tuple,
+                    column: str = "accuracy") -> dict[int, float]:
+    """A setting's `column` per seed at its chosen candidate ({} while it has none):
+    the one place seeds are paired from."""
+    if key not in chosen:
+        return {}
+    return {r["seed"]: r[column] for r in chosen_runs(rows, key, chosen[key])
+            if r[column] is not None}
+
+
 def paired_difference(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
                       first: tuple, second: tuple) -> str:
     """Test accuracy of setting `first` minus `second`, paired by seed (a seed fixes the
     data split and the partition for every setting), over the seeds both have run:
     mean ± 95% half-width (n=seeds); '-' while they share none."""
-    if first not in chosen or second not in chosen:
-        return "-"
-    accuracy = [{r["seed"]: r["accuracy"] for r in chosen_runs(rows, key, chosen[key])}
-                for key in (first, second)]
+    accuracy = [setting_by_seed(rows, chosen, key) for key in (first, second)]
     seeds = sorted(accuracy[0].keys() & accuracy[1].keys())
     if not seeds:
         return "-"
