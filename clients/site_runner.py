@@ -11,7 +11,8 @@ bundle is never installed or imported. Tasks run one at a time, in this process,
 site's model and data stay loaded across rounds. So one task must never hold up the
 next: a task revoked while it runs (its run ended, its token expired) fails alone, where
 Flower's task client would end the process (a SIGINT, or a BaseException), and a message
-whose download stops (`STALL_S`) is given up, where Flower's pull waits up to 2 hours.
+whose download stops (`--stall-timeout`) is given up, where Flower's pull waits up to
+2 hours.
 
     fed-dplora-site run --runtime-api 127.0.0.1:9094 --superexec-auth-secret-file SECRET
     fed-dplora-site digest     # the installed release's digest, to compare and pin
@@ -52,7 +53,7 @@ POLL_S = 1.0
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 RUN_ENDED = (RunNotRunningException, InvalidRunStatusException)  # BaseExceptions in flwr
 TASK_REVOKED = (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN)  # token gone, run ended
-STALL_S = 120.0  # a message's download with no new part for this long is given up
+STALL_S = 120.0  # default: a message's download with no new part for this long is given up
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "run" and not args.superexec_auth_secret_file:
         parser.error("run needs --superexec-auth-secret-file (the SuperNode's own)")
+    if not args.stall_timeout > 0:
+        parser.error(f"--stall-timeout {args.stall_timeout:g}: give positive seconds "
+                     f"(default {STALL_S:g})")
     _configure_logging()
     digest = installed_digest()
     if args.command == "digest":
@@ -71,10 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
     log.info("site runner: installed fed-dplora %s, Runtime API %s", digest,
              args.runtime_api)
-    serve(args.runtime_api, secret, args.root_certificates)
+    serve(args.runtime_api, secret, args.root_certificates, args.stall_timeout)
 
 
-def serve(address: str, secret: bytes, root_certificates: str | None = None) -> None:
+def serve(address: str, secret: bytes, root_certificates: str | None = None,
+          stall_s: float = STALL_S) -> None:
     """Acquire and run this SuperNode's ClientApp tasks, one at a time, for ever."""
     tasks = _client(address, root_certificates, [
         RuntimeVersionHttpInterceptor(component_name="SuperExec"),
@@ -83,12 +88,13 @@ def serve(address: str, secret: bytes, root_certificates: str | None = None) -> 
     while True:
         acquired = tasks.AcquireTask(request)
         if acquired.HasField("task") and acquired.token:
-            run_task(address, acquired.token, root_certificates)
+            run_task(address, acquired.token, root_certificates, stall_s)
         else:
             time.sleep(POLL_S)
 
 
-def run_task(address: str, token: str, root_certificates: str | None = None) -> None:
+def run_task(address: str, token: str, root_certificates: str | None = None,
+             stall_s: float = STALL_S) -> None:
     """One task: pull it, check the bundle, run the installed ClientApp, push the reply.
     A refused bundle or a raising ClientApp is an error reply, as Flower sends one. A
     task whose input cannot be pulled is left to expire: its heartbeat stops and the
@@ -100,7 +106,7 @@ def run_task(address: str, token: str, root_certificates: str | None = None) -> 
     heartbeat.start()
     try:
         try:
-            message, context, run, fab = pull_task_input(StallGuard(client))
+            message, context, run, fab = pull_task_input(StallGuard(client, stall_s))
         except (Exception, *RUN_ENDED):
             log.exception("this SuperNode's task could not be pulled; left to expire")
             return
@@ -127,12 +133,12 @@ def _answer(client: RuntimeHttpClient, message: Message, context: Context, fab: 
 
 class StallGuard:
     """A task's Runtime API client whose message download gives up once no part of it
-    has arrived for `STALL_S`. A SuperNode that drops a message while downloading it
+    has arrived for `stall_s`. A SuperNode that drops a message while downloading it
     (its run ended while the SuperLink was away) keeps the task open and the parts never
     come: Flower's pull would wait up to 2 hours, every later task queued behind it."""
 
-    def __init__(self, client: RuntimeHttpClient) -> None:
-        self._client, self._progress = client, time.monotonic()
+    def __init__(self, client: RuntimeHttpClient, stall_s: float) -> None:
+        self._client, self._stall_s, self._progress = client, stall_s, time.monotonic()
 
     def __getattr__(self, name: str):
         return getattr(self._client, name)
@@ -141,9 +147,9 @@ class StallGuard:
         response = self._client.PullObject(request)
         if response.object_available:
             self._progress = time.monotonic()
-        elif time.monotonic() - self._progress > STALL_S:
+        elif time.monotonic() - self._progress > self._stall_s:
             raise ObjectPullError(request.object_id,
-                                  f"no part of the message arrived for {STALL_S:g} s")
+                                  f"no part of the message arrived for {self._stall_s:g} s")
         return response
 
 
@@ -236,6 +242,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="CA of the Runtime API's TLS certificate, if it has one")
     parser.add_argument("--expect-digest",
                         help="refuse to start unless the installed release has this digest")
+    parser.add_argument("--stall-timeout", type=float, default=STALL_S, metavar="SECONDS",
+                        help="give a message's download up after this long without a new "
+                        f"part (default {STALL_S:g}; raise it on a link slower than a few "
+                        "Mbit/s: parts are up to 5 MB)")
     return parser
 
 

@@ -25,7 +25,7 @@ from flwr.proto.runtime_pb2 import (PullAppMessagesResponse, PullTaskInputRespon
 from experiments.flwr_job import free_port
 
 RUN_TASK = ("import logging, sys; logging.basicConfig(); import clients.site_runner as r; "
-            "r.STALL_S = 2.0; r.run_task(sys.argv[1], 'a-task-token'); "
+            "r.run_task(sys.argv[1], 'a-task-token', stall_s=2.0); "
             "print('the runner goes on')")
 REFUSED = b'{"detail": "task revoked"}'
 DROPPED = {"pull-task-input": PullTaskInputResponse(),
@@ -99,3 +99,11 @@ def test_a_message_the_supernode_dropped_is_given_up_once_its_parts_stop_coming(
     assert time.monotonic() - started < 60  # Flower's own pull: up to 2 hours
     assert SuperNodeRuntimeApi.calls.count("pull-object") >= 2  # it did wait for them
     assert "push-task-output" not in SuperNodeRuntimeApi.calls
+
+
+def test_a_stall_timeout_that_is_not_positive_is_refused_by_name():
+    out = subprocess.run([sys.executable, "-m", "clients.site_runner", "run",
+                          "--superexec-auth-secret-file", "unused", "--stall-timeout", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--stall-timeout 0: give positive seconds (default 120)" in out.stderr
