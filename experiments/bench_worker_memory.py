@@ -30,7 +30,8 @@ log = logging.getLogger("fed_dplora.bench_worker_memory")
 PER_ROUND = 10
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """This process's resident memory, MB."""
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -48,7 +49,7 @@ def worker_life(sites: int, rounds: int, trim: bool,
                 before = time.perf_counter()
                 release_freed_memory()
                 trimming += time.perf_counter() - before if started else 0.0
-        memory.append(_rss_mb())
+        memory.append(rss_mb())
     elapsed = time.perf_counter() - started if started else 0.0
     return memory, trimming / elapsed if elapsed else 0.0
 

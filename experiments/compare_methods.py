@@ -27,9 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments.confirm import registered, score_by_seed, study_rows  # noqa: E402
-from experiments.tuning import (TUNED_RANK, choose, chosen_runs, interval,  # noqa: E402
+from experiments.tuning import (TUNED_RANK, choose, interval,  # noqa: E402
                                 markdown_head, markdown_row, privacy_columns,
-                                privacy_label, t_half_width)
+                                privacy_label, runs_at_choice, t_half_width)
 from fed_dplora.config.methods import METHODS  # noqa: E402
 
 log = logging.getLogger("fed_dplora.compare_methods")
@@ -51,8 +51,7 @@ def settings(rows: list[dict], study_methods: set[str]) -> list[tuple[str, str]]
 
 def runs_of(rows: list[dict], chosen: dict, method: str, privacy: str,
             partition: str) -> list[dict]:
-    key = (method, privacy, partition, TUNED_RANK)
-    return chosen_runs(rows, key, chosen[key]) if key in chosen else []
+    return runs_at_choice(rows, chosen, (method, privacy, partition, TUNED_RANK))
 
 
 def paired_against(rows: list[dict], chosen: dict, method: str, privacy: str,

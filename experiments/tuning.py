@@ -213,9 +213,9 @@ def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 def summary_entry(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tuple,
                   provisional: bool) -> str:
     """'macro-F1 / accuracy (n=seeds)' of a setting's chosen runs; * when provisional."""
-    if key not in chosen:
+    runs = runs_at_choice(rows, chosen, key)
+    if not runs:
         return "-"
-    runs = chosen_runs(rows, key, chosen[key])
     return (f"{interval([r['macro_f1'] for r in runs])} / "
             f"{interval([r['accuracy'] for r in runs])} (n={len(runs)})"
             + (" *" if provisional else ""))
@@ -225,9 +225,7 @@ def setting_by_seed(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: 
                     column: str = "accuracy") -> dict[int, float]:
     """A setting's `column` per seed at its chosen candidate ({} while it has none):
     the one place seeds are paired from."""
-    if key not in chosen:
-        return {}
-    return {r["seed"]: r[column] for r in chosen_runs(rows, key, chosen[key])
+    return {r["seed"]: r[column] for r in runs_at_choice(rows, chosen, key)
             if r[column] is not None}
 
 
@@ -291,6 +289,12 @@ def rank_method_gap_table(rows: list[dict[str, Any]],
 def chosen_runs(rows: list[dict[str, Any]], key: tuple, best: dict) -> list[dict]:
     """Every seed's run of a setting at its chosen hyper-parameters."""
     return [r for r in rows if setting(r) == key and all(r[t] == best[t] for t in TUNED)]
+
+
+def runs_at_choice(rows: list[dict[str, Any]], chosen: dict[tuple, dict], key: tuple
+                   ) -> list[dict]:
+    """`chosen_runs` of setting `key`, [] while it has no choice."""
+    return chosen_runs(rows, key, chosen[key]) if key in chosen else []
 
 
 def tuning_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict]) -> list[str]:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import sys
 from types import SimpleNamespace
 
-import psutil
 import pytest
 
+from experiments.bench_worker_memory import rss_mb
 from fed_dplora.ops.memory import release_freed_memory
-
-
-def _rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -23,9 +19,9 @@ def test_freed_heap_memory_is_handed_back():
     blocks = [bytearray(64 * 1024) for _ in range(2000)]
     last = blocks[-1]
     del blocks
-    before = _rss_mb()
+    before = rss_mb()
     assert release_freed_memory()
-    assert _rss_mb() < before - 64, (before, _rss_mb())
+    assert rss_mb() < before - 64, (before, rss_mb())
     assert len(last) == 64 * 1024
 
 
