@@ -26,8 +26,10 @@ The TOML file:
 Relative paths in the file are relative to the file. Every cell runs the real ServerApp
 and ClientApp. A cell whose run folder holds `summary.json` (written last by the
 ServerApp) is skipped; a cell interrupted mid-run is continued from its checkpoint
-(`resume=true`). Run folders' small files are meant to be committed as cells land, so
-a study can span sessions; adapters and checkpoints stay out of git.
+(`resume=true`). Each finished classification cell gets its per-record test predictions
+(predictions.json, experiments.predictions). Run folders' small files are meant to be
+committed as cells land, so a study can span sessions; adapters and checkpoints stay out
+of git.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.flwr_job import LocalFederation
+from experiments.predictions import PREDICTIONS, PredictionMismatch, save_predictions
 from fed_dplora.config import ConfigError, RunSpec, parse_run_config
 
 log = logging.getLogger("fed_dplora.sweep")
@@ -135,24 +138,45 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
                      cell.clients)
         return output
     runs.mkdir(parents=True, exist_ok=True)
+    for cell in done:
+        _predict(cell, runs / cell.name)
+    _run_cells(sweep, [c for c in todo if c not in done], len(todo), runs)
+    return output
+
+
+def _run_cells(sweep: dict[str, Any], cells_left: list[Cell], total: int, runs: Path) -> None:
+    """Run each unfinished cell (continuing an interrupted one), one federation per
+    simulation size, then save its predictions."""
     from tqdm import tqdm
 
-    progress = tqdm(total=len(todo), initial=len(done), desc=sweep["name"], unit="cell")
-    for clients in sorted({c.clients for c in todo}):
-        group = [c for c in todo if c.clients == clients and c not in done]
-        if not group:
-            continue
+    progress = tqdm(total=total, initial=total - len(cells_left), desc=sweep["name"],
+                    unit="cell")
+    for clients in sorted({c.clients for c in cells_left}):
         with LocalFederation(clients, int(sweep.get("cpus-per-client", 1)),
                              float(sweep.get("gpus-per-client", 0.0))) as federation:
-            for cell in group:
+            for cell in (c for c in cells_left if c.clients == clients):
                 progress.set_postfix_str(cell.name[-60:])
                 folder = runs / cell.name
                 resume = (folder / "config.json").exists()
                 federation.run({**cell.run_config, "output-dir": str(runs),
                                 "run-name": cell.name, "resume": resume})
+                _predict(cell, folder)
                 progress.update(1)
     progress.close()
-    return output
+
+
+def _predict(cell: Cell, folder: Path) -> None:
+    """Save a finished classification cell's per-record test predictions, once (also for
+    a cell finished by an earlier sweep that stopped before this step). A mismatch is
+    logged and the file not written: one cell's check does not stop the study."""
+    wanted = (cell.spec.task == "sequence-classification" and _finished(folder)
+              and (folder / "adapter").is_dir() and not (folder / PREDICTIONS).exists())
+    if not wanted:
+        return
+    try:
+        save_predictions(folder)
+    except PredictionMismatch as err:
+        log.error("%s", err)
 
 
 def _finished(folder: Path) -> bool:

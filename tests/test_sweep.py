@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from experiments.report import COLUMNS, plots, report
 from experiments.sweep import SweepError, run_sweep
 from fed_dplora.config import parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
+from fed_dplora.run.results import read_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +46,10 @@ def test_sweep_runs_each_cell_once_and_the_report_writes_tables_and_plots(
     folders = sorted(p.name for p in (out / "cells").iterdir())
     assert folders == ["method=ffa__privacy=8.0", "method=ffa__privacy=none",
                        "method=vanilla__privacy=8.0", "method=vanilla__privacy=none"]
+    # Every cell saved its per-record test predictions, checked against its final score.
+    for folder in (out / "cells").iterdir():
+        saved = json.loads((folder / "predictions.json").read_text())
+        assert saved["accuracy"] == pytest.approx(read_metrics(folder)[-1]["eval_accuracy"])
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell ran again")

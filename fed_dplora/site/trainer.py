@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -237,23 +238,44 @@ def make_optimizer(model: torch.nn.Module, name: str, lr: float) -> torch.optim.
     return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
 
 
-@torch.no_grad()
 def evaluate_model(model: torch.nn.Module, task: Task, data: TokenizedData, batch_size: int,
                    device: torch.device) -> EvalReport:
     """The task's mean loss and accuracy over `data` (dropout off; back to train mode
     after)."""
-    was_training = model.training
-    model.eval()
-    sums = []
-    by_length = sorted(range(len(data)), key=data.length)  # less padding per batch
-    for lo in range(0, len(data), batch_size):
-        ids, mask, labels = data.batch(by_length[lo:lo + batch_size], device)
-        with mixed_precision(device):
-            logits = model(ids, mask)
-        sums.append(task.eval_sums(logits, ids, mask, labels))
-    model.train(was_training)
+    sums = [task.eval_sums(logits, ids, mask, labels)
+            for _, ids, mask, labels, logits in _eval_batches(model, data, batch_size, device)]
     weight = sum(s.weight for s in sums)
     classes = [s.classes for s in sums if s.classes is not None]
     return EvalReport(sum(s.loss for s in sums) / max(weight, 1),
                       sum(s.correct for s in sums) / max(weight, 1), len(data), weight,
                       summed(classes) if classes else None)
+
+
+def predicted_classes(model: torch.nn.Module, data: TokenizedData, batch_size: int,
+                      device: torch.device) -> np.ndarray:
+    """Each record's predicted class (argmax of its logits), in `data`'s order, batched
+    as `evaluate_model` batches: the predictions its accuracy counts."""
+    predicted = np.empty(len(data), dtype=np.int64)
+    for indices, _, _, _, logits in _eval_batches(model, data, batch_size, device):
+        predicted[indices] = logits.float().argmax(dim=-1).cpu().numpy()
+    return predicted
+
+
+@torch.no_grad()
+def _eval_batches(model: torch.nn.Module, data: TokenizedData, batch_size: int,
+                  device: torch.device) -> Iterator[tuple[list[int], torch.Tensor,
+                                                          torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor]]:
+    """(indices, input ids, mask, labels, logits) per batch of records of similar length
+    (less padding), dropout off; the model's train mode is restored after."""
+    was_training = model.training
+    model.eval()
+    by_length = sorted(range(len(data)), key=data.length)
+    try:
+        for lo in range(0, len(data), batch_size):
+            indices = by_length[lo:lo + batch_size]
+            ids, mask, labels = data.batch(indices, device)
+            with mixed_precision(device):
+                yield indices, ids, mask, labels, model(ids, mask)
+    finally:
+        model.train(was_training)
