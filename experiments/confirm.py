@@ -13,6 +13,7 @@ over the family, and whether it is confirmed; the seeds still missing are named.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import statistics
@@ -22,6 +23,7 @@ from typing import Any
 
 from scipy import stats
 
+from experiments.predictions import PREDICTIONS
 from experiments.tuning import TUNED_RANK, cell_rows, choose, setting_by_seed
 
 log = logging.getLogger("fed_dplora.confirm")
@@ -52,15 +54,16 @@ def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:
 
 
 def score_by_seed(rows: list[dict], chosen: dict, arm: str, privacy: str,
-                  partition: str) -> dict[int, float]:
+                  partition: str, column: str | None = None) -> dict[int, Any]:
     """An arm's score per seed at its chosen setting: "method" is its test accuracy,
-    "method:personal" the same under each site's own tensors (FedSA)."""
+    "method:personal" the same under each site's own tensors (FedSA); or the rows'
+    `column` instead, if given."""
     method, _, score = arm.partition(":")
     if score not in SCORES:
         raise SystemExit(f"{PREREGISTRATION}: arm {arm!r}: the score after ':' must be "
                          f"one of {sorted(s for s in SCORES if s)}")
     return setting_by_seed(rows, chosen, (method, privacy, partition, TUNED_RANK),
-                           SCORES[score])
+                           column or SCORES[score])
 
 
 def arms(hypothesis: dict) -> tuple[str, str]:
@@ -91,6 +94,65 @@ def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, f
         return first
     base = gap(at["baseline"])
     return {s: first[s] - base[s] for s in first.keys() & base.keys()}
+
+
+def discordant_by_seed(rows: list[dict], chosen: dict, hypothesis: dict
+                       ) -> dict[int, tuple[int, int, int]]:
+    """A difference's arms record by record, per seed where both saved predictions:
+    (records, only arm a right, only arm b right). The same seed gives both arms the
+    same test records (checked by their digests)."""
+    at, (left, right) = hypothesis["at"], arms(hypothesis)
+    folders = [score_by_seed(rows, chosen, arm, at["privacy"], at["partition"], "folder")
+               for arm in (left, right)]
+    out = {}
+    for seed in sorted(folders[0].keys() & folders[1].keys()):
+        files = [f[seed] / PREDICTIONS for f in folders]
+        if all(file.is_file() for file in files):
+            a, b = (json.loads(file.read_text())["sites"] for file in files)
+            out[seed] = _discordant(a, b, files)
+    return out
+
+
+def _discordant(a: dict, b: dict, files: list[Path]) -> tuple[int, int, int]:
+    records = only_a = only_b = 0
+    for site in a:
+        if a[site]["records_sha256"] != b.get(site, {}).get("records_sha256"):
+            raise SystemExit(f"{files[0]} and {files[1]}: site {site} scored other "
+                             "records in each: they cannot be paired")
+        for label, x, y in zip(a[site]["labels"], a[site]["predicted"], b[site]["predicted"]):
+            records += 1
+            only_a += x == label != y
+            only_b += y == label != x
+    return records, only_a, only_b
+
+
+def mcnemar_greater(only_a: int, only_b: int) -> float | None:
+    """Exact McNemar, one-sided: P(at least `only_a` of the discordant records go to a)
+    when each is a fair coin (None without a discordant record)."""
+    if not only_a + only_b:
+        return None
+    return float(stats.binomtest(only_a, only_a + only_b, 0.5, "greater").pvalue)
+
+
+def record_section(rows: list[dict], chosen: dict, hypotheses: list[dict]) -> list[str]:
+    """Exploratory, outside the family: each difference record by record, per seed."""
+    lines = ["", "## Exploratory: record by record (not in the family, not corrected)", "",
+             "Per seed, the test records only one arm classifies correctly, from the cells'",
+             f"`{PREDICTIONS}`; exact McNemar, one-sided (a > b).", "",
+             "| id | seed | records | only a right | only b right | p |", "|---|---|---|---|---|---|"]
+    found = False
+    # Predictions are the global model's: an arm scored under a site's own tensors
+    # ("fedsa:personal") has none to pair.
+    for h in (h for h in hypotheses if h["difference"] != "interaction"
+              and ":" not in h["difference"]):
+        for seed, (records, only_a, only_b) in discordant_by_seed(rows, chosen, h).items():
+            found = True
+            lines.append(f"| {h['id']} ({h['difference']}) | {seed} | {records} | {only_a} "
+                         f"| {only_b} | {_p(mcnemar_greater(only_a, only_b))} |")
+    if not found:
+        lines[-2:] = [f"No pair of cells at the chosen settings has saved `{PREDICTIONS}` "
+                      "yet (cells finished before the sweep saved predictions have none)."]
+    return lines
 
 
 def one_sided_p(values: list[float]) -> float | None:
@@ -132,7 +194,7 @@ def confirmation(study: Path) -> str:
                    else "no")
         lines.append(f"| {h['id']} | {h['claim']} | {sorted(values)} | {mean} | "
                      f"{_p(raw[h['id']])} | {_p(adjusted[h['id']])} | {verdict} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + record_section(rows, chosen, hypotheses)) + "\n"
 
 
 def _p(value: float | None) -> str:

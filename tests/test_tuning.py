@@ -293,3 +293,39 @@ def test_a_malformed_hypothesis_is_refused_by_name(tmp_path, hypothesis, named):
                              "at": {"privacy": "1.0", "partition": "iid"}, **hypothesis}])
     with pytest.raises(SystemExit, match=named):
         confirmation(tmp_path)
+
+
+def _predictions(folder, sites):
+    (folder / "predictions.json").write_text(json.dumps({"sites": {
+        name: {"records_sha256": digest, "labels": labels, "predicted": predicted}
+        for name, (digest, labels, predicted) in sites.items()}}))
+
+
+def test_the_record_by_record_comparison_counts_discordant_records_per_seed(tmp_path):
+    """Per seed, records only one arm gets right, by hand; exact McNemar against the
+    binomial tail; records that differ between the arms are refused, not paired."""
+    from experiments.confirm import confirmation, mcnemar_greater
+    labels = [0, 1, 2, 0, 1, 2]
+    for seed in (0, 1):
+        fake_cell(tmp_path, f"f{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=0.8)
+        fake_cell(tmp_path, f"v{seed}", "vanilla", 1.0, 0.1, "sgd", seed, val=0.8, test=0.7)
+    # seed 0: ffa right on records 0-4, vanilla right on 0 and 5 -> only ffa 4, only vanilla 1
+    _predictions(tmp_path / "cells" / "f0", {"partition-0": ("d0", labels[:3], [0, 1, 2]),
+                                             "partition-1": ("d1", labels[3:], [0, 1, 0])})
+    _predictions(tmp_path / "cells" / "v0", {"partition-0": ("d0", labels[:3], [0, 0, 0]),
+                                             "partition-1": ("d1", labels[3:], [1, 0, 2])})
+    # seed 1: only ffa saved predictions -> not paired
+    _predictions(tmp_path / "cells" / "f1", {"partition-0": ("d0", labels[:3], labels[:3])})
+    h = {"id": "H1", "claim": "c", "difference": "ffa - vanilla",
+         "at": {"privacy": "1.0", "partition": "iid"}}
+    _preregister(tmp_path, [h])
+    report = confirmation(tmp_path)
+    p = stats.binomtest(4, 5, 0.5, alternative="greater").pvalue  # 6/32
+    assert mcnemar_greater(4, 1) == pytest.approx(p) == pytest.approx(6 / 32)
+    assert f"| H1 (ffa - vanilla) | 0 | 6 | 4 | 1 | {p:.3g} |" in report
+    assert "| H1 (ffa - vanilla) | 1 |" not in report
+    assert mcnemar_greater(0, 0) is None
+    _predictions(tmp_path / "cells" / "v0", {"partition-0": ("other", labels[:3], [0, 0, 0]),
+                                             "partition-1": ("d1", labels[3:], [1, 0, 2])})
+    with pytest.raises(SystemExit, match="site partition-0 scored other records"):
+        confirmation(tmp_path)
