@@ -198,14 +198,16 @@ def main_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
 
 
 def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
-               complete: set[tuple]) -> list[str]:
-    """The rank study: method rows, rank columns, epsilon 8, IID (every rank runs at rank
-    8's choice, so that choice's provisional mark stands for the row)."""
+               complete: set[tuple], planned: Counter | None = None) -> list[str]:
+    """The rank study: method rows, rank columns, epsilon 8, IID. A rank with its own
+    planned candidates is provisional until they have finished; a rank that runs at rank
+    8's choice, until rank 8's have."""
     lines = markdown_head(["method", *RANK_COLUMNS])
     for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
-        provisional = (method, *RANK_STUDY, TUNED_RANK) not in complete
-        entries = [summary_entry(rows, chosen, (method, *RANK_STUDY, r), provisional)
-                   for r in RANKS]
+        keys = [(method, *RANK_STUDY, r) for r in RANKS]
+        entries = [summary_entry(rows, chosen, key, (
+            key if key in (planned or {}) else keys[RANKS.index(TUNED_RANK)]) not in complete)
+            for key in keys]
         lines.append(markdown_row([method, *entries]))
     return lines
 
@@ -328,8 +330,14 @@ def rebased(study: dict[str, Any], config_dir: Path, folder: Path) -> dict[str, 
     return {**study, "base": {k: rebase(k, v) for k, v in study["base"].items()}}
 
 
-def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
-    """The next sweep: seeds 1-2 of each chosen setting, then the rank study."""
+FOLLOW_UP_KEYS = ("partition", "privacy", "method", "optimizer", "learning-rate", "seed")
+
+
+def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
+              params_of: dict[str, dict] | None = None) -> str:
+    """The next sweep: seeds 1-2 of each chosen setting, then the rank study at rank 8's
+    choice for each rank not tuned on its own. `params_of` (cell name -> its grid values)
+    carries a chosen cell's other grid keys (a rank study's `lora.rank`, `lora.alpha`)."""
     grids, rank_grids = [], []
     for key in sorted(chosen, key=run_priority):
         method, privacy, partition, rank = key
@@ -337,10 +345,12 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict]) -> str:
                                                       else float(privacy)],
                 "method": [method], "optimizer": [chosen[key]["optimizer"]],
                 "learning-rate": [chosen[key]["learning_rate"]], "seed": [1, 2]}
+        params = (params_of or {}).get(chosen[key]["cell"], {})
+        grid.update({k: [v] for k, v in params.items() if k not in FOLLOW_UP_KEYS})
         grids.append(grid)
         if (privacy, partition) == RANK_STUDY and rank == TUNED_RANK:
-            rank_grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]}
-                           for r in RANKS if r != TUNED_RANK]
+            rank_grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]} for r in RANKS
+                           if r != TUNED_RANK and (method, privacy, partition, r) not in chosen]
     grids += rank_grids
     toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
     lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
@@ -371,7 +381,8 @@ RESULTS_HEADER = (
 MAIN_HEADER = (
     "Main table, rank 8: test macro-F1 / test accuracy, mean ± half-width of the 95% "
     "t-interval over n seeds; * a provisional choice; - not run.")
-RANK_HEADER = "The rank study, ε = 8, IID, every rank at rank 8's choice (same format)."
+RANK_HEADER = ("The rank study, ε = 8, IID (same format): a rank tuned on its own at its own "
+               "choice, any other at rank 8's.")
 GAP_HEADER = (
     "FFA minus vanilla, test accuracy, paired by seed (a seed fixes the data split and the "
     "partition): mean ± 95% half-width over the n seeds both methods have run.")
@@ -398,13 +409,15 @@ def main() -> None:
         + ["", MAIN_HEADER, ""] + main_table(rows, chosen, complete)
         + ["", GAP_HEADER, ""] + method_gap_table(rows, chosen)
         + ["", COST_HEADER, ""] + privacy_cost_table(rows, chosen)
-        + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete)
+        + ["", RANK_HEADER, ""] + rank_table(rows, chosen, complete, planned)
         + ["", RANK_GAIN_HEADER, ""] + rank_gain_table(rows, chosen)
         + ["", RANK_GAP_HEADER, ""] + rank_method_gap_table(rows, chosen)) + "\n")
     final = {k: v for k, v in chosen.items() if k in complete}
     follow = sweep / f"{study['name']}_chosen.toml"  # generated: in the study folder
     if final:
-        follow.write_text(follow_up(rebased(study, args.config.parent, sweep), final))
+        params_of = {c.name: c.params for c in cells(study, args.config.parent)}
+        follow.write_text(follow_up(rebased(study, args.config.parent, sweep), final,
+                                    params_of))
     else:  # a follow-up written before the grid grew would run unfinished choices
         follow.unlink(missing_ok=True)
     log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),

@@ -329,3 +329,34 @@ def test_the_record_by_record_comparison_counts_discordant_records_per_seed(tmp_
                                              "partition-1": ("d1", labels[3:], [1, 0, 2])})
     with pytest.raises(SystemExit, match="site partition-0 scored other records"):
         confirmation(tmp_path)
+
+
+def test_a_rank_tuned_on_its_own_follows_up_at_its_own_choice(tmp_path):
+    """A rank study whose ranks each have candidates (alpha = r): seeds 1-2 at each
+    rank's own choice with its rank and alpha, no rank rerun at rank 8's choice, and a
+    rank's row provisional while its own candidates are unfinished."""
+    grid = {"partition": ["iid"], "privacy": [8.0], "method": ["ffa"],
+            "learning-rate": [0.1, 1.0]}
+    study = {"name": "s", "clients": 4, "base": {"local-steps": 2, "seed": 0},
+             "grid": {**grid, "lora.rank": [2], "lora.alpha": [2]},
+             "extra": [{"grid": {**grid, "lora.rank": [8], "lora.alpha": [8]}}]}
+    for cell in cells(study, tmp_path):
+        rank, lr = cell.params["lora.rank"], cell.params["learning-rate"]
+        fake_cell(tmp_path, cell.name, "ffa", 8.0, lr, "sgd", 0, rank=rank,
+                  val=0.8 + (0.05 if (rank, lr) in {(2, 1.0), (8, 0.1)} else 0), test=0.8)
+    (tmp_path / "cells" / "learning-rate=0.1__lora.alpha=8__lora.rank=8__method=ffa__"
+     "partition=iid__privacy=8.0" / "summary.json").unlink()  # one rank-8 candidate left
+    rows = tuning.cell_rows(tmp_path)
+    chosen = tuning.choose(rows)
+    planned = tuning.planned_candidates(study, tmp_path)
+    complete = tuning.tuning_complete(rows, planned)
+    assert complete == {("ffa", "8.0", "iid", 2)}
+    params_of = {c.name: c.params for c in cells(study, tmp_path)}
+    text = tuning.follow_up(study, {k: chosen[k] for k in complete}, params_of)
+    follow = [c.params for c in cells(tomllib.loads(text), tmp_path)]
+    assert follow == [{"partition": "iid", "privacy": 8.0, "method": "ffa",
+                       "optimizer": "sgd", "learning-rate": 1.0, "seed": s,
+                       "lora.rank": 2, "lora.alpha": 2} for s in (1, 2)]
+    _, _, row = tuning.rank_table(rows, chosen, complete, planned)
+    rank2, rank8 = row.split("|")[2:4]
+    assert "*" not in rank2 and "*" in rank8  # rank 8's own tuning is unfinished
