@@ -139,7 +139,8 @@ def record_section(rows: list[dict], chosen: dict, hypotheses: list[dict]) -> li
     lines = ["", "## Exploratory: record by record (not in the family, not corrected)", "",
              "Per seed, the test records only one arm classifies correctly, from the cells'",
              f"`{PREDICTIONS}`; exact McNemar, one-sided (a > b).", "",
-             "| id | seed | records | only a right | only b right | p |", "|---|---|---|---|---|---|"]
+             "| id | seed | records | only a right | only b right | p |",
+             "|---|---|---|---|---|---|"]
     found = False
     # Predictions are the global model's: an arm scored under a site's own tensors
     # ("fedsa:personal") has none to pair.

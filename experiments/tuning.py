@@ -75,7 +75,8 @@ def cell_rows(sweep: Path) -> list[dict[str, Any]]:
         last = metrics[-1]
         summary = json.loads((folder / "summary.json").read_text())
         rows.append({
-            "cell": folder.name, "folder": folder, **describe(json.loads((folder / "config.json").read_text())),
+            "cell": folder.name, "folder": folder,
+            **describe(json.loads((folder / "config.json").read_text())),
             "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
             "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"],
             "personal_accuracy": last.get("personal_eval_accuracy"),
