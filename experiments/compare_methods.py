@@ -87,7 +87,9 @@ def comparison(rows: list[dict], chosen: dict, study_methods: set[str]) -> str:
              "scores over the seeds run at that choice: mean ± half-width of the 95% "
              "t-interval. personal: FedSA's sites scored under their own B. Bytes: all "
              "sites together, per training round. The last column is exploratory except "
-             "where preregistration.md names it (confirmation.md tests those).", ""]
+             "where preregistration.md names it (confirmation.md tests those). A choice "
+             "is provisional until all its planned candidates have finished: results.md's "
+             "candidates column says which.", ""]
     for privacy, partition in settings(rows, study_methods):
         lines += [f"## {privacy_label(privacy)}, {partition}", ""] + markdown_head(COLUMNS)
         for method in METHODS:
