@@ -27,7 +27,7 @@ from clients.client_app import EVAL_BATCH
 from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.model import load_tokenizer
-from fed_dplora.run.results import load_final_model, read_metrics
+from fed_dplora.run.results import RunFolder, load_final_model, read_metrics
 from fed_dplora.site.trainer import predicted_classes
 
 log = logging.getLogger("fed_dplora.predictions")
@@ -52,11 +52,9 @@ def save_predictions(run_dir: Path) -> Path:
             f"{correct / total:.6f} on the sites' test splits, the run reported "
             f"eval_accuracy {final['eval_accuracy']} in round {final['round']}: not "
             f"saved (is adapter/ from another run, or the data file changed?)")
-    target, tmp = run_dir / PREDICTIONS, run_dir / f".{PREDICTIONS}.tmp"
-    tmp.write_text(json.dumps({"round": final["round"], "accuracy": correct / total,
-                               "sites": sites}) + "\n")
-    tmp.replace(target)
-    return target
+    RunFolder(run_dir).write_text(PREDICTIONS, json.dumps(
+        {"round": final["round"], "accuracy": correct / total, "sites": sites}) + "\n")
+    return run_dir / PREDICTIONS
 
 
 def predictions_by_site(run_dir: Path) -> dict[str, dict[str, Any]]:

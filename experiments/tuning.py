@@ -203,12 +203,13 @@ def rank_table(rows: list[dict[str, Any]], chosen: dict[tuple, dict],
     """The rank study: method rows, rank columns, epsilon 8, IID. A rank with its own
     planned candidates is provisional until they have finished; a rank that runs at rank
     8's choice, until rank 8's have."""
+    planned = planned or Counter()
     lines = markdown_head(["method", *RANK_COLUMNS])
     for method in sorted({k[0] for k in chosen if k[1:3] == RANK_STUDY}):
-        keys = [(method, *RANK_STUDY, r) for r in RANKS]
-        entries = [summary_entry(rows, chosen, key, (
-            key if key in (planned or {}) else keys[RANKS.index(TUNED_RANK)]) not in complete)
-            for key in keys]
+        tuned = (method, *RANK_STUDY, TUNED_RANK)
+        entries = [summary_entry(rows, chosen, key,
+                                 (key if key in planned else tuned) not in complete)
+                   for key in ((method, *RANK_STUDY, r) for r in RANKS)]
         lines.append(markdown_row([method, *entries]))
     return lines
 

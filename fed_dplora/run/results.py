@@ -64,9 +64,14 @@ class RunFolder:
             os.replace(tmp, path)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
+        self.write_text(name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        """Written beside its target, flushed to disk and renamed into place: a crash
+        leaves the old file or the new one, never part of one."""
         tmp = self.path / f".{name}.tmp"
         with tmp.open("w") as handle:
-            handle.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path / name)
