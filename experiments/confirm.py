@@ -173,6 +173,30 @@ def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
     return {h: adjusted.get(h) for h in p_values}
 
 
+def holm_bounds(p_values: dict[str, float | None]) -> dict[str, tuple[float, float] | None]:
+    """Each known p-value's Holm-adjusted p while the family's other p-values (None) are
+    still unknown: its lowest and highest over every value they could take. Holm's
+    adjusted p-values rise with each raw p (closed testing with Bonferroni), so these
+    are its values with the unknown ones at 0 and at 1."""
+    low = holm({h: 0.0 if p is None else p for h, p in p_values.items()})
+    high = holm({h: 1.0 if p is None else p for h, p in p_values.items()})
+    return {h: None if p is None else (low[h], high[h]) for h, p in p_values.items()}
+
+
+def verdict(missing: list[int], bounds: tuple[float, float] | None, alpha: float,
+            unfinished: list[str]) -> str:
+    """Confirmed only if no outcome of the family's unfinished hypotheses could undo it;
+    refuted only if none could confirm it."""
+    if missing:
+        return "not yet: seeds " + ", ".join(map(str, missing)) + " missing"
+    low, high = bounds
+    if high < alpha:
+        return "yes"
+    if low >= alpha:
+        return "no"
+    return "not yet: Holm p depends on " + ", ".join(unfinished)
+
+
 def confirmation(study: Path) -> str:
     plan = registered(study)
     family, hypotheses = plan["family"], plan["hypothesis"]
@@ -180,26 +204,40 @@ def confirmation(study: Path) -> str:
     chosen = choose(rows)
     diffs = {h["id"]: differences(rows, chosen, h) for h in hypotheses}
     raw = {h: one_sided_p(list(d.values())) for h, d in diffs.items()}
-    adjusted = holm(raw)
+    missing = {h["id"]: sorted(set(h.get("seeds", family["seeds"])) - set(diffs[h["id"]]))
+               for h in hypotheses}
+    # A finished hypothesis without a p (fewer than two seeds, or no spread) counts as
+    # p = 1: it cannot be confirmed and cannot help another be.
+    bounds = holm_bounds({h: None if missing[h] else 1.0 if p is None else p
+                          for h, p in raw.items()})
+    unfinished = [h for h in missing if missing[h]]
     lines = [f"# Confirmation of the pre-registered family ({PREREGISTRATION})", "",
              f"Score: {family['score']}; paired t over seeds, one-sided; Holm over "
-             f"{len(hypotheses)} hypotheses; alpha {family['alpha']}.", "",
+             f"{len(hypotheses)} hypotheses; alpha {family['alpha']}. While some hypotheses "
+             "wait for seeds, a finished one's Holm p is the range the others' outcomes "
+             "leave it, and its verdict waits unless the whole range is on one side.", "",
              "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed |",
              "|---|---|---|---|---|---|---|"]
     for h in hypotheses:
-        values = diffs[h["id"]]
-        missing = sorted(set(h.get("seeds", family["seeds"])) - set(values))
+        hid = h["id"]
+        values = diffs[hid]
         mean = f"{100 * statistics.fmean(values.values()):+.2f}" if values else "-"
-        verdict = ("not yet: seeds " + ", ".join(map(str, missing)) + " missing"
-                   if missing else "yes" if (adjusted[h["id"]] or 1) < family["alpha"]
-                   else "no")
-        lines.append(f"| {h['id']} | {h['claim']} | {sorted(values)} | {mean} | "
-                     f"{_p(raw[h['id']])} | {_p(adjusted[h['id']])} | {verdict} |")
+        said = verdict(missing[hid], bounds[hid], family["alpha"], unfinished)
+        lines.append(f"| {hid} | {h['claim']} | {sorted(values)} | {mean} | "
+                     f"{_p(raw[hid])} | {_p_range(bounds[hid])} | {said} |")
     return "\n".join(lines + record_section(rows, chosen, hypotheses)) + "\n"
 
 
 def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
+
+
+def _p_range(bounds: tuple[float, float] | None) -> str:
+    """A Holm p, or the range it can still take while the family is unfinished."""
+    if bounds is None:
+        return "-"
+    low, high = bounds
+    return _p(low) if _p(low) == _p(high) else f"{_p(low)} to {_p(high)}"
 
 
 def main() -> None:

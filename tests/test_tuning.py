@@ -235,6 +235,47 @@ def test_holm_and_the_one_sided_paired_t_match_hand_computations():
     assert one_sided_p([0.01]) is None
 
 
+def test_holm_bounds_are_the_adjusted_p_at_every_value_the_unknown_p_values_could_take():
+    """By hand: with b unknown, a's Holm p is 2 * 0.02 (b = 0) to 3 * 0.02 (b = 1); and
+    no value of b in between leaves a outside that range."""
+    from experiments.confirm import holm, holm_bounds
+    bounds = holm_bounds({"a": 0.02, "b": None, "c": 0.3})
+    assert bounds["a"] == pytest.approx((0.04, 0.06))
+    assert bounds["c"] == pytest.approx((0.3, 0.6)) and bounds["b"] is None
+    for b in (0.0, 0.01, 0.025, 0.1, 0.5, 1.0):
+        a = holm({"a": 0.02, "b": b, "c": 0.3})["a"]
+        assert bounds["a"][0] - 1e-12 <= a <= bounds["a"][1] + 1e-12
+
+
+def test_a_finished_hypothesis_is_not_judged_while_the_family_could_still_change_it(
+        tmp_path):
+    """H1 finished with one-sided p 0.041 (1 df, by hand) and H2 lacks a seed: Holm could
+    still give H1 0.041 (confirmed) or 0.083 (not), so H1 waits; once H2 finishes with
+    a larger p, H1's Holm p is 2 * 0.041 and it is not confirmed."""
+    from experiments.confirm import confirmation
+    at = {"iid": {"privacy": "1.0", "partition": "iid"},
+          "dir": {"privacy": "1.0", "partition": "dirichlet:0.5"}}
+    for seed, gap in [(0, 0.10), (1, 0.13)]:
+        fake_cell(tmp_path, f"f{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=0.8)
+        fake_cell(tmp_path, f"v{seed}", "vanilla", 1.0, 0.1, "sgd", seed, val=0.8,
+                  test=0.8 - gap)
+    fake_cell(tmp_path, "fd0", "ffa", 1.0, 0.1, "sgd", 0, val=0.8, test=0.8,
+              partitioner="dirichlet")
+    fake_cell(tmp_path, "vd0", "vanilla", 1.0, 0.1, "sgd", 0, val=0.8, test=0.79,
+              partitioner="dirichlet")
+    _preregister(tmp_path, [{"id": f"H{i}", "claim": "c", "difference": "ffa - vanilla",
+                             "at": at[name]} for i, name in ((1, "iid"), (2, "dir"))])
+    p = stats.t.sf(0.115 / (statistics.stdev([0.10, 0.13]) / 2 ** 0.5), 1)
+    assert p == pytest.approx(0.0413, abs=1e-4)
+    report = confirmation(tmp_path)
+    assert f"| {p:.3g} | {p:.3g} to {2 * p:.3g} | not yet: Holm p depends on H2 |" in report
+    fake_cell(tmp_path, "fd1", "ffa", 1.0, 0.1, "sgd", 1, val=0.8, test=0.8,
+              partitioner="dirichlet")
+    fake_cell(tmp_path, "vd1", "vanilla", 1.0, 0.1, "sgd", 1, val=0.8, test=0.81,
+              partitioner="dirichlet")
+    assert f"| {p:.3g} | {2 * p:.3g} | no |" in confirmation(tmp_path)
+
+
 def test_the_preregistered_family_is_read_from_its_toml_block():
     from experiments.confirm import registered
     plan = registered(REPO / "experiments" / "results" / "cpu_agnews_regime")
