@@ -59,9 +59,8 @@ class RunFolder:
         round runs again, so a resumed run writes each round's rows once."""
         for path in sorted(self.path.glob("*.jsonl")):
             rows = [r for r in _read_jsonl(path) if r["round"] <= last_round]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-            os.replace(tmp, path)
+            self.write_text(path.name, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                               for r in rows))
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         self.write_text(name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
