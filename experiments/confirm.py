@@ -163,14 +163,19 @@ def one_sided_p(values: list[float]) -> float | None:
     return float(stats.ttest_1samp(values, 0.0, alternative="greater").pvalue)
 
 
-def holm(p_values: dict[str, float | None]) -> dict[str, float | None]:
-    """Holm's step-down adjusted p-values (monotone, capped at 1)."""
-    ordered = sorted((p, h) for h, p in p_values.items() if p is not None)
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values (monotone, capped at 1) over the whole family:
+    a missing p-value is refused, since dropping it would understate the others'
+    (`holm_bounds` handles a family still running)."""
+    unknown = sorted(h for h, p in p_values.items() if p is None)
+    if unknown:
+        raise ValueError(f"holm: no p-value for {', '.join(unknown)}; Holm runs over the "
+                         f"whole family (holm_bounds gives the range while some are unknown)")
     adjusted, running = {}, 0.0
-    for rank, (p, h) in enumerate(ordered):
-        running = max(running, min(1.0, (len(ordered) - rank) * p))
+    for rank, (p, h) in enumerate(sorted((p, h) for h, p in p_values.items())):
+        running = max(running, min(1.0, (len(p_values) - rank) * p))
         adjusted[h] = running
-    return {h: adjusted.get(h) for h in p_values}
+    return {h: adjusted[h] for h in p_values}
 
 
 def holm_bounds(p_values: dict[str, float | None]) -> dict[str, tuple[float, float] | None]:

@@ -227,8 +227,10 @@ def test_the_follow_up_sweep_is_written_into_the_study_folder_with_its_paths_reb
 
 def test_holm_and_the_one_sided_paired_t_match_hand_computations():
     from experiments.confirm import holm, one_sided_p
-    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None}) == pytest.approx(
-        {"a": 0.03, "b": 0.06, "c": 0.06, "d": None})  # 3*0.01, max(2*0.03, .03), 1*0.04->0.06
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx(
+        {"a": 0.03, "b": 0.06, "c": 0.06})  # 3*0.01, max(2*0.03, .03), 1*0.04->0.06
+    with pytest.raises(ValueError, match="no p-value for d"):  # dropping d would give a 0.03
+        holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None})
     values = [0.02, 0.01, 0.03]
     t = stats.t.sf(statistics.fmean(values) / (statistics.stdev(values) / 3 ** 0.5), 2)
     assert one_sided_p(values) == pytest.approx(t)
