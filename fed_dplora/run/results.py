@@ -59,8 +59,7 @@ class RunFolder:
         round runs again, so a resumed run writes each round's rows once."""
         for path in sorted(self.path.glob("*.jsonl")):
             rows = [r for r in _read_jsonl(path) if r["round"] <= last_round]
-            self.write_text(path.name, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                               for r in rows))
+            self.write_text(path.name, "".join(map(_jsonl_line, rows)))
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         self.write_text(name, json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -81,7 +80,7 @@ class RunFolder:
     def append_jsonl(self, name: str, row: dict[str, Any]) -> None:
         """One JSON line, flushed to disk before returning."""
         with (self.path / name).open("a") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            handle.write(_jsonl_line(row))
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -93,6 +92,11 @@ class RunFolder:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return target
+
+
+def _jsonl_line(row: dict[str, Any]) -> str:
+    """One row of a per-round file, as appended and as rewritten on resume."""
+    return json.dumps(row, sort_keys=True) + "\n"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
