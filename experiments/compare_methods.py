@@ -26,7 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.confirm import registered, score_by_seed, study_rows  # noqa: E402
+from experiments.confirm import score_by_seed, study_rows  # noqa: E402
+from experiments.preregistration import registered  # noqa: E402
 from experiments.tuning import (TUNED_RANK, choose, interval,  # noqa: E402
                                 markdown_head, markdown_row, privacy_columns,
                                 privacy_label, runs_at_choice, t_half_width)

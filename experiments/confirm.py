@@ -15,33 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import statistics
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from scipy import stats
 
 from experiments.predictions import PREDICTIONS
+from experiments.preregistration import PREREGISTRATION, arms, hypothesis_seeds, registered
 from experiments.tuning import TUNED_RANK, cell_rows, choose, setting_by_seed
 
 log = logging.getLogger("fed_dplora.confirm")
-PREREGISTRATION = "preregistration.md"
 CONFIRMATION = "confirmation.md"
-
-
-def registered(study: Path) -> dict[str, Any]:
-    """The pre-registration's TOML block."""
-    text = (study / PREREGISTRATION).read_text()
-    block = re.search(r"```toml\n(.*?)```", text, re.S)
-    if block is None:
-        raise SystemExit(f"{study / PREREGISTRATION}: no ```toml block to read")
-    return tomllib.loads(block.group(1))
-
-
 SCORES = {"": "accuracy", "personal": "personal_accuracy"}  # an arm's "method[:score]"
-INTERACTION_ARMS = "ffa - vanilla"  # an interaction's gap unless it names its `arms`
 
 
 def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:
@@ -64,17 +50,6 @@ def score_by_seed(rows: list[dict], chosen: dict, arm: str, privacy: str,
                          f"one of {sorted(s for s in SCORES if s)}")
     return setting_by_seed(rows, chosen, (method, privacy, partition, TUNED_RANK),
                            column or SCORES[score])
-
-
-def arms(hypothesis: dict) -> tuple[str, str]:
-    """The two arms of `difference = "a - b"` (an interaction: of its `arms`)."""
-    text = (hypothesis.get("arms", INTERACTION_ARMS)
-            if hypothesis["difference"] == "interaction" else hypothesis["difference"])
-    parts = [part.strip() for part in text.split(" - ")]
-    if len(parts) != 2 or not all(parts):
-        raise SystemExit(f"{PREREGISTRATION}: hypothesis {hypothesis['id']}: "
-                         f"{text!r} is not of the form \"a - b\"")
-    return parts[0], parts[1]
 
 
 def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, float]:
@@ -209,7 +184,7 @@ def confirmation(study: Path) -> str:
     chosen = choose(rows)
     diffs = {h["id"]: differences(rows, chosen, h) for h in hypotheses}
     raw = {h: one_sided_p(list(d.values())) for h, d in diffs.items()}
-    missing = {h["id"]: sorted(set(h.get("seeds", family["seeds"])) - set(diffs[h["id"]]))
+    missing = {h["id"]: sorted(set(hypothesis_seeds(h, family)) - set(diffs[h["id"]]))
                for h in hypotheses}
     # A finished hypothesis without a p (fewer than two seeds, or no spread) counts as
     # p = 1: it cannot be confirmed and cannot help another be.

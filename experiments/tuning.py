@@ -18,8 +18,9 @@ rate) is chosen. Writes into the sweep folder:
   hand-written `discussion.md` (what the tables show and do not, against published
   results), `results.md` opens with a link to it.
 In the study folder, `<name>_chosen.toml`: a sweep over the same base config with
-seeds 1 and 2 of every setting whose candidates have all finished (IID first; no DP,
-epsilon 8 and 1 before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
+seeds 1 and 2 of every setting whose candidates have all finished, and every further
+seed the study's `preregistration.md` tests it over (IID first; no DP, epsilon 8 and 1
+before 3), then the rank study (ranks 2, 8, 32 at epsilon 8, IID, seeds
 0-2), to run next; it is removed while no setting's choice is final.
 
 Tuning looks at the sites' validation splits many times: that is not covered by the
@@ -40,6 +41,7 @@ from typing import Any
 
 from scipy import stats
 
+from experiments.preregistration import PREREGISTRATION, registered, seeds_by_setting
 from experiments.sweep import REPO, cells, finished_cells, partition_label
 from fed_dplora.run.results import read_metrics
 
@@ -335,9 +337,20 @@ def rebased(study: dict[str, Any], config_dir: Path, folder: Path) -> dict[str, 
 FOLLOW_UP_KEYS = ("partition", "privacy", "method", "optimizer", "learning-rate", "seed")
 
 
+def follow_up_seeds(key: tuple, registered_seeds: dict[tuple, set[int]]) -> list[int]:
+    """Seeds 1 and 2 of a chosen setting, and every other seed the pre-registration
+    tests it over (seed 0 is the tuning run)."""
+    method, privacy, partition, rank = key
+    extra = registered_seeds.get((method, privacy, partition), set()) if rank == TUNED_RANK \
+        else set()
+    return sorted(({1, 2} | extra) - {0})
+
+
 def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
-              params_of: dict[str, dict] | None = None) -> str:
-    """The next sweep: seeds 1-2 of each chosen setting, then the rank study at rank 8's
+              params_of: dict[str, dict] | None = None,
+              registered_seeds: dict[tuple, set[int]] | None = None) -> str:
+    """The next sweep: seeds 1-2 of each chosen setting (and any further seed the
+    pre-registration's `registered_seeds` names for it), then the rank study at rank 8's
     choice for each rank not tuned on its own. `params_of` (cell name -> its grid values)
     carries a chosen cell's other grid keys (a rank study's `lora.rank`, `lora.alpha`)."""
     grids, rank_grids = [], []
@@ -346,7 +359,8 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
         grid = {"partition": [partition], "privacy": ["none" if privacy == "none"
                                                       else float(privacy)],
                 "method": [method], "optimizer": [chosen[key]["optimizer"]],
-                "learning-rate": [chosen[key]["learning_rate"]], "seed": [1, 2]}
+                "learning-rate": [chosen[key]["learning_rate"]],
+                "seed": follow_up_seeds(key, registered_seeds or {})}
         params = (params_of or {}).get(chosen[key]["cell"], {})
         grid.update({k: [v] for k, v in params.items() if k not in FOLLOW_UP_KEYS})
         grids.append(grid)
@@ -418,8 +432,10 @@ def main() -> None:
     follow = sweep / f"{study['name']}_chosen.toml"  # generated: in the study folder
     if final:
         params_of = {c.name: c.params for c in cells(study, args.config.parent)}
+        registered_seeds = (seeds_by_setting(registered(sweep))
+                            if (sweep / PREREGISTRATION).is_file() else {})
         follow.write_text(follow_up(rebased(study, args.config.parent, sweep), final,
-                                    params_of))
+                                    params_of, registered_seeds))
     else:  # a follow-up written before the grid grew would run unfinished choices
         follow.unlink(missing_ok=True)
     log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),

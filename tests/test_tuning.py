@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from experiments import tuning
+from experiments import preregistration, tuning
 from experiments.sweep import cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,46 @@ def test_the_follow_up_sweep_runs_seeds_1_2_and_the_rank_study(tmp_path):
     assert any("lora.rank=32" in n and "seed=0" in n for n in names)
     assert any("optimizer=adam" in n and "privacy=none" in n for n in names)
     assert all("learning-rate=1.0" in n for n in names if "privacy=8.0" in n)
+
+
+PREREGISTERED = """Free text before the block.
+```toml
+[family]
+seeds = [0, 1, 2, 3, 4]
+
+[[hypothesis]]
+id = "H1"
+difference = "interaction"
+at = { privacy = "1.0", baseline = "none", partition = "iid" }
+
+[[hypothesis]]
+id = "H2"
+difference = "fedsa:personal - ffa"
+at = { privacy = "8.0", partition = "iid" }
+seeds = [0, 1, 2]
+```
+"""
+
+
+def test_the_follow_up_runs_every_seed_the_preregistration_tests_a_setting_over(tmp_path):
+    for name, method, privacy in [("a", "ffa", 1.0), ("b", "vanilla", "none"),
+                                  ("c", "fedsa", 8.0), ("d", "ffa", 3.0)]:
+        fake_cell(tmp_path, name, method, privacy, 0.1, "sgd", 0, val=0.8, test=0.8)
+    (tmp_path / "preregistration.md").write_text(PREREGISTERED)
+    needed = preregistration.seeds_by_setting(preregistration.registered(tmp_path))
+    assert needed[("vanilla", "none", "iid")] == {0, 1, 2, 3, 4}  # the interaction's base
+    assert needed[("fedsa", "8.0", "iid")] == {0, 1, 2}  # "fedsa:personal" is fedsa's cell
+    study = {"name": "s", "clients": 4, "base": {"local-steps": 2}}
+    chosen = tuning.choose(tuning.cell_rows(tmp_path))
+    text = tuning.follow_up(study, chosen, registered_seeds=needed)
+    seeds = {}
+    for cell in cells(tomllib.loads(text), tmp_path):
+        key = (cell.params["method"], str(cell.params["privacy"]),
+               cell.params.get("lora.rank", 8))
+        seeds.setdefault(key, []).append(cell.params["seed"])
+    assert seeds[("ffa", "1.0", 8)] == seeds[("vanilla", "none", 8)] == [1, 2, 3, 4]
+    assert seeds[("fedsa", "8.0", 8)] == seeds[("ffa", "3.0", 8)] == [1, 2]
+    assert seeds[("fedsa", "8.0", 2)] == [0, 1, 2]  # the rank study keeps its own seeds
 
 
 def test_the_follow_up_runs_the_most_informative_settings_first(tmp_path):

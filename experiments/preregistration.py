@@ -1,0 +1,53 @@
+"""A study's pre-registration: the ```toml block of `<study>/preregistration.md`
+(hypotheses, score, seeds, correction), read by the analysis (`experiments.confirm`)
+and by the follow-up sweep (`experiments.tuning`), which runs every seed it names."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+PREREGISTRATION = "preregistration.md"
+INTERACTION_ARMS = "ffa - vanilla"  # an interaction's gap unless it names its `arms`
+
+
+def registered(study: Path) -> dict[str, Any]:
+    """The pre-registration's TOML block."""
+    text = (study / PREREGISTRATION).read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    if block is None:
+        raise SystemExit(f"{study / PREREGISTRATION}: no ```toml block to read")
+    return tomllib.loads(block.group(1))
+
+
+def arms(hypothesis: dict) -> tuple[str, str]:
+    """The two arms of `difference = "a - b"` (an interaction: of its `arms`)."""
+    text = (hypothesis.get("arms", INTERACTION_ARMS)
+            if hypothesis["difference"] == "interaction" else hypothesis["difference"])
+    parts = [part.strip() for part in text.split(" - ")]
+    if len(parts) != 2 or not all(parts):
+        raise SystemExit(f"{PREREGISTRATION}: hypothesis {hypothesis['id']}: "
+                         f"{text!r} is not of the form \"a - b\"")
+    return parts[0], parts[1]
+
+
+def hypothesis_seeds(hypothesis: dict, family: dict[str, Any]) -> list[int]:
+    """The seeds a hypothesis is tested over: its own, or the family's."""
+    return list(hypothesis.get("seeds", family["seeds"]))
+
+
+def seeds_by_setting(plan: dict[str, Any]) -> dict[tuple[str, str, str], set[int]]:
+    """(method, privacy, partition) -> every seed some hypothesis needs of that setting:
+    both arms, at `at.privacy` and, for an interaction, at its baseline."""
+    needed: dict[tuple[str, str, str], set[int]] = {}
+    for hypothesis in plan.get("hypothesis", []):
+        at = hypothesis["at"]
+        privacies = [at["privacy"]] + ([at["baseline"]] if "baseline" in at else [])
+        for arm in arms(hypothesis):
+            method = arm.partition(":")[0]  # "fedsa:personal" is fedsa's cell
+            for privacy in privacies:
+                needed.setdefault((method, str(privacy), at["partition"]), set()).update(
+                    hypothesis_seeds(hypothesis, plan["family"]))
+    return needed
