@@ -44,7 +44,8 @@ def seeds_by_setting(plan: dict[str, Any]) -> dict[tuple[str, str, str], set[int
     needed: dict[tuple[str, str, str], set[int]] = {}
     for hypothesis in plan.get("hypothesis", []):
         at = hypothesis["at"]
-        privacies = [at["privacy"]] + ([at["baseline"]] if "baseline" in at else [])
+        interaction = hypothesis["difference"] == "interaction"
+        privacies = [at["privacy"]] + ([at["baseline"]] if interaction else [])
         for arm in arms(hypothesis):
             method = arm.partition(":")[0]  # "fedsa:personal" is fedsa's cell
             for privacy in privacies:

@@ -341,9 +341,9 @@ def follow_up_seeds(key: tuple, registered_seeds: dict[tuple, set[int]]) -> list
     """Seeds 1 and 2 of a chosen setting, and every other seed the pre-registration
     tests it over (seed 0 is the tuning run)."""
     method, privacy, partition, rank = key
-    extra = registered_seeds.get((method, privacy, partition), set()) if rank == TUNED_RANK \
-        else set()
-    return sorted(({1, 2} | extra) - {0})
+    if rank != TUNED_RANK:  # the rank study is not in a pre-registered family
+        return [1, 2]
+    return sorted(({1, 2} | registered_seeds.get((method, privacy, partition), set())) - {0})
 
 
 def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
