@@ -5,7 +5,9 @@ correction, and `baselines`: other studies' folders whose cells of the named met
 join this study's), the finished cells at their chosen (validation-tuned) settings,
 and writes `<study>/confirmation.md`: each hypothesis's paired difference over the
 seeds both arms have run, its one-sided paired t p-value, the Holm-corrected p-value
-over the family, and whether it is confirmed; the seeds still missing are named.
+over the family, and whether it is confirmed; the seeds still missing are named. The
+same difference on the mean of the last rounds' test accuracy is reported beside it,
+not tested (the registered secondary score).
 
     python -m experiments.confirm experiments/results/cpu_agnews_regime
 """
@@ -23,11 +25,12 @@ from scipy import stats
 
 from experiments.predictions import PREDICTIONS
 from experiments.preregistration import PREREGISTRATION, arms, hypothesis_seeds, registered
-from experiments.tuning import TUNED_RANK, cell_rows, choose, setting_by_seed
+from experiments.tuning import LAST_ROUNDS, TUNED_RANK, cell_rows, choose, setting_by_seed
 
 log = logging.getLogger("fed_dplora.confirm")
 CONFIRMATION = "confirmation.md"
 SCORES = {"": "accuracy", "personal": "personal_accuracy"}  # an arm's "method[:score]"
+LAST_ROUNDS_SCORES = {"": "last_rounds_accuracy", "personal": "personal_last_rounds_accuracy"}
 
 
 def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:
@@ -40,19 +43,21 @@ def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:
 
 
 def score_by_seed(rows: list[dict], chosen: dict, arm: str, privacy: str,
-                  partition: str, column: str | None = None) -> dict[int, Any]:
+                  partition: str, column: str | None = None,
+                  scores: dict[str, str] = SCORES) -> dict[int, Any]:
     """An arm's score per seed at its chosen setting: "method" is its test accuracy,
-    "method:personal" the same under each site's own tensors (FedSA); or the rows'
-    `column` instead, if given."""
+    "method:personal" the same under each site's own tensors (FedSA), both as `scores`
+    name them; or the rows' `column` instead, if given."""
     method, _, score = arm.partition(":")
     if score not in SCORES:
         raise SystemExit(f"{PREREGISTRATION}: arm {arm!r}: the score after ':' must be "
                          f"one of {sorted(s for s in SCORES if s)}")
     return setting_by_seed(rows, chosen, (method, privacy, partition, TUNED_RANK),
-                           column or SCORES[score])
+                           column or scores[score])
 
 
-def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, float]:
+def differences(rows: list[dict], chosen: dict, hypothesis: dict,
+                scores: dict[str, str] = SCORES) -> dict[int, float]:
     """Per seed: arm a minus arm b at `at`, or for an interaction that gap minus the gap
     at the baseline privacy setting."""
     at, (left, right) = hypothesis["at"], arms(hypothesis)
@@ -61,7 +66,7 @@ def differences(rows: list[dict], chosen: dict, hypothesis: dict) -> dict[int, f
                          "sided = \"greater\" (one-sided, a - b > 0) is tested")
 
     def gap(privacy: str) -> dict[int, float]:
-        a, b = (score_by_seed(rows, chosen, arm, privacy, at["partition"])
+        a, b = (score_by_seed(rows, chosen, arm, privacy, at["partition"], scores=scores)
                 for arm in (left, right))
         return {s: a[s] - b[s] for s in a.keys() & b.keys()}
     first = gap(at["privacy"])
@@ -196,16 +201,23 @@ def confirmation(study: Path) -> str:
              f"{len(hypotheses)} hypotheses; alpha {family['alpha']}. While some hypotheses "
              "wait for seeds, a finished one's Holm p is the range the others' outcomes "
              "leave it, and its verdict waits unless the whole range is on one side.", "",
-             "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed |",
-             "|---|---|---|---|---|---|---|"]
+             "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed | "
+             f"last {LAST_ROUNDS} rounds' mean: difference (points), not tested |",
+             "|---|---|---|---|---|---|---|---|"]
     for h in hypotheses:
         hid = h["id"]
         values = diffs[hid]
-        mean = f"{100 * statistics.fmean(values.values()):+.2f}" if values else "-"
         said = verdict(missing[hid], bounds[hid], family["alpha"], unfinished)
-        lines.append(f"| {hid} | {h['claim']} | {sorted(values)} | {mean} | "
-                     f"{_p(raw[hid])} | {_p_range(bounds[hid])} | {said} |")
+        secondary = differences(rows, chosen, h, LAST_ROUNDS_SCORES)
+        lines.append(f"| {hid} | {h['claim']} | {sorted(values)} | {_points(values)} | "
+                     f"{_p(raw[hid])} | {_p_range(bounds[hid])} | {said} | "
+                     f"{_points(secondary)} |")
     return "\n".join(lines + record_section(rows, chosen, hypotheses)) + "\n"
+
+
+def _points(values: dict[int, float]) -> str:
+    """The mean of per-seed differences, in points ('-' while there is none)."""
+    return f"{100 * statistics.fmean(values.values()):+.2f}" if values else "-"
 
 
 def _p(value: float | None) -> str:
