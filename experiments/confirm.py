@@ -25,12 +25,13 @@ from scipy import stats
 
 from experiments.predictions import PREDICTIONS
 from experiments.preregistration import PREREGISTRATION, arms, hypothesis_seeds, registered
-from experiments.tuning import LAST_ROUNDS, TUNED_RANK, cell_rows, choose, setting_by_seed
+from experiments.tuning import (LAST_ROUNDS, LAST_ROUNDS_KEY, TUNED_RANK, cell_rows, choose,
+                               setting_by_seed)
 
 log = logging.getLogger("fed_dplora.confirm")
 CONFIRMATION = "confirmation.md"
 SCORES = {"": "accuracy", "personal": "personal_accuracy"}  # an arm's "method[:score]"
-LAST_ROUNDS_SCORES = {"": "last_rounds_accuracy", "personal": "personal_last_rounds_accuracy"}
+LAST_ROUNDS_SCORES = {score: LAST_ROUNDS_KEY + column for score, column in SCORES.items()}
 
 
 def study_rows(study: Path, family: dict[str, Any]) -> list[dict]:

@@ -54,6 +54,7 @@ RANKS = (2, TUNED_RANK, 32)
 RANK_COLUMNS = tuple(f"rank {r}" for r in RANKS)
 RANK_STUDY = ("8.0", "iid")  # the rank study's privacy and partition
 LAST_ROUNDS = 3  # preregistration.md's secondary score: the mean of the last 3 rounds
+LAST_ROUNDS_KEY = "last_rounds_"  # a row's column of that mean: this + the final one's
 
 
 def describe(config: dict[str, Any]) -> dict[str, Any]:
@@ -83,9 +84,9 @@ def cell_rows(sweep: Path) -> list[dict[str, Any]]:
             "val_accuracy": last.get("val_accuracy"), "accuracy": last["eval_accuracy"],
             "macro_f1": last.get("eval_macro_f1"), "epsilon": last["epsilon_sample"],
             "personal_accuracy": last.get("personal_eval_accuracy"),
-            "last_rounds_accuracy": _last_rounds_mean(metrics, "eval_accuracy"),
-            "personal_last_rounds_accuracy": _last_rounds_mean(metrics,
-                                                               "personal_eval_accuracy"),
+            LAST_ROUNDS_KEY + "accuracy": _last_rounds_mean(metrics, "eval_accuracy"),
+            LAST_ROUNDS_KEY + "personal_accuracy": _last_rounds_mean(
+                metrics, "personal_eval_accuracy"),
             "bytes_up": statistics.fmean(m["bytes_up"] for m in metrics),
             "bytes_down": statistics.fmean(m["bytes_down"] for m in metrics),
             "rounds_lost": summary.get("rounds_lost_to_failures", 0)})

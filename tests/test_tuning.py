@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=8,
-              partitioner="iid", rounds_lost=None, personal=None, bytes_up=1000):
+              partitioner="iid", rounds_lost=None, personal=None, bytes_up=1000,
+              earlier=()):
+    """A finished cell; `earlier`: test accuracies of rounds before the final one."""
     folder = root / "cells" / name
     folder.mkdir(parents=True)
     level = "none" if privacy == "none" else "sample"
@@ -29,11 +31,13 @@ def fake_cell(root, name, method, privacy, lr, optimizer, seed, val, test, rank=
     (folder / "config.json").write_text(json.dumps(config))
     summary = {} if rounds_lost is None else {"rounds_lost_to_failures": rounds_lost}
     (folder / "summary.json").write_text(json.dumps(summary))
-    (folder / "metrics.jsonl").write_text(json.dumps({
-        "round": 1, "val_accuracy": val, "eval_accuracy": test, "eval_macro_f1": test - 0.1,
-        "epsilon_sample": None if level == "none" else privacy, "bytes_up": bytes_up,
-        "bytes_down": 2 * bytes_up,
-        **({} if personal is None else {"personal_eval_accuracy": personal})}) + "\n")
+    final = {"val_accuracy": val, "eval_macro_f1": test - 0.1,
+             "epsilon_sample": None if level == "none" else privacy, "bytes_up": bytes_up,
+             "bytes_down": 2 * bytes_up,
+             **({} if personal is None else {"personal_eval_accuracy": personal})}
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({**final, "round": i + 1, "eval_accuracy": accuracy}) + "\n"
+        for i, accuracy in enumerate([*earlier, test])))
 
 
 def test_the_best_validation_accuracy_is_chosen_and_reported_on_test(tmp_path):
@@ -365,14 +369,6 @@ def test_a_registered_difference_of_any_two_methods_reads_baselines_and_personal
     assert "| M1 | c | [0, 1] | +3.50 |" in report and "| M2 | c | [0, 1] | +20.50 |" in report
 
 
-def _with_rounds(root, name, accuracies):
-    """Rewrite a fake cell's metrics.jsonl with one row per test accuracy given."""
-    path = root / "cells" / name / "metrics.jsonl"
-    row = json.loads(path.read_text())
-    path.write_text("".join(json.dumps({**row, "round": i + 1, "eval_accuracy": a}) + "\n"
-                            for i, a in enumerate(accuracies)))
-
-
 def test_the_secondary_score_is_the_last_three_rounds_mean_difference_beside_the_test(
         tmp_path):
     """preregistration.md reports, untested, the mean of the last 3 rounds' test accuracy:
@@ -384,8 +380,7 @@ def test_the_secondary_score_is_the_last_three_rounds_mean_difference_beside_the
     for (arm, seed), accuracies in rounds.items():
         method = {"f": "ffa", "v": "vanilla"}[arm]
         fake_cell(tmp_path, f"{arm}{seed}", method, 1.0, 0.1, "sgd", seed, val=0.8,
-                  test=accuracies[-1])
-        _with_rounds(tmp_path, f"{arm}{seed}", accuracies)
+                  test=accuracies[-1], earlier=accuracies[:-1])
     _preregister(tmp_path, [{"id": "H1", "claim": "c", "difference": "ffa - vanilla",
                              "at": {"privacy": "1.0", "partition": "iid"}}])
     row = next(line for line in confirmation(tmp_path).splitlines()
