@@ -14,7 +14,8 @@ the largest eps that this rejects at 95% confidence is the bound. Several k are 
 with a Bonferroni correction, so the bound keeps its 95%.
 
     python -m experiments.audit_one_run [--canaries 1000] [--clean-records 1000]
-        [--runs none eps8 eps1] [--dp-learning-rate 0.3] [--out DIR]
+        [--runs none eps8 eps1 sigma/10 sigma/1000] [--dp-learning-rate 0.3]
+        [--seeds 0 1 2] [--out DIR]
 
 The bound must sit below the ledger's epsilon; if it does not, that is a privacy bug.
 """
@@ -105,10 +106,12 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float) -> f
 
 
 def audit(losses: np.ndarray, included: np.ndarray, delta: float) -> dict:
-    """The best bound over the k of GUESSES (each tested at alpha / len(GUESSES))."""
+    """The best bound over the k of GUESSES (each tested at alpha / len(GUESSES)), and
+    the Bonferroni-adjusted p-value of "no leak at all" (epsilon = 0)."""
     order = np.argsort(losses, kind="mergesort")
     alpha = (1 - CONFIDENCE) / len(GUESSES)
     best = {"epsilon_lower_bound": 0.0, "k": None, "r": 0, "v": 0}
+    no_leak = 1.0
     for k in GUESSES:
         if 2 * k > len(losses):
             continue
@@ -116,7 +119,15 @@ def audit(losses: np.ndarray, included: np.ndarray, delta: float) -> dict:
         bound = epsilon_lower_bound(len(losses), 2 * k, v, delta, alpha)
         if bound >= best["epsilon_lower_bound"]:
             best = {"epsilon_lower_bound": bound, "k": k, "r": 2 * k, "v": v}
-    return best
+        no_leak = min(no_leak, len(GUESSES) * p_value(len(losses), 2 * k, v, 0.0, delta))
+    return {**best, "p_no_leak": min(1.0, no_leak)}
+
+
+def highest_bound(canaries: int, delta: float) -> float:
+    """The largest bound `canaries` can give at all: every guess right, at the best k."""
+    alpha = (1 - CONFIDENCE) / len(GUESSES)
+    return max(epsilon_lower_bound(canaries, 2 * k, 2 * k, delta, alpha)
+               for k in GUESSES if 2 * k <= canaries)
 
 
 def random_word_canaries(data: LabelledText, count: int, rng: random.Random
@@ -161,7 +172,8 @@ def run_name(setting: Setting) -> str:
     return setting.level + (f"-eps{setting.epsilon:g}" if setting.epsilon else "")
 
 
-def run_setting(federation, folder: Path, work: Path, setting: Setting, args) -> Path:
+def run_setting(federation, folder: Path, work: Path, setting: Setting, args,
+                seed: int) -> Path:
     run_dir = work / "runs" / run_name(setting)
     if not (run_dir / "summary.json").exists():
         config = {"data.path": str(folder.resolve()), "num-server-rounds": args.rounds,
@@ -169,7 +181,7 @@ def run_setting(federation, folder: Path, work: Path, setting: Setting, args) ->
                   "physical-batch-size": 64, "model.max-length": 32,
                   "data.partitioner": "natural", "data.partition-column": "site",
                   "optimizer": setting.optimizer, "learning-rate": setting.learning_rate,
-                  "seed": args.seed, "privacy.level": setting.level,
+                  "seed": seed, "privacy.level": setting.level,
                   "run-name": run_dir.name, "output-dir": str(run_dir.parent.resolve())}
         if setting.epsilon:
             config["privacy.target-epsilon"] = setting.epsilon
@@ -200,23 +212,66 @@ def score(run_dir: Path, canary: LabelledText, included: np.ndarray) -> dict:
             **audit(losses, included, delta)}
 
 
+def nominal_epsilon(setting: Setting) -> float | None:
+    """The epsilon a run's bound is held against: its own target, or for a positive
+    control the eps-1 run's, whose sigma it scales down."""
+    if setting.noise_scale is not None:
+        return DP_EPSILONS["eps1"]
+    return setting.epsilon
+
+
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    delta = max(r["delta"] for r in results)
     lines = [f"One-run audit (Steinke et al. 2023), all-MiniLM-L6-v2 FFA-LoRA, AG News: "
              f"{args.clean_records} clean records and {args.canaries} random-word canaries "
              f"with random labels, each inserted with probability 1/2, over "
              f"{args.clients} clients; {args.rounds} rounds x 10 steps x batch 64; "
-             f"seed {args.seed}; bound at {CONFIDENCE:.0%} (Bonferroni over k in "
-             f"{list(GUESSES)}).", "",
-             "| run | optimizer, lr | ledger ε | δ | test accuracy | canary loss in / out "
-             "| best k | correct / guesses | ε lower bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"seeds {', '.join(map(str, args.seeds))}; bound at {CONFIDENCE:.0%} "
+             f"(Bonferroni over k in {list(GUESSES)}); the highest bound {args.canaries} "
+             f"canaries can give is {highest_bound(args.canaries, delta):.2f}.", "",
+             "| run | seed | optimizer, lr | ledger ε | δ | test accuracy | canary loss "
+             "in / out | best k | correct / guesses | ε lower bound | p (ε = 0) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        eps = "∞ (no DP)" if r["epsilon_ledger"] is None else f"{r['epsilon_ledger']:.2f}"
-        lines.append(f"| {r['run']} | {r['optimizer']} {r['learning_rate']:g} | {eps} | "
-                     f"{r['delta']:.0e} | {r['eval_accuracy']:.3f} | {r['loss_in']:.3f} / "
-                     f"{r['loss_out']:.3f} | {r['k']} | {r['v']} / {r['r']} | "
-                     f"{r['epsilon_lower_bound']:.3f} |")
-    return "\n".join(lines) + "\n"
+        eps = "∞ (no DP)" if r["epsilon_ledger"] is None else f"{r['epsilon_ledger']:.3g}"
+        lines.append(f"| {r['run']} | {r['seed']} | {r['optimizer']} "
+                     f"{r['learning_rate']:g} | {eps} | {r['delta']:.0e} | {r['eval_accuracy']:.3f} | "
+                     f"{r['loss_in']:.3f} / {r['loss_out']:.3f} | {r['k']} | "
+                     f"{r['v']} / {r['r']} | {r['epsilon_lower_bound']:.3f} | "
+                     f"{r['p_no_leak']:.2g} |")
+    return "\n".join(lines + ["", *run_summaries(results)]) + "\n"
+
+
+def run_summaries(results: list[dict]) -> list[str]:
+    """Per run, over seeds: how often the bound is above 0 and above the nominal epsilon."""
+    lines = []
+    for run in dict.fromkeys(r["run"] for r in results):
+        rows = [r for r in results if r["run"] == run]
+        bounds = ", ".join(f"{r['epsilon_lower_bound']:.2f}" for r in rows)
+        line = (f"- {run}: bounds {bounds}; above 0 in "
+                f"{sum(r['epsilon_lower_bound'] > 0 for r in rows)} of {len(rows)} seeds")
+        nominal = rows[0]["nominal_epsilon"]
+        if nominal is not None:
+            above = sum(r["epsilon_lower_bound"] > nominal for r in rows)
+            line += f", above ε = {nominal:g} in {above} of {len(rows)}"
+        lines.append(line + ".")
+    return lines
+
+
+def audit_seed(federation, args: argparse.Namespace, seed: int) -> list[dict]:
+    """Every named run on this seed's canaries and clean data, each scored."""
+    work = args.out / "work" / f"seed-{seed}"
+    folder, canary, included = prepare(work, args.canaries, args.clean_records, seed,
+                                       args.clients)
+    rows = []
+    for setting in settings(args.runs, args.dp_learning_rate):
+        run_dir = run_setting(federation, folder, work, setting, args, seed)
+        rows.append({**score(run_dir, canary, included), "seed": seed,
+                     "nominal_epsilon": nominal_epsilon(setting),
+                     "optimizer": setting.optimizer,
+                     "learning_rate": setting.learning_rate})
+        log.info("%s", rows[-1])
+    return rows
 
 
 def main() -> None:
@@ -225,7 +280,7 @@ def main() -> None:
     parser.add_argument("--clean-records", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/results/audit_one_run"))
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="the controls (sigma/10, sigma/1000) need eps1's run first")
@@ -233,17 +288,8 @@ def main() -> None:
                         help="SGD learning rate of the DP runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    work = args.out / "work"
-    folder, canary, included = prepare(work, args.canaries, args.clean_records, args.seed,
-                                       args.clients)
-    results = []
     with LocalFederation(args.clients) as federation:
-        for setting in settings(args.runs, args.dp_learning_rate):
-            run_dir = run_setting(federation, folder, work, setting, args)
-            results.append({**score(run_dir, canary, included),
-                            "optimizer": setting.optimizer,
-                            "learning_rate": setting.learning_rate})
-            log.info("%s", results[-1])
+        results = [row for seed in args.seeds for row in audit_seed(federation, args, seed)]
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results, args)
     (args.out / "results.md").write_text(table)

@@ -9,7 +9,8 @@ import pytest
 from scipy import optimize, stats
 
 from experiments.audit_one_run import (
-    NO_DP, RUNS, Setting, audit, epsilon_lower_bound, p_value, prepare, settings)
+    GUESSES, NO_DP, RUNS, Setting, audit, epsilon_lower_bound, highest_bound,
+    nominal_epsilon, p_value, prepare, run_summaries, settings)
 
 
 def test_with_delta_zero_the_bound_is_where_the_binomial_tail_meets_alpha():
@@ -47,6 +48,43 @@ def test_the_audit_finds_a_clear_signal_and_none_in_noise():
     separated = np.where(included, 0.1, 2.0) + rng.normal(0, 0.01, 500)
     assert audit(separated, included, 1e-5)["epsilon_lower_bound"] > 2.0
     assert audit(rng.normal(size=500), included, 1e-5)["epsilon_lower_bound"] < 0.5
+
+
+def test_the_no_leak_p_value_is_the_bonferroni_adjusted_fair_coin_tail():
+    """With delta 0, "no leak" means each guess is a fair coin: the p-value is the
+    smallest over k of the binomial tail at 1/2, times the number of k tried."""
+    rng = np.random.default_rng(2)
+    included = rng.random(1000) < 0.5
+    losses = np.where(included, 0.0, 1.0) + rng.normal(0, 1.5, 1000)
+    order = np.argsort(losses, kind="mergesort")
+    tails = [stats.binom.sf(included[order[:k]].sum() + (~included[order[-k:]]).sum() - 1,
+                            2 * k, 0.5) for k in GUESSES]
+    result = audit(losses, included, 0.0)
+    assert result["p_no_leak"] == pytest.approx(min(1.0, len(GUESSES) * min(tails)))
+    assert result["p_no_leak"] < 0.05 and result["epsilon_lower_bound"] > 0
+    assert audit(rng.normal(size=1000), included, 0.0)["p_no_leak"] > 0.05
+
+
+def test_1000_canaries_cannot_bound_more_than_about_5_3():
+    """Every guess right at k = 500 is the most a run can show: the bound docs/privacy.md
+    quotes, and it is what a perfect separation of 1,000 canaries gives."""
+    assert highest_bound(1000, 1e-5) == pytest.approx(5.3, abs=0.05)
+    included = np.arange(1000) % 2 == 0
+    assert audit(np.where(included, 0.0, 1.0), included, 1e-5)[
+        "epsilon_lower_bound"] == pytest.approx(highest_bound(1000, 1e-5))
+    assert highest_bound(100, 1e-5) < highest_bound(1000, 1e-5)
+
+
+def test_each_run_is_summarised_over_seeds_against_its_nominal_epsilon():
+    control = Setting("sample", 1e12, "sgd", 0.1, 0.1)
+    assert nominal_epsilon(control) == 1.0  # held against the eps-1 run it scales
+    assert nominal_epsilon(Setting("sample", 8.0, "sgd", 0.1)) == 8.0
+    rows = [{"run": "sample-sigma-x0.1", "epsilon_lower_bound": bound,
+             "nominal_epsilon": 1.0} for bound in (0.0, 0.6, 1.4)] + [
+        {"run": "none", "epsilon_lower_bound": 1.2, "nominal_epsilon": None}]
+    assert run_summaries(rows) == [
+        "- sample-sigma-x0.1: bounds 0.00, 0.60, 1.40; above 0 in 2 of 3 seeds, above "
+        "ε = 1 in 1 of 3.", "- none: bounds 1.20; above 0 in 1 of 1 seeds."]
 
 
 def test_exactly_the_included_canaries_are_trained_on(tmp_path):
