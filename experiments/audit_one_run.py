@@ -235,7 +235,8 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     for r in results:
         eps = "∞ (no DP)" if r["epsilon_ledger"] is None else f"{r['epsilon_ledger']:.3g}"
         lines.append(f"| {r['run']} | {r['seed']} | {r['optimizer']} "
-                     f"{r['learning_rate']:g} | {eps} | {r['delta']:.0e} | {r['eval_accuracy']:.3f} | "
+                     f"{r['learning_rate']:g} | {eps} | {r['delta']:.0e} | "
+                     f"{r['eval_accuracy']:.3f} | "
                      f"{r['loss_in']:.3f} / {r['loss_out']:.3f} | {r['k']} | "
                      f"{r['v']} / {r['r']} | {r['epsilon_lower_bound']:.3f} | "
                      f"{r['p_no_leak']:.2g} |")
