@@ -174,7 +174,8 @@ def verdict(missing: list[int], bounds: tuple[float, float] | None, alpha: float
     """Confirmed only if no outcome of the family's unfinished hypotheses could undo it;
     refuted only if none could confirm it."""
     if missing:
-        return "not yet: seeds " + ", ".join(map(str, missing)) + " missing"
+        return (f"not yet: seed{'s' if len(missing) > 1 else ''} "
+                + ", ".join(map(str, missing)) + " missing")
     low, high = bounds
     if high < alpha:
         return "yes"

@@ -315,6 +315,7 @@ def test_a_finished_hypothesis_is_not_judged_while_the_family_could_still_change
     assert p == pytest.approx(0.0413, abs=1e-4)
     report = confirmation(tmp_path)
     assert f"| {p:.3g} | {p:.3g} to {2 * p:.3g} | not yet: Holm p depends on H2 |" in report
+    assert "| not yet: seed 1 missing |" in report
     fake_cell(tmp_path, "fd1", "ffa", 1.0, 0.1, "sgd", 1, val=0.8, test=0.8,
               partitioner="dirichlet")
     fake_cell(tmp_path, "vd1", "vanilla", 1.0, 0.1, "sgd", 1, val=0.8, test=0.81,
