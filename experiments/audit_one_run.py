@@ -80,6 +80,12 @@ def settings(runs: list[str], dp_learning_rate: float) -> list[Setting]:
 
 GUESSES = (25, 50, 100, 250, 500)  # k: guesses on each side; Bonferroni over these
 CONFIDENCE = 0.95
+ALPHA_PER_K = (1 - CONFIDENCE) / len(GUESSES)  # Bonferroni: each k tested at this level
+
+
+def guess_counts(canaries: int) -> list[int]:
+    """The k of GUESSES that `canaries` allow (k guesses on each side)."""
+    return [k for k in GUESSES if 2 * k <= canaries]
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -106,17 +112,14 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: float) -> f
 
 
 def audit(losses: np.ndarray, included: np.ndarray, delta: float) -> dict:
-    """The best bound over the k of GUESSES (each tested at alpha / len(GUESSES)), and
-    the Bonferroni-adjusted p-value of "no leak at all" (epsilon = 0)."""
+    """The best bound over the k of GUESSES (each tested at ALPHA_PER_K), and the
+    Bonferroni-adjusted p-value of "no leak at all" (epsilon = 0)."""
     order = np.argsort(losses, kind="mergesort")
-    alpha = (1 - CONFIDENCE) / len(GUESSES)
     best = {"epsilon_lower_bound": 0.0, "k": None, "r": 0, "v": 0}
     no_leak = 1.0
-    for k in GUESSES:
-        if 2 * k > len(losses):
-            continue
+    for k in guess_counts(len(losses)):
         v = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
-        bound = epsilon_lower_bound(len(losses), 2 * k, v, delta, alpha)
+        bound = epsilon_lower_bound(len(losses), 2 * k, v, delta, ALPHA_PER_K)
         if bound >= best["epsilon_lower_bound"]:
             best = {"epsilon_lower_bound": bound, "k": k, "r": 2 * k, "v": v}
         no_leak = min(no_leak, len(GUESSES) * p_value(len(losses), 2 * k, v, 0.0, delta))
@@ -125,9 +128,8 @@ def audit(losses: np.ndarray, included: np.ndarray, delta: float) -> dict:
 
 def highest_bound(canaries: int, delta: float) -> float:
     """The largest bound `canaries` can give at all: every guess right, at the best k."""
-    alpha = (1 - CONFIDENCE) / len(GUESSES)
-    return max(epsilon_lower_bound(canaries, 2 * k, 2 * k, delta, alpha)
-               for k in GUESSES if 2 * k <= canaries)
+    return max(epsilon_lower_bound(canaries, 2 * k, 2 * k, delta, ALPHA_PER_K)
+               for k in guess_counts(canaries))
 
 
 def random_word_canaries(data: LabelledText, count: int, rng: random.Random
