@@ -16,8 +16,9 @@ from fed_dplora.privacy.ledger import (FEDERATION, client_level_ledger, rdp_curv
                                       sample_level_ledger)
 from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_level,
                                      plan_sample_level)
-from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION, RDP_ORDERS
-from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
+from fed_dplora.privacy.accountants import (LIVE_PLD_DISCRETIZATION, PLD_MAX_RDP_EPSILON,
+                                            RDP_ORDERS)
+from fed_dplora.privacy.report import ledger_report, max_pld_epsilon, pld_epsilon
 
 DELTA = 1e-5
 REPLACE_ONE = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
@@ -152,6 +153,29 @@ def test_replace_one_is_reported_next_to_add_remove_and_matches_an_independent_p
     assert report["epsilon_pld_replace_one_max"] > report["epsilon_pld_max"]
     live = max_pld_epsilon(ledger, REPLACE_ONE, LIVE_PLD_DISCRETIZATION)
     assert max(expected.values()) <= live <= max(expected.values()) + 1e-3
+
+
+def _dp_accounting(accountant, q: float, sigma: float, steps: int) -> float:
+    accountant.compose(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(DELTA)
+
+
+def test_a_noise_multiplier_too_small_for_a_pld_reads_infinite_instead_of_filling_memory():
+    """sigma 0.0044 (the audit's sigma/1000 control; q 0.1, 100 steps) once grew a PLD to
+    23 GB. dp-accounting's RDP puts it far above the cap, so its PLD epsilon is infinite,
+    an upper bound, in both relations. Below the cap (sigma/10, RDP epsilon about 51) the
+    PLD is still computed and equals dp-accounting's own."""
+    q, steps = 0.1, 100
+    assert _dp_accounting(rdp.RdpAccountant(), q, 0.0044, steps) > PLD_MAX_RDP_EPSILON
+    tiny = ((dp_sgd_step(q, 0.0044), steps),)
+    add_or_remove = dpa.privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
+    for relation in (REPLACE_ONE, add_or_remove):
+        assert pld_epsilon(tiny, DELTA, relation, LIVE_PLD_DISCRETIZATION) == float("inf")
+    assert _dp_accounting(rdp.RdpAccountant(), q, 0.4426, steps) < PLD_MAX_RDP_EPSILON
+    fine = pld.PLDAccountant(REPLACE_ONE, value_discretization_interval=1e-3)
+    expected = _dp_accounting(fine, q, 0.4426, steps)
+    small = ((dp_sgd_step(q, 0.4426), steps),)
+    assert pld_epsilon(small, DELTA, REPLACE_ONE, 1e-3) == pytest.approx(expected, rel=1e-9)
 
 
 def test_federation_epsilon_is_the_max_over_clients_and_absent_client_is_zero():

@@ -152,6 +152,17 @@ def test_an_unnoised_round_is_charged_infinity_only_where_the_site_opts_in(tmp_p
         limited.charge_or_decline(SOURCE, RoundAsk("r2", Q, SIGMA, 1))
 
 
+def test_a_coordinator_asking_for_almost_no_noise_is_declined_not_a_crash(tmp_path):
+    """A hostile run config with sigma 0.0044 (PLD epsilon once took 23 GB to compute):
+    the site prices the round at infinity at once and its limit declines it, charging
+    nothing."""
+    limited = SiteLedger(tmp_path / "site.json", SiteLimits(max_epsilon=50.0))
+    with pytest.raises(SiteDeclines, match="epsilon inf"):
+        limited.charge_or_decline(SOURCE, RoundAsk("r", Q, 0.0044, 100))
+    assert not limited.accounts() or not only_account(tmp_path / "site.json")["runs"]
+    assert limited.charge_or_decline(SOURCE, RoundAsk("r", Q, SIGMA, 1)).replace_one < 10
+
+
 def test_delta_follows_the_plans_rule_for_the_sources_records(tmp_path):
     small = DataSource("s" * 64, 5000, "big.csv")  # 1 / (10 n) = 2e-5 > 1e-5: capped
     ledger = SiteLedger(tmp_path / "l.json", SiteLimits())

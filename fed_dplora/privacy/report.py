@@ -17,7 +17,8 @@ from typing import Any
 
 import dp_accounting as dpa
 
-from fed_dplora.privacy.accountants import PLD_DISCRETIZATION, make_pld_accountant
+from fed_dplora.privacy.accountants import (PLD_DISCRETIZATION, PLD_MAX_RDP_EPSILON,
+                                            make_pld_accountant, make_rdp_accountant)
 from fed_dplora.privacy.events import NeighborRel
 from fed_dplora.privacy.ledger import Ledger
 
@@ -75,8 +76,11 @@ def pld_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
                 relation: NeighborRel, discretization: float = PLD_DISCRETIZATION
                 ) -> float | None:
     """PLD epsilon of `counts` ((event, count) pairs) composed, at `delta`; None where
-    PLD does not support an event. Cached: an account that did not run since the last
-    call costs nothing."""
+    PLD does not support an event; infinite where the add/remove RDP epsilon is above
+    PLD_MAX_RDP_EPSILON (the PLD would not fit in memory). Cached: an account that did
+    not run since the last call costs nothing."""
+    if _rdp_epsilon(counts, delta) > PLD_MAX_RDP_EPSILON:
+        return float("inf")
     accountant = make_pld_accountant(relation, discretization)
     try:
         for event, count in counts:
@@ -84,6 +88,18 @@ def pld_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
                 accountant.compose(event, count)
     except dpa.UnsupportedEventError:
         return None
+    return float(accountant.get_epsilon(delta))
+
+
+def _rdp_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float) -> float:
+    """Add/remove RDP epsilon of `counts` composed; 0 where RDP does not support an event
+    (the PLD then decides)."""
+    accountant = make_rdp_accountant()
+    try:
+        for event, count in counts:
+            accountant.compose(event, count)
+    except dpa.UnsupportedEventError:
+        return 0.0
     return float(accountant.get_epsilon(delta))
 
 
