@@ -18,7 +18,7 @@ from fed_dplora.privacy.plan import (PrivacyPlanError, auto_delta, plan_client_l
                                      plan_sample_level)
 from fed_dplora.privacy.accountants import (LIVE_PLD_DISCRETIZATION, PLD_MAX_RDP_EPSILON,
                                             RDP_ORDERS)
-from fed_dplora.privacy.report import ledger_report, max_pld_epsilon, pld_epsilon
+from fed_dplora.privacy.report import ledger_report, max_pld_epsilon
 
 DELTA = 1e-5
 REPLACE_ONE = dpa.privacy_accountant.NeighboringRelation.REPLACE_ONE
@@ -167,15 +167,17 @@ def test_a_noise_multiplier_too_small_for_a_pld_reads_infinite_instead_of_fillin
     PLD is still computed and equals dp-accounting's own."""
     q, steps = 0.1, 100
     assert _dp_accounting(rdp.RdpAccountant(), q, 0.0044, steps) > PLD_MAX_RDP_EPSILON
-    tiny = ((dp_sgd_step(q, 0.0044), steps),)
+    tiny = sample_level_ledger(DELTA)
+    tiny.record("k", dp_sgd_step(q, 0.0044), steps)
     add_or_remove = dpa.privacy_accountant.NeighboringRelation.ADD_OR_REMOVE_ONE
     for relation in (REPLACE_ONE, add_or_remove):
-        assert pld_epsilon(tiny, DELTA, relation, LIVE_PLD_DISCRETIZATION) == float("inf")
+        assert max_pld_epsilon(tiny, relation, LIVE_PLD_DISCRETIZATION) == float("inf")
     assert _dp_accounting(rdp.RdpAccountant(), q, 0.4426, steps) < PLD_MAX_RDP_EPSILON
     fine = pld.PLDAccountant(REPLACE_ONE, value_discretization_interval=1e-3)
     expected = _dp_accounting(fine, q, 0.4426, steps)
-    small = ((dp_sgd_step(q, 0.4426), steps),)
-    assert pld_epsilon(small, DELTA, REPLACE_ONE, 1e-3) == pytest.approx(expected, rel=1e-9)
+    small = sample_level_ledger(DELTA)
+    small.record("k", dp_sgd_step(q, 0.4426), steps)
+    assert max_pld_epsilon(small, REPLACE_ONE, 1e-3) == pytest.approx(expected, rel=1e-9)
 
 
 def test_federation_epsilon_is_the_max_over_clients_and_absent_client_is_zero():

@@ -19,9 +19,9 @@ PLD_DISCRETIZATION = 1e-4  # the final report
 # PLD discretization is pessimistic), and within 1e-4 of the fine value there.
 LIVE_PLD_DISCRETIZATION = 1e-3
 # A PLD's grid grows with 1/sigma^2: at sigma 0.0044 (q 0.1, 100 steps) it took 23 GB
-# and the process was killed. Above this add/remove RDP epsilon, PLD epsilon is reported
-# as infinite instead (always an upper bound; sigma/10 of an eps-1 run, RDP eps 61, still
-# gets its PLD). No site or study asks for anything near it.
+# and the process was killed. Above this RDP epsilon (the caller's, of the same events),
+# PLD epsilon is reported as infinite instead (always an upper bound; sigma/10 of an
+# eps-1 run, RDP eps 61, still gets its PLD). No site or study asks for anything near it.
 PLD_MAX_RDP_EPSILON = 200.0
 
 

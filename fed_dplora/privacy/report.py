@@ -18,7 +18,7 @@ from typing import Any
 import dp_accounting as dpa
 
 from fed_dplora.privacy.accountants import (PLD_DISCRETIZATION, PLD_MAX_RDP_EPSILON,
-                                            make_pld_accountant, make_rdp_accountant)
+                                            make_pld_accountant)
 from fed_dplora.privacy.events import NeighborRel
 from fed_dplora.privacy.ledger import Ledger
 
@@ -64,7 +64,8 @@ def max_pld_epsilon(ledger: Ledger, relation: NeighborRel | None = None,
     for rdp_epsilon, counts in _undominated(by_rdp):
         if skip_below_rdp and rdp_epsilon <= best:
             break  # the rest have smaller RDP epsilon, so smaller PLD epsilon
-        epsilon = pld_epsilon(_frozen(counts), ledger.delta, relation, discretization)
+        epsilon = pld_epsilon(_frozen(counts), ledger.delta, relation, discretization,
+                              rdp_epsilon=rdp_epsilon)
         if epsilon is None:
             return None
         best = max(best, epsilon)
@@ -73,13 +74,13 @@ def max_pld_epsilon(ledger: Ledger, relation: NeighborRel | None = None,
 
 @functools.lru_cache(maxsize=4096)
 def pld_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
-                relation: NeighborRel, discretization: float = PLD_DISCRETIZATION
-                ) -> float | None:
+                relation: NeighborRel, discretization: float = PLD_DISCRETIZATION, *,
+                rdp_epsilon: float) -> float | None:
     """PLD epsilon of `counts` ((event, count) pairs) composed, at `delta`; None where
-    PLD does not support an event; infinite where the add/remove RDP epsilon is above
-    PLD_MAX_RDP_EPSILON (the PLD would not fit in memory). Cached: an account that did
-    not run since the last call costs nothing."""
-    if _rdp_epsilon(counts, delta) > PLD_MAX_RDP_EPSILON:
+    PLD does not support an event; infinite where the caller's RDP epsilon of the same
+    counts is above PLD_MAX_RDP_EPSILON (the PLD would not fit in memory). Cached: an
+    account that did not run since the last call costs nothing."""
+    if rdp_epsilon > PLD_MAX_RDP_EPSILON:
         return float("inf")
     accountant = make_pld_accountant(relation, discretization)
     try:
@@ -88,18 +89,6 @@ def pld_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float,
                 accountant.compose(event, count)
     except dpa.UnsupportedEventError:
         return None
-    return float(accountant.get_epsilon(delta))
-
-
-def _rdp_epsilon(counts: tuple[tuple[dpa.DpEvent, int], ...], delta: float) -> float:
-    """Add/remove RDP epsilon of `counts` composed; 0 where RDP does not support an event
-    (the PLD then decides)."""
-    accountant = make_rdp_accountant()
-    try:
-        for event, count in counts:
-            accountant.compose(event, count)
-    except dpa.UnsupportedEventError:
-        return 0.0
     return float(accountant.get_epsilon(delta))
 
 

@@ -135,7 +135,8 @@ class SiteLedger:
                                if n), key=repr))
         add_remove = _rdp_total(events, delta) if events else 0.0
         replace_one = (pld_epsilon(events, delta, NeighborRel.REPLACE_ONE,
-                                   LIVE_PLD_DISCRETIZATION) if events else 0.0)
+                                   LIVE_PLD_DISCRETIZATION, rdp_epsilon=add_remove)
+                       if events else 0.0)
         return Spend(replace_one, add_remove, delta)
 
     def _check(self, ask: RoundAsk) -> None:
