@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from experiments.audit_one_run import (CONFIDENCE, CONTROLS, GUESSES, audit, highest_bound,
-                                       prepare)
+                                       prepare, run_summaries)
 from fed_dplora.aggregation import weighted_mean
 from fed_dplora.config import RunSpec, parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
@@ -284,7 +284,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
                      f"{r['test_accuracy']:.3f} | {r['score_in']:.2e} / "
                      f"{r['score_out']:.2e} | {r['k']} | {r['v']} / {r['r']} | "
                      f"{r['epsilon_lower_bound']:.3f} | {r['p_no_leak']:.2g} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *run_summaries(results)]) + "\n"
 
 
 def main() -> None:
