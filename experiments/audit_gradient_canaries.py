@@ -55,6 +55,9 @@ CPU = torch.device("cpu")
 EPS1 = 1.0
 UNBOUNDED = 1e12  # a control's target: only its noise multiplier matters
 RUNS = ("eps1", *CONTROLS)
+# The black-box audit's DP runs' training, at its --dp-learning-rate 0.1
+TRAINING = {"batch-size": 64, "physical-batch-size": 64, "local-steps": 10,
+            "optimizer": "sgd", "learning-rate": 0.1, "privacy.max-grad-norm": 1.0}
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,7 @@ class Federation:
         spec = parse_run_config({
             "data.path": str(folder.resolve()), "data.partitioner": "natural",
             "data.partition-column": "site", "model.max-length": 32, "seed": seed,
-            "batch-size": 64, "physical-batch-size": 64, "local-steps": 10,
-            "optimizer": "sgd", "learning-rate": 0.1, "privacy.level": "sample"})
+            "privacy.level": "sample", **TRAINING})
         splits = [load_site(spec, SitePlacement(i, sites)) for i in range(sites)]
         labels = sorted_label_names({y for s in splits for y in s.train.labels
                                      + s.test.labels})
@@ -271,8 +273,10 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [f"White-box one-run audit (Dirac gradient canaries scored on each site's "
              f"uploads), all-MiniLM-L6-v2 FFA-LoRA, AG News: {args.clean_records} clean "
              f"records over {args.clients} sites, {args.canaries} canaries each in with "
-             f"probability 1/2; {args.rounds} rounds x 10 steps x batch 64, SGD 0.1, "
-             f"clipping 1.0; bound at {CONFIDENCE:.0%} (Bonferroni over k in "
+             f"probability 1/2; {args.rounds} rounds x {TRAINING['local-steps']} steps "
+             f"x batch {TRAINING['batch-size']}, SGD {TRAINING['learning-rate']:g}, "
+             f"clipping {TRAINING['privacy.max-grad-norm']}; bound at {CONFIDENCE:.0%} "
+             f"(Bonferroni over k in "
              f"{list(GUESSES)}); the highest bound {args.canaries} canaries can give is "
              f"{highest_bound(args.canaries, delta):.2f}.", "",
              "| run | seed | σ | ledger ε | δ | test accuracy | score in / out | best k "
