@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clients.local_site import round_plan
 from experiments.audit_one_run import (CONFIDENCE, CONTROLS, GUESSES, audit, highest_bound,
                                        prepare, run_summaries)
 from fed_dplora.aggregation import weighted_mean
@@ -49,6 +50,7 @@ from fed_dplora.privacy.events import sampling_probability
 from fed_dplora.privacy.ledger import sample_level_ledger
 from fed_dplora.privacy.plan import SampleLevelPlan, plan_sample_level
 from fed_dplora.site.trainer import LocalTrainer, RoundPlan, TrainReport
+from strategies import wire
 
 log = logging.getLogger("fed_dplora.audit_gradient_canaries")
 CPU = torch.device("cpu")
@@ -182,13 +184,6 @@ class Federation:
                                  rounds * self.spec.train.local_steps, noise_multiplier)
 
 
-def round_plan(spec: RunSpec, sigma: float, seed: int) -> RoundPlan:
-    train = spec.train
-    return RoundPlan(train.local_steps, train.batch_size, train.physical_batch_size,
-                     train.learning_rate, train.optimizer, sigma,
-                     spec.privacy.max_grad_norm, seed=seed)
-
-
 def train_and_score(federation: Federation, plan: SampleLevelPlan, canaries: Canaries,
                     rounds: int, seed: int) -> tuple[np.ndarray, CanaryTrainer, dict]:
     """Every round, every site trains from the global tensors; each canary's score is
@@ -200,9 +195,10 @@ def train_and_score(federation: Federation, plan: SampleLevelPlan, canaries: Can
         uploads, weights = [], []
         for site, data in enumerate(federation.train):
             trainer.pushes = canaries.at(site)
-            sigma = plan.noise_multiplier[str(site)]
-            upload, report = trainer.train(arrays, round_plan(federation.spec, sigma,
-                                           seed * 10_000 + rnd * 100 + site), data)
+            config = {wire.NOISE_MULTIPLIER: plan.noise_multiplier[str(site)],
+                      wire.ROUND_SEED: seed * 10_000 + rnd * 100 + site, wire.ROUND: rnd}
+            upload, report = trainer.train(  # the plan a site builds from the server's
+                arrays, round_plan(federation.spec, config, fresh_randomness=False), data)
             for i in np.flatnonzero(canaries.site == site):
                 name, coordinate = canaries.tensor[i], canaries.coordinate[i]
                 scores[i] -= (upload[name].flat[coordinate] - arrays[name].flat[coordinate])
