@@ -359,11 +359,14 @@ def follow_up_seeds(key: tuple, registered_seeds: dict[tuple, set[int]]) -> list
 
 def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
               params_of: dict[str, dict] | None = None,
-              registered_seeds: dict[tuple, set[int]] | None = None) -> str:
+              registered_seeds: dict[tuple, set[int]] | None = None,
+              planned: Counter | None = None) -> str:
     """The next sweep: seeds 1-2 of each chosen setting (and any further seed the
     pre-registration's `registered_seeds` names for it), then the rank study at rank 8's
-    choice for each rank not tuned on its own. `params_of` (cell name -> its grid values)
-    carries a chosen cell's other grid keys (a rank study's `lora.rank`, `lora.alpha`)."""
+    choice for each rank not tuned on its own (neither chosen nor `planned` candidates,
+    finished or not). `params_of` (cell name -> its grid values) carries a chosen cell's
+    other grid keys (a rank study's `lora.rank`, `lora.alpha`)."""
+    tuned_on_its_own = set(chosen) | set(planned or ())
     grids, rank_grids = [], []
     for key in sorted(chosen, key=run_priority):
         method, privacy, partition, rank = key
@@ -377,7 +380,7 @@ def follow_up(study: dict[str, Any], chosen: dict[tuple, dict],
         grids.append(grid)
         if (privacy, partition) == RANK_STUDY and rank == TUNED_RANK:
             rank_grids += [{**grid, "seed": [0, 1, 2], "lora.rank": [r]} for r in RANKS
-                           if r != TUNED_RANK and (method, privacy, partition, r) not in chosen]
+                           if (method, privacy, partition, r) not in tuned_on_its_own]
     grids += rank_grids
     toml = lambda value: json.dumps(value, ensure_ascii=False)  # noqa: E731 (valid TOML)
     lines = [f"name = {toml(study['name'])}", f"clients = {study['clients']}",
@@ -446,7 +449,7 @@ def main() -> None:
         registered_seeds = (seeds_by_setting(registered(sweep))
                             if (sweep / PREREGISTRATION).is_file() else {})
         follow.write_text(follow_up(rebased(study, args.config.parent, sweep), final,
-                                    params_of, registered_seeds))
+                                    params_of, registered_seeds, planned))
     else:  # a follow-up written before the grid grew would run unfinished choices
         follow.unlink(missing_ok=True)
     log.info("%d finished cells; %d settings chosen, %d of them final (%s): %s", len(rows),

@@ -467,3 +467,28 @@ def test_a_rank_tuned_on_its_own_follows_up_at_its_own_choice(tmp_path):
     _, _, row = tuning.rank_table(rows, chosen, complete, planned)
     rank2, rank8 = row.split("|")[2:4]
     assert "*" not in rank2 and "*" in rank8  # rank 8's own tuning is unfinished
+
+
+def test_a_rank_still_tuning_is_not_rerun_at_rank_8s_choice(tmp_path):
+    """Rank 8's tuning done, rank 2's candidates unfinished: the follow-up runs rank 8's
+    seeds 1-2 and rank 32 (not in this sweep) at rank 8's choice, but not rank 2 at rank
+    8's learning rate and alpha (which would break the study's alpha = r)."""
+    grid = {"partition": ["iid"], "privacy": [8.0], "method": ["ffa"],
+            "learning-rate": [0.1, 1.0]}
+    study = {"name": "s", "clients": 4, "base": {"local-steps": 2, "seed": 0},
+             "grid": {**grid, "lora.rank": [8], "lora.alpha": [8]},
+             "extra": [{"grid": {**grid, "lora.rank": [2], "lora.alpha": [2]}}]}
+    for cell in cells(study, tmp_path):
+        if cell.params["lora.rank"] == 8:
+            fake_cell(tmp_path, cell.name, "ffa", 8.0, cell.params["learning-rate"], "sgd",
+                      0, rank=8, val=0.8, test=0.8)
+    rows = tuning.cell_rows(tmp_path)
+    planned = tuning.planned_candidates(study, tmp_path)
+    complete = tuning.tuning_complete(rows, planned)
+    assert complete == {("ffa", "8.0", "iid", 8)}
+    chosen = tuning.choose(rows)
+    params_of = {c.name: c.params for c in cells(study, tmp_path)}
+    text = tuning.follow_up(study, chosen, params_of, planned=planned)
+    follow = [c.params for c in cells(tomllib.loads(text), tmp_path)]
+    assert [(p["lora.rank"], p["lora.alpha"], p["seed"]) for p in follow] == [
+        (8, 8, 1), (8, 8, 2), (32, 8, 0), (32, 8, 1), (32, 8, 2)]
