@@ -117,7 +117,7 @@ def choose(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """Per setting, the seed-0 candidate with the best validation accuracy."""
     candidates = defaultdict(list)
     for row in rows:
-        if row["seed"] == 0 and row["val_accuracy"] is not None:
+        if row["seed"] == 0:
             candidates[setting(row)].append(row)
     return {key: max(group, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))
             for key, group in candidates.items()}
@@ -431,6 +431,12 @@ def main() -> None:
     study = tomllib.loads(args.config.read_text())
     sweep = REPO / "experiments" / "results" / study["name"]
     rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
+    blind = [row["cell"] for row in rows if row["val_accuracy"] is None]
+    if blind:
+        parser.error(f"{len(blind)} cells in {sweep} have no validation accuracy (first: "
+                     f"{blind[0]}): tuning chooses on validation, so the study's [base] "
+                     f"needs data.validation-fraction (0 < f < 1); a study without one is "
+                     f"reported by: python -m experiments.report {sweep}")
     chosen = choose(rows)
     complete = tuning_complete(rows, planned)
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")

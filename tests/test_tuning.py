@@ -492,3 +492,21 @@ def test_a_rank_still_tuning_is_not_rerun_at_rank_8s_choice(tmp_path):
     follow = [c.params for c in cells(tomllib.loads(text), tmp_path)]
     assert [(p["lora.rank"], p["lora.alpha"], p["seed"]) for p in follow] == [
         (8, 8, 1), (8, 8, 2), (32, 8, 0), (32, 8, 1), (32, 8, 2)]
+
+
+def test_a_study_without_validation_accuracy_is_refused_by_name(tmp_path, monkeypatch,
+                                                                capsys):
+    """A sweep run without a validation split cannot be tuned: one error naming a cell,
+    the missing key and the command that reports such a study, and nothing written."""
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\nclients = 4\n[base]\nseed = 0\n'
+                     '[grid]\nmethod = ["ffa"]\nlearning-rate = [0.1]\n')
+    sweep = tmp_path / "experiments" / "results" / "s"
+    fake_cell(sweep, "no-validation", "ffa", 8.0, 0.1, "sgd", 0, val=None, test=0.8)
+    monkeypatch.setattr(tuning, "REPO", tmp_path)
+    monkeypatch.setattr("sys.argv", ["tuning", str(study)])
+    with pytest.raises(SystemExit):
+        tuning.main()
+    error = capsys.readouterr().err
+    assert "no-validation" in error and "data.validation-fraction" in error
+    assert "experiments.report" in error and not (sweep / tuning.TUNING_TABLE).exists()
