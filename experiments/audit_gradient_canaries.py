@@ -39,8 +39,7 @@ from experiments.audit_one_run import (CONFIDENCE, CONTROLS, GUESSES, audit, hig
                                        prepare, run_summaries)
 from fed_dplora.aggregation import weighted_mean
 from fed_dplora.config import RunSpec, parse_run_config
-from fed_dplora.data.site import SitePlacement, load_site
-from fed_dplora.data.sources import sorted_label_names
+from fed_dplora.data.site import load_simulated_sites
 from fed_dplora.data.tokenize import TokenizedData, tokenize
 from fed_dplora.dp.engine import DpSgdAccumulator, StepStats
 from fed_dplora.lora.adapters import global_arrays
@@ -165,9 +164,7 @@ class Federation:
             "data.path": str(folder.resolve()), "data.partitioner": "natural",
             "data.partition-column": "site", "model.max-length": 32, "seed": seed,
             "privacy.level": "sample", **TRAINING})
-        splits = [load_site(spec, SitePlacement(i, sites)) for i in range(sites)]
-        labels = sorted_label_names({y for s in splits for y in s.train.labels
-                                     + s.test.labels})
+        splits, labels = load_simulated_sites(spec, sites)
         tokenizer = load_tokenizer(spec.model)
         def tokens(data):
             return tokenize(data, tokenizer, spec.model.max_length, labels)

@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.flwr_job import LocalFederation
 from fed_dplora.config import RunSpec, parse_run_config
-from fed_dplora.data.site import SitePlacement, load_site
-from fed_dplora.data.sources import sorted_label_names
+from fed_dplora.data.site import load_simulated_sites
 from fed_dplora.data.tokenize import tokenize
 from fed_dplora.lora.adapters import trainable_arrays
 from fed_dplora.lora.model import ModelRecipe, build_lora_model, load_tokenizer
@@ -95,17 +94,11 @@ def simulated(args, out: Path, federation: LocalFederation) -> list[float]:
     return [r["wall_s"] for r in read_metrics(federation.run(run_config(args, out)))]
 
 
-def sites(spec: RunSpec, clients: int):
-    splits = [load_site(spec, SitePlacement(i, clients)) for i in range(clients)]
-    labels = sorted_label_names({y for s in splits for y in s.train.labels + s.test.labels})
-    return splits, labels
-
-
 class PureCompute:
     """Every client's train + evaluate, back to back, with one reused trainer."""
 
     def __init__(self, args, spec: RunSpec) -> None:
-        splits, labels = sites(spec, args.clients)
+        splits, labels = load_simulated_sites(spec, args.clients)
         tokenizer = load_tokenizer(spec.model)
         self.data = [(tokenize(s.train, tokenizer, spec.model.max_length, labels),
                       tokenize(s.test, tokenizer, spec.model.max_length, labels))
@@ -133,7 +126,7 @@ class CommonPattern:
     """The Flower+Opacus example habit: every round and client, rebuild everything."""
 
     def __init__(self, args, spec: RunSpec) -> None:
-        self.splits, self.labels = sites(spec, args.clients)
+        self.splits, self.labels = load_simulated_sites(spec, args.clients)
         sizes = {str(i): len(s.train) for i, s in enumerate(self.splits)}
         self.sigma = plan_sample_level(spec.privacy.target_epsilon, None, args.batch, sizes,
                                        args.rounds * args.local_steps).noise_multiplier

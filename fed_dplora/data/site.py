@@ -10,7 +10,7 @@ from pathlib import Path
 from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
 from fed_dplora.data.sources import (SUFFIXES, TEST_FRACTION, DataError, LabelledText,
-                                     Splits, load_local, split)
+                                     Splits, load_local, sorted_label_names, split)
 from fed_dplora.tasks import uses_labels
 
 
@@ -59,6 +59,15 @@ def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
         return splits
     held_out = split(splits.train, spec.data.validation_fraction, spec.seed + 1)
     return Splits(held_out.train, splits.test, held_out.test)
+
+
+def load_simulated_sites(spec: RunSpec, sites: int
+                         ) -> tuple[list[Splits], tuple[str, ...]]:
+    """Every simulated site's splits, as each site reads them, and the label names of all
+    their train and test records (in-process studies and benchmarks, not a deployment)."""
+    splits = [load_site(spec, SitePlacement(i, sites)) for i in range(sites)]
+    return splits, sorted_label_names({y for s in splits
+                                       for y in s.train.labels + s.test.labels})
 
 
 def data_source(spec: RunSpec, placement: SitePlacement, splits: Splits) -> DataSource:
