@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tomllib
 from collections import Counter
@@ -510,3 +511,25 @@ def test_a_study_without_validation_accuracy_is_refused_by_name(tmp_path, monkey
     error = capsys.readouterr().err
     assert "no-validation" in error and "data.validation-fraction" in error
     assert "experiments.report" in error and not (sweep / tuning.TUNING_TABLE).exists()
+
+
+def test_the_rank_studys_committed_tables_and_docs_reproduce_from_its_cells(
+        tmp_path, monkeypatch):
+    """results.md of the rank study, rebuilt from its committed cell files, is the
+    committed one, and every rank-study figure docs/research.md quotes is in it."""
+    committed = REPO / "experiments" / "results" / "cpu_agnews_rank"
+    copy = tmp_path / "experiments" / "results" / "cpu_agnews_rank"
+    shutil.copytree(committed, copy)
+    (copy / "results.md").unlink()
+    monkeypatch.setattr(tuning, "REPO", tmp_path)
+    monkeypatch.setattr("sys.argv", ["tuning", str(REPO / "experiments" / "configs"
+                                                  / "cpu_agnews_rank.toml")])
+    tuning.main()
+    rebuilt = (copy / "results.md").read_text()
+    assert rebuilt == (committed / "results.md").read_text()
+    research = (REPO / "docs" / "research.md").read_text()
+    section = research[research.index("**The rank study without the confound"):]
+    quoted = [row for row in section.splitlines()
+              if row.startswith(("| FFA |", "| vanilla |", "| FFA − vanilla"))][:3]
+    figures = [f.strip() for row in quoted for f in row.split("|")[2:] if "±" in f]
+    assert len(figures) >= 6 and all(f in rebuilt for f in figures)
