@@ -423,6 +423,14 @@ RANK_GAIN_HEADER = (f"The rank study's gain over rank {RANKS[0]}, test accuracy,
 RANK_GAP_HEADER = "The rank study: FFA minus vanilla at each rank, paired by seed."
 
 
+def untunable(sweep: Path, blind: list[str]) -> str:
+    """Why a sweep whose cells (`blind`) have no validation accuracy cannot be tuned."""
+    return (f"{len(blind)} cells in {sweep} have no validation accuracy (first: "
+            f"{blind[0]}): tuning chooses on validation, so the study's [base] needs "
+            f"data.validation-fraction (0 < f < 1); a study without one is reported by: "
+            f"python -m experiments.report {sweep}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -433,10 +441,7 @@ def main() -> None:
     rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
     blind = [row["cell"] for row in rows if row["val_accuracy"] is None]
     if blind:
-        parser.error(f"{len(blind)} cells in {sweep} have no validation accuracy (first: "
-                     f"{blind[0]}): tuning chooses on validation, so the study's [base] "
-                     f"needs data.validation-fraction (0 < f < 1); a study without one is "
-                     f"reported by: python -m experiments.report {sweep}")
+        parser.error(untunable(sweep, blind))
     chosen = choose(rows)
     complete = tuning_complete(rows, planned)
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
