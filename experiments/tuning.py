@@ -113,14 +113,31 @@ def planned_candidates(study: dict[str, Any], folder: Path) -> Counter:
     return planned
 
 
+class NoValidation(ValueError):
+    """Cells without validation accuracy: a study run without a validation split."""
+
+
 def choose(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """Per setting, the seed-0 candidate with the best validation accuracy."""
+    """Per setting, the seed-0 candidate with the best validation accuracy; NoValidation
+    if any cell has none (nothing to choose on, and none is dropped)."""
+    blind = [row for row in rows if row["val_accuracy"] is None]
+    if blind:
+        raise NoValidation(untunable(blind))
     candidates = defaultdict(list)
     for row in rows:
         if row["seed"] == 0:
             candidates[setting(row)].append(row)
     return {key: max(group, key=lambda r: (r["val_accuracy"], -r["learning_rate"]))
             for key, group in candidates.items()}
+
+
+def untunable(blind: list[dict[str, Any]]) -> str:
+    """Why a sweep whose cells (`blind` rows) have no validation accuracy can't be tuned."""
+    sweep = blind[0]["folder"].parent.parent
+    return (f"{len(blind)} cells in {sweep} have no validation accuracy (first: "
+            f"{blind[0]['cell']}): tuning chooses on validation, so the study's [base] "
+            f"needs data.validation-fraction (0 < f < 1); a study without one is reported "
+            f"by: python -m experiments.report {sweep}")
 
 
 def interval(values: list[float]) -> str:
@@ -423,14 +440,6 @@ RANK_GAIN_HEADER = (f"The rank study's gain over rank {RANKS[0]}, test accuracy,
 RANK_GAP_HEADER = "The rank study: FFA minus vanilla at each rank, paired by seed."
 
 
-def untunable(sweep: Path, blind: list[str]) -> str:
-    """Why a sweep whose cells (`blind`) have no validation accuracy cannot be tuned."""
-    return (f"{len(blind)} cells in {sweep} have no validation accuracy (first: "
-            f"{blind[0]}): tuning chooses on validation, so the study's [base] needs "
-            f"data.validation-fraction (0 < f < 1); a study without one is reported by: "
-            f"python -m experiments.report {sweep}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
@@ -439,10 +448,10 @@ def main() -> None:
     study = tomllib.loads(args.config.read_text())
     sweep = REPO / "experiments" / "results" / study["name"]
     rows, planned = cell_rows(sweep), planned_candidates(study, args.config.parent)
-    blind = [row["cell"] for row in rows if row["val_accuracy"] is None]
-    if blind:
-        parser.error(untunable(sweep, blind))
-    chosen = choose(rows)
+    try:
+        chosen = choose(rows)
+    except NoValidation as error:
+        parser.error(str(error))
     complete = tuning_complete(rows, planned)
     (sweep / TUNING_TABLE).write_text("\n".join(tuning_table(rows, chosen)) + "\n")
     (sweep / "results.md").write_text("\n".join(

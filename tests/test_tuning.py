@@ -511,6 +511,8 @@ def test_a_study_without_validation_accuracy_is_refused_by_name(tmp_path, monkey
     error = capsys.readouterr().err
     assert "no-validation" in error and "data.validation-fraction" in error
     assert "experiments.report" in error and not (sweep / tuning.TUNING_TABLE).exists()
+    with pytest.raises(tuning.NoValidation):  # confirm and compare_methods choose too
+        tuning.choose(tuning.cell_rows(sweep))
 
 
 def test_the_rank_studys_committed_tables_and_docs_reproduce_from_its_cells(
