@@ -439,15 +439,20 @@ def test_the_record_by_record_comparison_counts_discordant_records_per_seed(tmp_
         confirmation(tmp_path)
 
 
+def two_rank_study(first: int, second: int) -> dict:
+    """FFA at epsilon 8, IID, lr 0.1 and 1.0, tuned at two ranks, each with alpha = r."""
+    grid = {"partition": ["iid"], "privacy": [8.0], "method": ["ffa"],
+            "learning-rate": [0.1, 1.0]}
+    return {"name": "s", "clients": 4, "base": {"local-steps": 2, "seed": 0},
+            "grid": {**grid, "lora.rank": [first], "lora.alpha": [first]},
+            "extra": [{"grid": {**grid, "lora.rank": [second], "lora.alpha": [second]}}]}
+
+
 def test_a_rank_tuned_on_its_own_follows_up_at_its_own_choice(tmp_path):
     """A rank study whose ranks each have candidates (alpha = r): seeds 1-2 at each
     rank's own choice with its rank and alpha, no rank rerun at rank 8's choice, and a
     rank's row provisional while its own candidates are unfinished."""
-    grid = {"partition": ["iid"], "privacy": [8.0], "method": ["ffa"],
-            "learning-rate": [0.1, 1.0]}
-    study = {"name": "s", "clients": 4, "base": {"local-steps": 2, "seed": 0},
-             "grid": {**grid, "lora.rank": [2], "lora.alpha": [2]},
-             "extra": [{"grid": {**grid, "lora.rank": [8], "lora.alpha": [8]}}]}
+    study = two_rank_study(2, 8)
     for cell in cells(study, tmp_path):
         rank, lr = cell.params["lora.rank"], cell.params["learning-rate"]
         fake_cell(tmp_path, cell.name, "ffa", 8.0, lr, "sgd", 0, rank=rank,
@@ -474,11 +479,7 @@ def test_a_rank_still_tuning_is_not_rerun_at_rank_8s_choice(tmp_path):
     """Rank 8's tuning done, rank 2's candidates unfinished: the follow-up runs rank 8's
     seeds 1-2 and rank 32 (not in this sweep) at rank 8's choice, but not rank 2 at rank
     8's learning rate and alpha (which would break the study's alpha = r)."""
-    grid = {"partition": ["iid"], "privacy": [8.0], "method": ["ffa"],
-            "learning-rate": [0.1, 1.0]}
-    study = {"name": "s", "clients": 4, "base": {"local-steps": 2, "seed": 0},
-             "grid": {**grid, "lora.rank": [8], "lora.alpha": [8]},
-             "extra": [{"grid": {**grid, "lora.rank": [2], "lora.alpha": [2]}}]}
+    study = two_rank_study(8, 2)
     for cell in cells(study, tmp_path):
         if cell.params["lora.rank"] == 8:
             fake_cell(tmp_path, cell.name, "ffa", 8.0, cell.params["learning-rate"], "sgd",
