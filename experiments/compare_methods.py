@@ -3,9 +3,10 @@
     python -m experiments.compare_methods experiments/results/cpu_agnews_methods
 
 Reads the study's cells and, as its pre-registration's `baselines` names them, other
-studies' cells of the baseline methods (FFA and vanilla from the regime study); each
-setting runs at its learning rate chosen on validation (`experiments.tuning`). Writes
-into the study folder:
+studies' cells of the baseline methods (FFA and vanilla from the regime study), over the
+pre-registration's family seeds only, so every row is scored over the same seeds even
+where a baseline study ran more; each setting runs at its learning rate chosen on
+validation (`experiments.tuning`). Writes into the study folder:
 - `comparison.md`: per privacy setting and partition, each method's choice, seeds, test
   accuracy and macro-F1 (mean ± 95% t half-width), FedSA's score under each site's own
   B, upload and download bytes per round (all sites together), and its test accuracy
@@ -39,6 +40,12 @@ REFERENCE = "ffa"  # every method's paired difference is taken against it
 COLUMNS = ["method", "chosen", "seeds", "test accuracy", "test macro-F1",
            "personal accuracy", "upload KB/round", "download KB/round",
            f"accuracy − {REFERENCE} (paired)"]
+
+
+def family_rows(study: Path) -> list[dict]:
+    """The study's and its baselines' finished cells at the family's seeds."""
+    family = registered(study)["family"]
+    return [r for r in study_rows(study, family) if r["seed"] in family["seeds"]]
 
 
 def settings(rows: list[dict], study_methods: set[str]) -> list[tuple[str, str]]:
@@ -85,11 +92,12 @@ def method_row(method: str, runs: list[dict], paired: str) -> list[str]:
 def comparison(rows: list[dict], chosen: dict, study_methods: set[str]) -> str:
     lines = ["# Aggregation methods side by side", "",
              "Each method at its learning rate chosen on validation (seed 0); test "
-             "scores over the seeds run at that choice: mean ± half-width of the 95% "
-             "t-interval. personal: FedSA's sites scored under their own B. Bytes: all "
-             "sites together, per training round. The last column is exploratory except "
-             "where preregistration.md names it (confirmation.md tests those). A choice "
-             "is provisional until all its planned candidates have finished: results.md's "
+             "scores over the pre-registration's seeds run at that choice, the same for "
+             "every method: mean ± half-width of the 95% t-interval. personal: FedSA's "
+             "sites scored under their own B. Bytes: all sites together, per training "
+             "round. The last column is exploratory except where preregistration.md names "
+             "it (confirmation.md tests those). A choice is provisional until all its "
+             "planned candidates have finished: results.md's "
              "candidates column says which.", ""]
     for privacy, partition in settings(rows, study_methods):
         lines += [f"## {privacy_label(privacy)}, {partition}", ""] + markdown_head(COLUMNS)
@@ -150,7 +158,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="the study's results folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = study_rows(args.study, registered(args.study)["family"])
+    rows = family_rows(args.study)
     study_methods = {r["method"] for r in study_rows(args.study, {})}
     chosen = choose(rows)
     (args.study / COMPARISON).write_text(comparison(rows, chosen, study_methods))

@@ -331,9 +331,9 @@ def test_the_preregistered_family_is_read_from_its_toml_block():
     assert plan["family"]["correction"] == "holm"
 
 
-def _preregister(study, hypotheses, baselines=None):
+def _preregister(study, hypotheses, baselines=None, seeds=(0, 1)):
     block = ['[family]', 'score = "final_test_accuracy"', 'alpha = 0.05',
-             'correction = "holm"', 'seeds = [0, 1]']
+             'correction = "holm"', f'seeds = {list(seeds)}']
     if baselines:
         block.append("baselines = " + json.dumps(baselines).replace(":", " ="))
     for h in hypotheses:
