@@ -390,6 +390,23 @@ def test_the_secondary_score_is_the_last_three_rounds_mean_difference_beside_the
     assert row.startswith("| H1 | c | [0, 1] | +2.50 |") and row.endswith("| +8.50 |")
 
 
+def test_a_hypothesis_is_tested_at_its_registered_seeds_and_no_others(tmp_path):
+    """H1 registered at seeds 0-1 (+10 and +13 points, by hand p 0.041); seed 2, run
+    later with FFA 20 points behind, leaves the test, its mean and its secondary score
+    as they were."""
+    from experiments.confirm import confirmation
+    for seed, gap in [(0, 0.10), (1, 0.13), (2, -0.20)]:
+        fake_cell(tmp_path, f"f{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=0.8)
+        fake_cell(tmp_path, f"v{seed}", "vanilla", 1.0, 0.1, "sgd", seed, val=0.8,
+                  test=0.8 - gap)
+    _preregister(tmp_path, [{"id": "H1", "claim": "c", "difference": "ffa - vanilla",
+                             "at": {"privacy": "1.0", "partition": "iid"}}])
+    p = stats.t.sf(0.115 / (statistics.stdev([0.10, 0.13]) / 2 ** 0.5), 1)
+    row = next(line for line in confirmation(tmp_path).splitlines()
+               if line.startswith("| H1 |"))
+    assert row == f"| H1 | c | [0, 1] | +11.50 | {p:.3g} | {p:.3g} | yes | +11.50 |"
+
+
 @pytest.mark.parametrize("hypothesis, named", [
     ({"difference": "fed-sb minus ffa"}, "is not of the form"),
     ({"difference": "fed-sb - ffa", "sided": "less"}, "only sided"),
