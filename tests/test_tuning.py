@@ -553,3 +553,20 @@ def test_the_rank_studys_committed_tables_and_docs_reproduce_from_its_cells(
               if row.startswith(("| FFA |", "| vanilla |", "| FFA − vanilla"))][:3]
     figures = [f.strip() for row in quoted for f in row.split("|")[2:] if "±" in f]
     assert len(figures) >= 6 and all(f in rebuilt for f in figures)
+
+
+def test_the_regime_studys_exploratory_epsilon_contrast_reproduces_from_its_cells():
+    """docs/research.md, the regime discussion and README quote FFA's lead at ε = 1 minus
+    its lead at ε = 8 (IID, seeds 0-6, paired): rebuilt from the committed cells."""
+    from experiments.confirm import differences, registered, study_rows
+    study = REPO / "experiments" / "results" / "cpu_agnews_regime"
+    rows = study_rows(study, registered(study)["family"])
+    contrast = differences(rows, tuning.choose(rows), {
+        "id": "x", "difference": "interaction",
+        "at": {"privacy": "1.0", "baseline": "8.0", "partition": "iid"}})
+    assert sorted(contrast) == list(range(7)) and min(contrast.values()) > 0
+    gaps = list(contrast.values())
+    quoted = f"{100 * statistics.fmean(gaps):.2f} ± {100 * tuning.t_half_width(gaps):.2f}"
+    for doc in ("docs/research.md", "README.md",
+                "experiments/results/cpu_agnews_regime/discussion.md"):
+        assert quoted in " ".join((REPO / doc).read_text().split()), doc
