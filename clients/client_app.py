@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients import runtime
-from fed_dplora.config import RunSpec, parse_run_config
+from fed_dplora.config import ConfigError, RunSpec, parse_run_config
 from fed_dplora.data.site import (
     SITES_CACHED,
     DataSource,
@@ -34,6 +34,7 @@ from fed_dplora.data.site import (
 from fed_dplora.data.sources import Splits
 from fed_dplora.methods import method_for
 from fed_dplora.ops.memory import release_freed_memory
+from fed_dplora.refusals import PublicRefusal, ReleaseWithheld, check_message_arrays
 from fed_dplora.tasks import uses_labels
 from strategies import wire as p
 from strategies.wire import to_arrays, to_record
@@ -45,13 +46,19 @@ log = logging.getLogger("fed_dplora.client")
 
 
 def _site_errors(handler: Callable[[Message, Context], Message]):
-    """Unless the site shares everything, an error leaves the site as its type alone:
-    its text could quote a record. The full error goes to the site's own log. After
-    each message the memory it freed goes back to the OS (a worker serves many sites)."""
+    """A `PublicRefusal` leaves with its text (a function of public inputs only), and
+    so does `ReleaseWithheld` (one text whatever fired).
+    Unless the site shares everything, any other error leaves the site as its type
+    alone: its text could quote a record. The full error goes to the site's own log.
+    After each message the memory it freed goes back to the OS (a worker serves many
+    sites)."""
     @functools.wraps(handler)
     def guarded(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except (PublicRefusal, ReleaseWithheld) as why:  # texts that may leave
+            log.warning("%s refused: %s", handler.__name__, why)
+            raise RuntimeError(f"{type(why).__name__}: {why}") from None
         except Exception as exc:
             mode = runtime.share_metrics(context.node_config)
             if mode == p.SHARE_ALL:
@@ -71,7 +78,7 @@ def query(msg: Message, context: Context) -> Message:
     declared, or found if they look like labels), and how it will draw its DP
     randomness (the server's write-ahead record needs it)."""
     placement = runtime.placement(context.node_config)
-    spec = parse_run_config(context.run_config)
+    spec = _run_spec(context)
     if spec.device == "cuda":  # fail before training; "auto" stays light (no torch here)
         _local_site().check_device(spec)
     splits = _site(spec, placement)
@@ -89,12 +96,17 @@ def query(msg: Message, context: Context) -> Message:
 def _census_labels(spec: RunSpec, splits: Splits, context: Context, mode: str
                    ) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
     """(label names to share, its training split's labels or None): only values that
-    look like labels, or the site's declared set; a `dp-only` site keeps which of them
-    its training split holds to itself."""
+    look like labels, or the site's declared set (a deployed site shares declared
+    labels only); a `dp-only` site keeps which of them its training split holds to
+    itself."""
     if not uses_labels(spec.task):
         return (), ()
+    declared = runtime.declared_labels(context.node_config)
+    if not declared and not runtime.in_simulation():
+        raise PublicRefusal("this deployed site declares no labels (node config "
+                            "labels=\"a,b,...\"): it shares label values it declared only")
     found = set(splits.train.labels) | set(splits.test.labels)
-    labels = shareable_labels(found, runtime.declared_labels(context.node_config))
+    labels = shareable_labels(found, declared)
     trained = tuple(sorted(set(splits.train.labels)))
     return labels, None if mode == p.SHARE_DP_ONLY else trained
 
@@ -102,42 +114,69 @@ def _census_labels(spec: RunSpec, splits: Splits, context: Context, mode: str
 @app.train()
 @_site_errors
 def train(msg: Message, context: Context) -> Message:
-    spec = parse_run_config(context.run_config)
+    """Train, or decline: by the site's own limits, or for a public reason (a
+    `PublicRefusal`, before anything is charged)."""
+    try:
+        return _train(msg, context)
+    except PublicRefusal as why:
+        log.warning("declining a round of run %s: %s", context.run_id, why)
+        return _declined(msg, f"{type(why).__name__}: {why}")
+
+
+def _train(msg: Message, context: Context) -> Message:
+    """Public checks (config, round plan, tensors, a deployed site's probe), then the
+    site ledger's charge, then the private steps."""
+    spec = _run_spec(context)
     config = _checked_config(msg)
     fresh = _randomness(config, context) == p.FRESH  # the site decides, not the server
     plan = _local_site().round_plan(spec, config, fresh)
-    declined = _site_declines(spec, context, plan)
-    if declined:
-        return Message(RecordDict({p.CONFIG: ConfigRecord({p.DECLINED: declined})}),
-                       reply_to=msg)
+    sent = to_arrays(msg.content[p.ARRAYS])
+    check_message_arrays(sent)
     trainer, (train_data, _, _) = _prepare(spec, context, config)
     own = _own_state(spec, context, config)
-    arrays, report = trainer.train(to_arrays(msg.content[p.ARRAYS]), plan, train_data,
-                                   own.load(plan.server_round) if own else None)
+    kept = own.load(plan.server_round) if own else None
+    deployed = not runtime.in_simulation()
+    if deployed:
+        trainer.probe(sent, plan, _local_site().probe_data(spec, tuple(config[p.LABEL_NAMES])),
+                      kept)
+    declined = _site_declines(spec, context, plan)
+    if declined:
+        return _declined(msg, declined)
+    arrays, report = trainer.train(sent, plan, train_data, kept, withhold=deployed)
     if own:
         own.save(plan.server_round, trainer.local_arrays())
-    metrics = MetricRecord({  # what the accountant needs (n: the census sent it already)
+    return Message(RecordDict({
+        p.ARRAYS: to_record(arrays), p.METRICS: _train_metrics(report, context),
+        p.CONFIG: ConfigRecord({p.A_FINGERPRINT: trainer.a_fingerprint()})}), reply_to=msg)
+
+
+def _train_metrics(report, context: Context) -> MetricRecord:
+    """What the accountant needs (n: the census sent it already); more under "all"."""
+    metrics = MetricRecord({
         p.NUM_EXAMPLES: report.num_examples, p.STEPS: report.steps,
         p.SAMPLING_PROBABILITY: report.sampling_probability,
         p.NOISE_MULTIPLIER: report.noise_multiplier})
     if runtime.share_metrics(context.node_config) == p.SHARE_ALL:
         metrics.update({p.TRAIN_LOSS: report.train_loss, p.CLIP_FRACTION: report.clip_fraction,
                         p.COMPUTE_S: report.compute_s})
-    content = RecordDict({p.ARRAYS: to_record(arrays), p.METRICS: metrics,
-                          p.CONFIG: ConfigRecord({p.A_FINGERPRINT: trainer.a_fingerprint()})})
-    return Message(content, reply_to=msg)
+    return metrics
+
+
+def _declined(msg: Message, reason: str) -> Message:
+    return Message(RecordDict({p.CONFIG: ConfigRecord({p.DECLINED: reason})}), reply_to=msg)
 
 
 @app.evaluate()
 @_site_errors
 def evaluate(msg: Message, context: Context) -> Message:
     if runtime.share_metrics(context.node_config) == p.SHARE_DP_ONLY:
-        raise PermissionError(f"this site shares no evaluation metrics ({p.SHARE_METRICS}="
-                              f"{p.SHARE_DP_ONLY!r} in its node config)")
-    spec = parse_run_config(context.run_config)
+        raise PublicRefusal(f"this site shares no evaluation metrics ({p.SHARE_METRICS}="
+                            f"{p.SHARE_DP_ONLY!r} in its node config)")
+    spec = _run_spec(context)
     config = _checked_config(msg)
-    trainer, splits = _prepare(spec, context, config)
     arrays = to_arrays(msg.content[p.ARRAYS])
+    check_message_arrays(arrays)
+    trainer, splits = _prepare(spec, context, config)
     metrics = MetricRecord(_split_metrics(trainer, arrays, splits, None, ""))
     own = _own_state(spec, context, config)
     if own:  # and under the site's own tensors, as it left them this round
@@ -167,10 +206,18 @@ def _eval_metrics(report, prefix: str = "") -> dict:
     return {prefix + key: value for key, value in metrics.items()}
 
 
+def _run_spec(context: Context) -> RunSpec:
+    """The run config, parsed; a bad one is a `PublicRefusal` (its text names a key)."""
+    try:
+        return parse_run_config(context.run_config)
+    except ConfigError as err:
+        raise PublicRefusal(f"the run config is invalid: {err}") from None
+
+
 def _checked_config(msg: Message) -> ConfigRecord:
     config = msg.content[p.CONFIG]
     if config.get(p.WIRE) != p.WIRE_VERSION:
-        raise ValueError(f"server speaks wire version {config.get(p.WIRE)}, this client "
+        raise PublicRefusal(f"server speaks wire version {config.get(p.WIRE)}, this client "
                          f"{p.WIRE_VERSION}: install the same fed-dplora on both sides")
     return config
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from fed_dplora.data.site import SitePlacement
+from fed_dplora.data.site import OwnSplit, SitePlacement
 from fed_dplora.data.sources import DataError
 from strategies.wire import (
     FRESH,
@@ -127,7 +127,36 @@ def placement(node_config: Mapping) -> SitePlacement:
         columns = {"text_column": columns["text_column"] or "text",
                    "label_column": columns["label_column"] or "label"}
     return SitePlacement(int(node_config.get("partition-id", 0)),
-                         int(node_config.get("num-partitions", 1)), path, **columns)
+                         int(node_config.get("num-partitions", 1)), path, **columns,
+                         own_split=None if in_simulation() else own_split(node_config))
+
+
+def own_split(node_config: Mapping) -> OwnSplit:
+    """A deployed site's split (`fed_dplora.data.site.OwnSplit`) from its node config:
+    `split-seed`, `max-records`, `validation-fraction`, `min-train-records`,
+    `min-eval-records` (each optional; defaults there)."""
+    defaults = OwnSplit()
+    fraction = node_config.get("validation-fraction", defaults.validation_fraction)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+            or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"node config validation-fraction={fraction!r}: expected a "
+                         "number in [0, 1) (0: no validation split)")
+    seed = node_config.get("split-seed")
+    return OwnSplit(
+        seed=None if seed is None else _whole(node_config, "split-seed", None),
+        max_records=_whole(node_config, "max-records", defaults.max_records),
+        validation_fraction=float(fraction),
+        min_train_records=_whole(node_config, "min-train-records",
+                                 defaults.min_train_records, least=1),
+        min_eval_records=_whole(node_config, "min-eval-records",
+                                defaults.min_eval_records, least=1))
+
+
+def _whole(node_config: Mapping, key: str, default: int | None, least: int = 0) -> int:
+    value = node_config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"node config {key}={value!r}: expected a whole number >= {least}")
+    return value
 
 
 def _positive(node_config: Mapping, key: str) -> float | None:

@@ -144,9 +144,10 @@ class CanaryTrainer(LocalTrainer):
         self.probability = sampling_probability(plan.batch_size, len(data))
         return super().train(arrays, plan, data, kept)
 
-    def _accumulator(self, plan: RoundPlan) -> CanaryAccumulator:
-        return CanaryAccumulator(super()._accumulator(plan), self.pushes, self.probability,
-                                 self.rng)
+    def _accumulator(self, plan: RoundPlan, zero_nonfinite: bool = False
+                     ) -> CanaryAccumulator:
+        return CanaryAccumulator(super()._accumulator(plan, zero_nonfinite), self.pushes,
+                                 self.probability, self.rng)
 
 
 @dataclass

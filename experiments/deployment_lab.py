@@ -22,7 +22,7 @@ from pathlib import Path
 
 from experiments.flwr_job import REPO, free_port
 from experiments.netlab import COORDINATOR, NetLab
-from fed_dplora.data.demo import generate_site
+from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.ops.trial_certs import write_trial_certs
 
 SITES = ("site-a", "site-b")
@@ -100,7 +100,8 @@ class Deployment:
         if not data.exists():
             write_site_csv(data, self.sites.index(site) if site in self.sites else 0)
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in
-                          {"data-path": str(data), "site-id": site, **node_config}.items())
+                          {"data-path": str(data), "site-id": site,
+                           "labels": ",".join(LABELS), **node_config}.items())
         runtime, secret = free_port(), self.tmp / f"{name}.secret"
         secret.write_bytes(os.urandom(32))
         self.runtime_apis[name] = f"127.0.0.1:{runtime}"

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.deployment_lab import write_site_csv
+from fed_dplora.data.demo import LABELS
 from server.federation import Federation
 
 
 def deployed_nodes(folder: Path, count: int, **extra) -> list[dict]:
     """Node configs of `count` deployed sites, each declaring its own data file."""
     return [{"data-path": str(write_site_csv(folder / f"site-{i}.csv", i)),
-             "site-id": f"partition-{i}", **extra} for i in range(count)]
+             "site-id": f"partition-{i}", "labels": ",".join(LABELS), **extra}
+            for i in range(count)]
 
 
 class Crash(BaseException):

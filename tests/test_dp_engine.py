@@ -232,3 +232,46 @@ def test_poisson_sampling_draws_each_record_independently_with_probability_q():
     # binomial(400, 0.08) sizes, not a fixed-size batch; records drawn uniformly
     assert float(np.var(sizes)) == pytest.approx(400 * 0.08 * 0.92, rel=0.1)
     assert PoissonSampling.for_batch(500, 400, SeededRandom(0)).probability == 1.0
+
+
+def _linear_batch_gradient(zero_nonfinite: bool):
+    """One physical batch of 3 records through a 2x2 linear layer, the second record's
+    features NaN: (the accumulator's gradient, its stats, the hand-clipped mean of
+    records 0 and 2 over the expected batch of 3)."""
+    layer = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    features = torch.tensor([[1.0, 0.5], [float("nan"), 1.0], [-2.0, 1.0]])
+    expected = torch.zeros(2, 2)
+    for i in (0, 2):  # d(sum of outputs)/dW per record: ones(2) outer x_i
+        grad = torch.ones(2, 1) * features[i]
+        expected += grad * min(1.0, 1.0 / float(grad.norm()))
+    gsm = wrap_for_per_sample_grads(layer, CPU)
+    acc = DpSgdAccumulator(gsm, DpSgdConfig(0.0, 1.0, 3, zero_nonfinite), SeededRandom(0))
+    acc.begin()
+    gsm(features).sum().backward()
+    acc.add_physical_batch(3)
+    stats = acc.finish()
+    return layer.weight.grad, stats, expected / 3
+
+
+def test_a_non_finite_per_sample_gradient_is_zeroed_at_a_deployed_site():
+    """clamp(nan) is NaN: unhandled, one record made the whole release NaN whatever
+    sigma. Zeroed, the release is exactly the other records' clipped mean. Mutant
+    killed: `DpSgdAccumulator._finite` not applied."""
+    grad, stats, expected = _linear_batch_gradient(zero_nonfinite=True)
+    assert torch.isfinite(grad).all() and stats.nonfinite == 1
+    torch.testing.assert_close(grad, expected)
+
+
+def test_a_non_finite_per_sample_gradient_raises_in_simulation():
+    with pytest.raises(guards.NonFiniteGradient, match="NaN or inf"):
+        _linear_batch_gradient(zero_nonfinite=False)
+
+
+@pytest.mark.parametrize("sigma,clip", [(float("nan"), 1.0), (float("inf"), 1.0),
+                                        (1.0, float("inf")), (1.0, float("nan"))])
+def test_the_accumulator_refuses_a_non_finite_sigma_or_clip_norm(sigma, clip):
+    gsm = wrap_for_per_sample_grads(torch.nn.Linear(2, 2), CPU)
+    with pytest.raises(ValueError, match="finite"):
+        DpSgdAccumulator(gsm, DpSgdConfig(sigma, clip, 3), SeededRandom(0))

@@ -5,6 +5,7 @@ what would be valid. Nothing downstream reads the flat mapping again."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, get_args
 
@@ -13,6 +14,10 @@ from fed_dplora.config.specs import (DEMO_DATASET, SECTIONS, TEXT_ONLY_TASKS,
                                      AggregationRule, AggregationWeights, ClientSampling,
                                      ConfigError, Device, Optimizer, Partitioner, Pooling,
                                      PrivacyLevel, RunSpec, TaskName)
+
+# The largest per-sample clip norm C a run may set: noise is sigma * C per coordinate, and
+# near float32's range (1e30 was accepted before) norms and noise overflow to inf / NaN.
+MAX_GRAD_NORM = 100.0
 
 # flat key -> (section, field); section None is RunSpec itself.
 _KEYS: dict[str, tuple[str | None, str]] = {
@@ -123,8 +128,13 @@ def _convert(key: str, value: Any, default: Any) -> Any:
                           f"got {type(value).__name__}")
     if key in _CHOICES and value not in _CHOICES[key]:
         raise ConfigError(f"{key}={value!r}: valid values are {list(_CHOICES[key])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be a finite number")
     if key in _POSITIVE_INT + _POSITIVE_FLOAT and value <= 0:
         raise ConfigError(f"{key}={value!r}: must be > 0")
+    if key == "privacy.max-grad-norm" and value > MAX_GRAD_NORM:
+        raise ConfigError(f"{key}={value!r}: must be in (0, {MAX_GRAD_NORM:g}] (a per-sample "
+                          "gradient norm; 1.0 is the usual choice)")
     if key == "evaluation.sites" and value < 0:
         raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every site)")
     if key == "data.max-records" and value < 0:

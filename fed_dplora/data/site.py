@@ -11,6 +11,7 @@ from fed_dplora.config import RunSpec
 from fed_dplora.data.demo import generate_site
 from fed_dplora.data.sources import (SUFFIXES, TEST_FRACTION, DataError, LabelledText,
                                      Splits, load_local, sorted_label_names, split)
+from fed_dplora.refusals import PublicRefusal
 from fed_dplora.tasks import uses_labels
 
 
@@ -30,16 +31,49 @@ class LabelsWithheld(DataError):
     declare: the site declines to send them (the message never quotes a value)."""
 
 
+class SplitTooSmall(PublicRefusal):
+    """A deployed site's own split leaves fewer records than its minimum in a split
+    (sizes follow from its node config and its published n alone)."""
+
+
+@dataclass(frozen=True)
+class OwnSplit:
+    """A deployed site's split of its records, from its node config alone: the run
+    config's `seed`, `data.max-records` and `data.validation-fraction` never change which
+    records train or evaluate there, so no run can isolate a chosen record."""
+
+    seed: int | None = None  # `split-seed`; None: from the data's SHA-256 (one split per source)
+    max_records: int = 0  # `max-records`: the first that many rows of each file (0: all)
+    validation_fraction: float = 0.0  # `validation-fraction`: held out from training
+    min_train_records: int = 50  # `min-train-records`
+    min_eval_records: int = 20  # `min-eval-records`: each of the test and validation splits
+
+    def check_sizes(self, splits: Splits) -> None:
+        """`SplitTooSmall` if a split is below its minimum."""
+        sizes = {"training": (len(splits.train), self.min_train_records, "min-train-records"),
+                 "test": (len(splits.test), self.min_eval_records, "min-eval-records")}
+        if splits.validation is not None:
+            sizes["validation"] = (len(splits.validation), self.min_eval_records,
+                                   "min-eval-records")
+        for part, (size, least, key) in sizes.items():
+            if size < least:
+                raise SplitTooSmall(
+                    f"this site's own {part} split has {size} records, fewer than its "
+                    f"node config's {key}={least}: it refuses runs on so few records")
+
+
 @dataclass(frozen=True)
 class SitePlacement:
     """Simulation: this client's partition. Deployment: its own data path, all of it,
-    read with the columns its node config declares (None: the run config's)."""
+    read with the columns its node config declares (None: the run config's) and split
+    as its node config says (`own_split`)."""
 
     partition_id: int = 0
     num_partitions: int = 1
     data_path: str = ""  # a site's own file or folder (node config `data-path`)
     text_column: str | None = None
     label_column: str | None = None
+    own_split: OwnSplit | None = None  # a deployed site's; None: the run config's
 
 
 @dataclass(frozen=True)
@@ -52,13 +86,28 @@ class DataSource:
 
 
 def load_site(spec: RunSpec, placement: SitePlacement) -> Splits:
-    """This site's train and test records, and its validation split if the run asks for
-    one (held out from its training records, seeded: the same on every run)."""
+    """This site's train and test records, and its validation split if the run (a
+    deployed site: its node config) asks for one, held out from its training records,
+    seeded: the same on every run. A deployed site checks its minimum sizes."""
+    own = placement.own_split
     splits = _train_and_test(spec, placement)
-    if not spec.data.validation_fraction:
-        return splits
-    held_out = split(splits.train, spec.data.validation_fraction, spec.seed + 1)
-    return Splits(held_out.train, splits.test, held_out.test)
+    fraction = own.validation_fraction if own else spec.data.validation_fraction
+    if fraction:
+        held_out = split(splits.train, fraction, _split_seed(spec, placement) + 1)
+        splits = Splits(held_out.train, splits.test, held_out.test)
+    if own:
+        own.check_sizes(splits)
+    return splits
+
+
+def _split_seed(spec: RunSpec, placement: SitePlacement) -> int:
+    """The run's seed; a deployed site's own (`split-seed`, else from its data's hash)."""
+    own = placement.own_split
+    if own is None:
+        return spec.seed
+    if own.seed is not None:
+        return own.seed
+    return int(_files_digest(Path(placement.data_path).expanduser())[:16], 16)
 
 
 def load_simulated_sites(spec: RunSpec, sites: int
@@ -118,8 +167,10 @@ def _train_and_test(spec: RunSpec, placement: SitePlacement) -> Splits:
     text_column = placement.text_column or data.text_column
     label_column = _label_column(spec, placement)
     if placement.data_path:
-        return load_local(placement.data_path, text_column, label_column, spec.seed,
-                          max_records=data.max_records)
+        own = placement.own_split
+        return load_local(placement.data_path, text_column, label_column,
+                          _split_seed(spec, placement),
+                          max_records=own.max_records if own else data.max_records)
     if data.is_demo:
         texts, labels = generate_site(placement.partition_id, data.demo_records_per_site,
                                       spec.seed)

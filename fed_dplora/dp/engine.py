@@ -17,6 +17,7 @@ per-sample gradient raises, because it would train without DP.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from fed_dplora.dp.guards import CoverageError, check_on_device, check_supported_by_opacus
+from fed_dplora.dp.guards import (CoverageError, NonFiniteGradient, check_on_device,
+                                  check_supported_by_opacus)
 from fed_dplora.dp.noise import RandomSource
 from fed_dplora.privacy.events import sampling_probability
 
@@ -54,6 +56,10 @@ class DpSgdConfig:
     noise_multiplier: float
     max_grad_norm: float
     expected_batch_size: int
+    # A per-sample gradient with a NaN or inf: zeroed before clipping (a deployed site,
+    # where an error would tell which record), else `NonFiniteGradient` (clamp(nan) is
+    # NaN: unhandled, one such record makes the whole release NaN whatever sigma).
+    zero_nonfinite: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class StepStats:
     clipped: int
     signal_norm: float  # ||sum of clipped per-sample grads|| / expected batch, pre-noise
     noise_multiplier: float
+    nonfinite: int = 0  # per-sample gradients zeroed for holding a NaN or inf
 
 
 def wrap_for_per_sample_grads(model: nn.Module, device: torch.device, functorch: bool = False
@@ -89,18 +96,20 @@ class DpSgdAccumulator:
 
     def __init__(self, module: GradSampleModule, config: DpSgdConfig,
                  noise: RandomSource) -> None:
-        if config.noise_multiplier < 0 or config.max_grad_norm <= 0:
-            raise ValueError(f"invalid DP-SGD config {config}")
+        sigma, clip = config.noise_multiplier, config.max_grad_norm
+        if not (0 <= sigma < math.inf and 0 < clip < math.inf):
+            raise ValueError(f"invalid DP-SGD config {config}: the noise multiplier must be "
+                             "finite and >= 0, the clip norm finite and > 0")
         self.config = config
         self.noise = noise
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._sums: list[torch.Tensor] = []
-        self._examples = self._clipped = 0
+        self._examples = self._clipped = self._nonfinite = 0
         self.steps = 0  # logical steps noised so far
 
     def begin(self) -> None:
         self._sums = [torch.zeros_like(p) for _, p in self.named_params]
-        self._examples = self._clipped = 0
+        self._examples = self._clipped = self._nonfinite = 0
         self._clear()
 
     def add_physical_batch(self, batch_size: int) -> None:
@@ -119,12 +128,29 @@ class DpSgdAccumulator:
             grad_samples.append(grad_sample.to(param.dtype))
         norms = torch.stack([g.reshape(g.shape[0], -1).norm(2, dim=1)
                              for g in grad_samples], dim=1).norm(2, dim=1)
+        grad_samples, norms = self._finite(grad_samples, norms)
         factors = (self.config.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
         for total, grad_sample in zip(self._sums, grad_samples):
             total.add_(torch.einsum("i,i...->...", factors.to(grad_sample.dtype), grad_sample))
         self._examples += int(norms.shape[0])
         self._clipped += int((norms > self.config.max_grad_norm).sum())
         self._clear()
+
+    def _finite(self, grad_samples: list[torch.Tensor], norms: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The per-sample gradients and norms with every non-finite record's zeroed
+        (`zero_nonfinite`), or `NonFiniteGradient`."""
+        finite = torch.isfinite(norms)
+        if bool(finite.all()):
+            return grad_samples, norms
+        if not self.config.zero_nonfinite:
+            raise NonFiniteGradient(
+                f"{int((~finite).sum())} per-sample gradient(s) hold a NaN or inf: clipping "
+                "cannot bound them, and the release would be NaN whatever the noise")
+        self._nonfinite += int((~finite).sum())
+        keep = [finite.view(-1, *([1] * (g.dim() - 1))) for g in grad_samples]
+        return ([torch.where(k, g, torch.zeros_like(g)) for k, g in zip(keep, grad_samples)],
+                torch.where(finite, norms, torch.zeros_like(norms)))
 
     def finish(self) -> StepStats:
         """Set each `param.grad` to (clipped sum + noise) / expected batch size."""
@@ -137,7 +163,7 @@ class DpSgdAccumulator:
         self.steps += 1
         return StepStats(self._examples, self._clipped,
                          signal_sq ** 0.5 / self.config.expected_batch_size,
-                         self.config.noise_multiplier)
+                         self.config.noise_multiplier, self._nonfinite)
 
     def _clear(self) -> None:
         for _, param in self.named_params:

@@ -18,6 +18,10 @@ class CoverageError(GuardError):
     """A trainable tensor would be updated without per-sample clipping and noise."""
 
 
+class NonFiniteGradient(GuardError):
+    """A per-sample gradient holds a NaN or inf, which clipping cannot bound."""
+
+
 def check_on_device(model: nn.Module, device: torch.device, stage: str) -> None:
     """Every parameter and buffer sits on `device` at `stage`. Called before PEFT wraps
     the base and before Opacus wraps the PEFT model, so the order (device, then PEFT,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -21,8 +23,15 @@ from fed_dplora.lora.adapters import (frozen_lora_fingerprint, load_trainable_ar
                                       trainable_arrays)
 from fed_dplora.lora.model import ModelRecipe, build_lora_model
 from fed_dplora.methods import method_for
+from fed_dplora.refusals import PublicRefusal, ReleaseWithheld
 from fed_dplora.tasks import task_for
 from fed_dplora.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+class ProbeFailed(PublicRefusal):
+    """A wiring check failed on the probe batch (public records): the round is declined."""
 
 
 @dataclass(frozen=True)
@@ -105,41 +114,91 @@ class LocalTrainer:
     def a_fingerprint(self) -> str:
         return frozen_lora_fingerprint(self.model)
 
+    def probe(self, arrays: dict[str, np.ndarray], plan: RoundPlan, probe: TokenizedData,
+              kept: dict[str, np.ndarray] | None = None) -> None:
+        """A deployed site's wiring checks, on public records (`probe`: no private data)
+        under the message's tensors, before any private step: the optimizer holds the
+        model's parameters, every trainable tensor has per-sample gradients, the
+        clipped signal is non-zero, exactly the trained tensors move in one step. Raises
+        `ProbeFailed` (a `PublicRefusal`: the outcome depends on public inputs only);
+        the tensors are loaded again by `train`."""
+        self._prepare_round(arrays, plan, kept)
+        probe_plan = dataclasses.replace(
+            plan, batch_size=len(probe), physical_batch_size=len(probe),
+            noise_multiplier=None if plan.noise_multiplier is None else 0.0)
+        try:
+            optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
+            guards.check_optimizer_holds_model_params(optimizer, self.model)
+            stats, _ = self._logical_step(self._accumulator(probe_plan),
+                                          list(range(len(probe))), probe_plan, probe)
+            guards.check_signal(stats.signal_norm, stats.examples)
+            before, frozen_before = (guards.snapshot_trainable(self.model),
+                                     guards.frozen_checksum(self.model))
+            optimizer.step()
+            guards.check_update_applied(self.model, before, frozen_before)
+        except guards.GuardError as err:
+            raise ProbeFailed(f"the wiring check on a probe batch failed: {err}") from None
+
     def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData,
-              kept: dict[str, np.ndarray] | None = None
+              kept: dict[str, np.ndarray] | None = None, withhold: bool = False
               ) -> tuple[dict[str, np.ndarray], TrainReport]:
         """Load the global tensors (and the site's own, `kept`, where the method has
         them), take `plan.local_steps` DP-SGD steps, return the global ones trained.
 
+        `withhold` (a deployed site, after `probe`): a guard that fires on private data
+        raises `ReleaseWithheld` (one text whatever fired; the detail is logged here),
+        the signal check is logged only, and non-finite per-sample gradients are zeroed
+        (counted in the log); otherwise each raises its own `GuardError`.
         The report's (q, sigma, steps) come from the code that sampled and noised."""
         if len(data) == 0:
             raise ValueError("this client has no training records")
         start = time.perf_counter()
+        trained = self._prepare_round(arrays, plan, kept)
+        try:
+            report = self._steps(plan, data, withhold)
+        except guards.GuardError:
+            if not withhold:
+                raise
+            log.exception("a check on private data stopped this round's release")
+            raise ReleaseWithheld() from None
+        report = dataclasses.replace(report, compute_s=time.perf_counter() - start)
+        out = trainable_arrays(self.model)
+        return {n: a for n, a in out.items() if n in trained}, report
+
+    def _prepare_round(self, arrays: dict[str, np.ndarray], plan: RoundPlan,
+                       kept: dict[str, np.ndarray] | None) -> set[str]:
+        """Seed dropout (unless secure), load the tensors, train what the round trains;
+        returns the global tensors it trains."""
         if not plan.secure_noise:
             torch.manual_seed(plan.seed + 2)  # dropout: a seeded round replays exactly
         self._load(arrays, kept)
         trained = self.method.trained(self.global_names, plan.server_round)
         self.train_only(frozenset(trained | set(self.initial_local)))
         self.model.train()
+        return trained
+
+    def _steps(self, plan: RoundPlan, data: TokenizedData, withhold: bool) -> TrainReport:
+        """The round's DP-SGD steps on the private records (compute_s left at 0)."""
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
         guards.check_optimizer_holds_model_params(optimizer, self.model)
-        accumulator = self._accumulator(plan)
+        accumulator = self._accumulator(plan, zero_nonfinite=withhold)
         sampling = PoissonSampling.for_batch(plan.batch_size, len(data),
                                              random_source(plan.secure_noise, plan.seed))
-        loss_sum, seen, clipped, checked, used_sigma = 0.0, 0, 0, False, 0.0
+        loss_sum, seen, clipped, checked, used_sigma, nonfinite = 0.0, 0, 0, False, 0.0, 0
         for _ in range(plan.local_steps):
             stats, loss = self._logical_step(accumulator, sampling.draw(), plan, data)
-            checked = self._apply(optimizer, stats, checked)
+            checked = self._apply(optimizer, stats, checked, strict_signal=not withhold)
             loss_sum += loss
             seen, clipped = seen + stats.examples, clipped + stats.clipped
-            used_sigma = stats.noise_multiplier
-        report = TrainReport(
+            used_sigma, nonfinite = stats.noise_multiplier, nonfinite + stats.nonfinite
+        if nonfinite:
+            log.warning("%d non-finite per-sample gradients were zeroed before clipping "
+                        "this round", nonfinite)
+        return TrainReport(
             num_examples=len(data), steps=accumulator.steps,
             sampling_probability=sampling.probability, noise_multiplier=used_sigma,
             train_loss=loss_sum / max(seen, 1), clip_fraction=clipped / max(seen, 1),
-            compute_s=time.perf_counter() - start)
-        out = trainable_arrays(self.model)
-        return {n: a for n, a in out.items() if n in trained}, report
+            compute_s=0.0)
 
     def local_arrays(self) -> dict[str, np.ndarray]:
         """The site's own tensors now (after `train`: what it keeps for its next round)."""
@@ -174,15 +233,19 @@ class LocalTrainer:
             loss_sum += float(loss.detach())
         return accumulator.finish(), loss_sum
 
-    def _apply(self, optimizer: torch.optim.Optimizer, stats: StepStats, checked: bool
-               ) -> bool:
+    def _apply(self, optimizer: torch.optim.Optimizer, stats: StepStats, checked: bool,
+               strict_signal: bool = True) -> bool:
         """One optimizer step. The round's first step with examples checks the clipped
-        signal; the first such step with each set of trained tensors also checks that
-        exactly those moved. Returns whether the round's check has run."""
+        signal (raising, or with `strict_signal` False logging only); the first such
+        step with each set of trained tensors also checks that exactly those moved.
+        Returns whether the round's check has run."""
         check = not checked and stats.examples > 0
         trained = frozenset(trainable_names(self.model)) if check else frozenset()
-        if check:
+        if check and strict_signal:
             guards.check_signal(stats.signal_norm, stats.examples)
+        elif check and not stats.signal_norm > 0.0:
+            log.warning("the clipped gradient signal of this round's first private batch "
+                        "is zero (the probe batch's was not)")
         verify = check and trained not in self.verified
         if verify:
             before = guards.snapshot_trainable(self.model)
@@ -194,7 +257,8 @@ class LocalTrainer:
         optimizer.zero_grad(set_to_none=True)
         return checked or check
 
-    def _accumulator(self, plan: RoundPlan) -> DpSgdAccumulator | PlainAccumulator:
+    def _accumulator(self, plan: RoundPlan, zero_nonfinite: bool = False
+                     ) -> DpSgdAccumulator | PlainAccumulator:
         if plan.noise_multiplier is None:
             if self.private:
                 raise ValueError("this client was built for DP but the round plan has no "
@@ -205,7 +269,8 @@ class LocalTrainer:
                              "without per-sample gradients")
         noise = random_source(plan.secure_noise, plan.seed + 1, self.device)
         return DpSgdAccumulator(self.forward_module, DpSgdConfig(
-            plan.noise_multiplier, plan.max_grad_norm, plan.batch_size), noise)
+            plan.noise_multiplier, plan.max_grad_norm, plan.batch_size, zero_nonfinite),
+            noise)
 
     @torch.no_grad()
     def evaluate(self, arrays: dict[str, np.ndarray], data: TokenizedData,
