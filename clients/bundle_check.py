@@ -32,6 +32,10 @@ INSTALLED = {"fed_dplora": Path(fed_dplora.__file__).parent,
              "clients": Path(clients.__file__).parent}
 # Top-level packages a bundle may carry besides the site's own: server and study code.
 SERVER_SIDE = ("strategies", "server", "experiments", "tests")
+# What the check reads of a bundle, at most: a zip bomb is refused on its headers.
+MAX_MEMBERS = 10_000
+MAX_MEMBER_BYTES = 4 << 20  # one member it reads (pyproject.toml, a package's .py file)
+MAX_READ_BYTES = 64 << 20  # all the members it reads
 
 
 class BundleRefused(RuntimeError):
@@ -46,25 +50,17 @@ def installed_digest() -> str:
 def check_bundle(fab: bytes) -> str:
     """The bundle's digest of `fed_dplora` and `clients`; raises `BundleRefused` with
     the reason if the bundle would change what runs at this site."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
-            files = {name: bundle.read(name) for name in bundle.namelist()
-                     if not name.endswith("/")}
-    except (zipfile.BadZipFile, OSError) as err:
-        raise BundleRefused(f"the bundle cannot be read as a Flower app bundle ({err})"
-                            ) from err
-    component = _client_app_component(files)
+    names, shipped, project = _read_bundle(fab)
+    component = _client_app_component(project)
     if component != CLIENT_APP:
         raise BundleRefused(f"the bundle names ClientApp {component!r}; this site runs only "
                             f"its installed {CLIENT_APP}")
-    foreign = sorted({PurePosixPath(n).parts[0] for n in files if n.endswith(".py")}
+    foreign = sorted({PurePosixPath(n).parts[0] for n in names if n.endswith(".py")}
                      - set(INSTALLED) - set(SERVER_SIDE))
     if foreign:
         raise BundleRefused(f"the bundle carries Python code outside fed-dplora's packages "
                             f"({foreign}), which a stock SuperNode would put before this "
                             "site's installed packages")
-    shipped = {n: data for n, data in files.items()
-               if PurePosixPath(n).parts[0] in INSTALLED and n.endswith(".py")}
     installed = _installed_files()
     changed = sorted(n for n in shipped.keys() | installed.keys()
                      if shipped.get(n) != installed.get(n))
@@ -77,9 +73,46 @@ def check_bundle(fab: bytes) -> str:
     return _digest(shipped)
 
 
-def _client_app_component(files: dict[str, bytes]) -> str | None:
+def _read_bundle(fab: bytes) -> tuple[list[str], dict[str, bytes], bytes | None]:
+    """(every file name, the site's packages' .py files, pyproject.toml or None),
+    reading only those members, each within `MAX_MEMBER_BYTES` and all within
+    `MAX_READ_BYTES` as their headers state (zipfile reads no more than a header says,
+    and a member longer than its header fails its CRC)."""
     try:
-        project = tomllib.loads(files["pyproject.toml"].decode())
+        with zipfile.ZipFile(io.BytesIO(fab)) as bundle:
+            members = [m for m in bundle.infolist() if not m.is_dir()]
+            if len(members) > MAX_MEMBERS:
+                raise BundleRefused(f"the bundle holds {len(members)} files, more than the "
+                                    f"{MAX_MEMBERS} this site reads")
+            wanted = [m for m in members if m.filename == "pyproject.toml" or (
+                PurePosixPath(m.filename).parts[0] in INSTALLED
+                and m.filename.endswith(".py"))]
+            _check_sizes(wanted)
+            read = {m.filename: bundle.read(m) for m in wanted}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise BundleRefused(f"the bundle cannot be read as a Flower app bundle ({err})"
+                            ) from err
+    project = read.pop("pyproject.toml", None)
+    return [m.filename for m in members], read, project
+
+
+def _check_sizes(members: list[zipfile.ZipInfo]) -> None:
+    """`BundleRefused` before reading, when the members to read are too large."""
+    largest = max(members, key=lambda m: m.file_size, default=None)
+    if largest is not None and largest.file_size > MAX_MEMBER_BYTES:
+        raise BundleRefused(f"the bundle's {largest.filename} is {largest.file_size} bytes "
+                            f"uncompressed, more than the {MAX_MEMBER_BYTES} this site reads")
+    total = sum(m.file_size for m in members)
+    if total > MAX_READ_BYTES:
+        raise BundleRefused(f"the bundle's files to check are {total} bytes uncompressed, "
+                            f"more than the {MAX_READ_BYTES} this site reads")
+
+
+def _client_app_component(project: bytes | None) -> str | None:
+    if project is None:
+        return None
+    try:
+        project = tomllib.loads(project.decode())
         return project["tool"]["flwr"]["app"]["components"]["clientapp"]
     except (KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None

@@ -124,30 +124,41 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train(msg: Message, context: Context) -> Message:
-    """Public checks (config, round plan, tensors, a deployed site's probe), then the
-    site ledger's charge, then the private steps."""
+    """Public checks (config, round plan and a deployed site's work caps, tensors, its
+    probe), then the site ledger's charge, then the private steps (a deployed site's
+    stop when its task is revoked or past its wall-time cap)."""
     spec = _run_spec(context)
     config = _checked_config(msg)
     fresh = _randomness(config, context) == p.FRESH  # the site decides, not the server
     plan = _local_site().round_plan(spec, config, fresh)
+    deployed = not runtime.in_simulation()
+    stop = _work_stop(context, plan) if deployed else None
     sent = to_arrays(msg.content[p.ARRAYS])
     check_message_arrays(sent)
     trainer, (train_data, _, _) = _prepare(spec, context, config)
     own = _own_state(spec, context, config)
     kept = own.load(plan.server_round) if own else None
-    deployed = not runtime.in_simulation()
     if deployed:
         trainer.probe(sent, plan, _local_site().probe_data(spec, tuple(config[p.LABEL_NAMES])),
                       kept)
+        stop()  # past its cap already: nothing charged
     declined = _site_declines(spec, context, plan)
     if declined:
         return _declined(msg, declined)
-    arrays, report = trainer.train(sent, plan, train_data, kept, withhold=deployed)
+    arrays, report = trainer.train(sent, plan, train_data, kept, withhold=deployed, stop=stop)
     if own:
         own.save(plan.server_round, trainer.local_arrays())
     return Message(RecordDict({
         p.ARRAYS: to_record(arrays), p.METRICS: _train_metrics(report, context),
         p.CONFIG: ConfigRecord({p.A_FINGERPRINT: trainer.a_fingerprint()})}), reply_to=msg)
+
+
+def _work_stop(context: Context, plan) -> Callable[[], None]:
+    """The site's work caps on this round's plan (`WorkRefused`), and the check its
+    steps call (`WorkStopped` once the task is revoked or past `max-task-seconds`)."""
+    limits = runtime.work_limits(context.node_config)
+    limits.check(plan.local_steps, plan.batch_size)
+    return limits.stop_check(runtime.task_revoked)
 
 
 def _train_metrics(report, context: Context) -> MetricRecord:
@@ -207,11 +218,19 @@ def _eval_metrics(report, prefix: str = "") -> dict:
 
 
 def _run_spec(context: Context) -> RunSpec:
-    """The run config, parsed; a bad one is a `PublicRefusal` (its text names a key)."""
+    """The run config, parsed; a bad one is a `PublicRefusal` (its text names a key).
+    A deployed site loads only the models its node config allows, and nothing from the
+    hub unless it allows that too."""
     try:
-        return parse_run_config(context.run_config)
+        spec = parse_run_config(context.run_config)
     except ConfigError as err:
         raise PublicRefusal(f"the run config is invalid: {err}") from None
+    if not runtime.in_simulation():
+        runtime.keep_hub_offline(context.node_config)
+        if spec.model.name not in runtime.allowed_models(context.node_config):
+            raise PublicRefusal(f"model.name={spec.model.name!r} is not on this site's "
+                                "allow-list (its node config's models)")
+    return spec
 
 
 def _checked_config(msg: Message) -> ConfigRecord:

@@ -10,12 +10,18 @@ the OS CSPRNG whatever the server asks (see `randomness`).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from fed_dplora.config.specs import DEFAULT_MODEL
 from fed_dplora.data.site import OwnSplit, SitePlacement
+from fed_dplora.site.limits import (DEFAULT_MAX_EPSILON, DEFAULT_MAX_ROUNDS,
+                                    DEFAULT_MAX_RUN_EPSILON, SiteLimits, WorkLimits,
+                                    finite_or_none)
 from fed_dplora.data.sources import DataError
 from strategies.wire import (
     FRESH,
@@ -63,20 +69,97 @@ def share_metrics(node_config: Mapping) -> str:
 
 def site_ledger(node_config: Mapping):
     """The site's own ledger (node config `privacy-ledger`, a file path), with its limits
-    `max-epsilon`, `max-delta`, `min-noise-multiplier` and `allow-unnoised`. On by
-    default outside the simulation, at $FLWR_HOME/fed-dplora/site-ledger.json (flwr has
-    no SuperNode state folder); inside it only where `privacy-ledger` is given (a sweep
-    would exhaust it). Returns a `fed_dplora.site.ledger.SiteLedger`, or None."""
+    (`site_limits`). On by default outside the simulation, at
+    $FLWR_HOME/fed-dplora/site-ledger.json (flwr has no SuperNode state folder); inside
+    it only where `privacy-ledger` is given (a sweep would exhaust it). Returns a
+    `fed_dplora.site.ledger.SiteLedger`, or None."""
     path = node_config.get("privacy-ledger")
     if not path:
         if in_simulation():
             return None
         path = _own_folder() / "site-ledger.json"
-    from fed_dplora.site.ledger import MAX_AUTO_DELTA, SiteLedger, SiteLimits  # dp-accounting
-    return SiteLedger(path, SiteLimits(
-        _positive(node_config, "max-epsilon"),
-        _positive(node_config, "max-delta") or MAX_AUTO_DELTA,
-        _positive(node_config, "min-noise-multiplier"), allows_unnoised(node_config)))
+    from fed_dplora.site.ledger import SiteLedger  # dp-accounting
+    return SiteLedger(path, site_limits(node_config))
+
+
+def site_limits(node_config: Mapping) -> SiteLimits:
+    """`max-epsilon` (lifetime), `max-run-epsilon`, `max-delta`, `min-noise-multiplier`,
+    `allow-unnoised`, `max-rounds`. A deployed site's defaults are
+    `fed_dplora.site.limits`'; a simulated one has none. An epsilon limit may be `inf`
+    only where the site allows un-noised rounds."""
+    unnoised = allows_unnoised(node_config)
+    rounds = node_config.get("max-rounds", None if in_simulation() else DEFAULT_MAX_ROUNDS)
+    return SiteLimits(
+        max_epsilon=_epsilon_limit(node_config, "max-epsilon", DEFAULT_MAX_EPSILON, unnoised),
+        max_run_epsilon=_epsilon_limit(node_config, "max-run-epsilon",
+                                       DEFAULT_MAX_RUN_EPSILON, unnoised),
+        max_delta=_positive(node_config, "max-delta"),
+        min_noise_multiplier=_positive(node_config, "min-noise-multiplier"),
+        allow_unnoised=unnoised,
+        max_rounds=None if rounds is None else _whole(node_config, "max-rounds", rounds, 1))
+
+
+def _epsilon_limit(node_config: Mapping, key: str, default: float, unnoised: bool
+                   ) -> float | None:
+    """A positive epsilon limit; a deployed site's `default` when unset; `inf` (no
+    limit) only with `allow-unnoised=true`."""
+    value = _positive(node_config, key)
+    if value is None:
+        return None if in_simulation() else default
+    if math.isinf(value) and not unnoised:
+        raise ValueError(f"node config {key}=inf: no limit is allowed only where the site "
+                         "also sets allow-unnoised=true; give a finite number > 0")
+    return finite_or_none(value)
+
+
+def work_limits(node_config: Mapping) -> WorkLimits:
+    """A deployed site's caps on one task (`max-local-steps`, `max-batch-size`,
+    `max-task-seconds`), defaults in `fed_dplora.site.limits.WorkLimits`."""
+    defaults = WorkLimits()
+    seconds = _positive(node_config, "max-task-seconds") or defaults.max_task_seconds
+    return WorkLimits(
+        _whole(node_config, "max-local-steps", defaults.max_local_steps, least=1),
+        _whole(node_config, "max-batch-size", defaults.max_batch_size, least=1), seconds)
+
+
+# The task this process runs now has been revoked by its SuperNode (the site runner's
+# heartbeat sets it; `begin_task` clears it): its work stops at the next step.
+_revoked = threading.Event()
+
+
+def begin_task() -> None:
+    _revoked.clear()
+
+
+def revoke_task() -> None:
+    _revoked.set()
+
+
+def task_revoked() -> bool:
+    return _revoked.is_set()
+
+
+def allowed_models(node_config: Mapping) -> tuple[str, ...]:
+    """`models="a,b"`: the model names (as a run config gives `model.name`) a deployed
+    site loads; default: the packaged default model only."""
+    value = node_config.get("models", DEFAULT_MODEL)
+    if not isinstance(value, str):
+        raise ValueError(f"node config models={value!r}: expected a comma-separated string")
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def keep_hub_offline(node_config: Mapping) -> None:
+    """A deployed site downloads nothing from the Hugging Face hub unless its node
+    config sets `allow-hub=true` (only its own folders, packaged models and cache)."""
+    allow = node_config.get("allow-hub", False)
+    if not isinstance(allow, bool):
+        raise ValueError(f"node config allow-hub={allow!r}: expected true or false")
+    if allow or in_simulation():
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:  # read at import: set it where it already was
+        hub.HF_HUB_OFFLINE = True
 
 
 def site_state_root(node_config: Mapping) -> Path:
@@ -128,7 +211,17 @@ def placement(node_config: Mapping) -> SitePlacement:
                    "label_column": columns["label_column"] or "label"}
     return SitePlacement(int(node_config.get("partition-id", 0)),
                          int(node_config.get("num-partitions", 1)), path, **columns,
-                         own_split=None if in_simulation() else own_split(node_config))
+                         own_split=None if in_simulation() else own_split(node_config),
+                         account=_account(node_config))
+
+
+def _account(node_config: Mapping) -> str:
+    """`ledger-account`: the name of the site's ledger account (default: its data
+    path), kept when the data file moves or changes."""
+    value = node_config.get("ledger-account", "")
+    if not isinstance(value, str):
+        raise ValueError(f"node config ledger-account={value!r}: expected a name (string)")
+    return value.strip()
 
 
 def own_split(node_config: Mapping) -> OwnSplit:
@@ -163,6 +256,6 @@ def _positive(node_config: Mapping, key: str) -> float | None:
     value = node_config.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"node config {key}={value!r}: expected a number > 0")
     return float(value)

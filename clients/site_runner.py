@@ -9,7 +9,8 @@ bundle (`clients.bundle_check`: refused, with the reason in this site's log, whe
 would change what runs here), and calls the installed `clients.client_app.app`; the
 bundle is never installed or imported. Tasks run one at a time, in this process, so a
 site's model and data stay loaded across rounds. So one task must never hold up the
-next: a task revoked while it runs (its run ended, its token expired) fails alone, where
+next: a task revoked while it runs (its run ended, its token expired) stops at its next
+training step and fails alone, where
 Flower's task client would end the process (a SIGINT, or a BaseException), and a message
 whose download stops (`--stall-timeout`) is given up, where Flower's pull waits up to
 2 hours.
@@ -46,6 +47,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                   push_task_output)
 
+from clients import runtime
 from clients.bundle_check import BundleRefused, check_bundle, installed_digest
 
 log = logging.getLogger("fed_dplora.site")
@@ -102,6 +104,7 @@ def run_task(address: str, token: str, root_certificates: str | None = None,
     client = _client(address, root_certificates, [
         RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
         RuntimeTokenHttpInterceptor(token)], _task_retry_invoker())
+    runtime.begin_task()
     heartbeat = HeartbeatSender(_heartbeat(client))
     heartbeat.start()
     try:
@@ -171,8 +174,9 @@ def _task_retry_invoker() -> RetryInvoker:
 
 def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
     """A task's heartbeat that never raises and never signals: when the SuperNode no
-    longer acknowledges the task (its run ended) the ClientApp's work in progress ends
-    as it would (its reply is then refused), and this runner lives on."""
+    longer acknowledges the task (its run ended, `flwr stop`) it revokes the task
+    (`runtime.revoke_task`), whose training stops at its next step, and this runner
+    lives on."""
     request, warned = SendTaskHeartbeatRequest(), False
 
     def beat() -> bool:
@@ -183,8 +187,9 @@ def _heartbeat(client: RuntimeHttpClient) -> Callable[[], bool]:
             return False  # HeartbeatSender retries, with backoff, until the task ends
         if not acknowledged and not warned:
             warned = True
-            log.warning("the SuperNode no longer acknowledges this task (its run ended); "
-                        "its reply will be refused")
+            runtime.revoke_task()
+            log.warning("the SuperNode no longer acknowledges this task (its run ended): "
+                        "its work stops at its next step")
         return True
 
     return beat

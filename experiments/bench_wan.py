@@ -37,9 +37,10 @@ def job(deployment: Deployment, out: Path, name: str, model: str) -> list[dict]:
     return read_metrics(out / name)
 
 
-def condition(tmp: Path, lab: NetLab, wan: bool) -> Deployment:
-    """The SuperLink and three hospitals online, with or without WAN conditions."""
-    deployment = Deployment(tmp, lab=lab, sites=HOSPITALS)
+def condition(tmp: Path, lab: NetLab, wan: bool, model: str) -> Deployment:
+    """The SuperLink and three hospitals online (allowing `model`), with or without WAN
+    conditions."""
+    deployment = Deployment(tmp, lab=lab, sites=HOSPITALS, models=model)
     deployment.superlink()
     for i, site in enumerate(HOSPITALS):
         write_site_csv(tmp / f"{site}.csv", i, 600)
@@ -61,7 +62,7 @@ def measure(out: Path, model: str, repeats: int) -> dict[str, list[dict]]:
         for name in ("lan", "wan"):
             lab = NetLab(HOSPITALS).create()
             with tempfile.TemporaryDirectory() as tmp:
-                deployment = condition(Path(tmp), lab, name == "wan")
+                deployment = condition(Path(tmp), lab, name == "wan", model)
                 try:
                     rows[name] += job(deployment, out, f"{name}-{repeat}", model)
                 finally:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from experiments.flwr_job import REPO, free_port
 from experiments.netlab import COORDINATOR, NetLab
+from fed_dplora.config.specs import DEFAULT_MODEL
 from fed_dplora.data.demo import LABELS, generate_site
 from fed_dplora.ops.trial_certs import write_trial_certs
 
@@ -43,8 +44,9 @@ class Deployment:
     """One SuperLink (TLS, SuperNode auth), its CLI connection "hospitals", SuperNodes."""
 
     def __init__(self, tmp: Path, loopback: bool = True, lab: NetLab | None = None,
-                 sites: tuple[str, ...] = SITES) -> None:
+                 sites: tuple[str, ...] = SITES, models: str = DEFAULT_MODEL) -> None:
         self.tmp, self.lab, self.sites = tmp, lab, sites
+        self.models = models  # each SuperNode's allow-list (node config models)
         self.port = LAB_PORT if lab else free_port()
         hosts = ("superlink.example.org", *((lab.address(COORDINATOR),) if lab else ()))
         self.certs = write_trial_certs(tmp / "certs", [*sites, "stranger"], hosts, loopback)
@@ -101,7 +103,8 @@ class Deployment:
             write_site_csv(data, self.sites.index(site) if site in self.sites else 0)
         config = " ".join(f"{k}={json.dumps(v)}" for k, v in
                           {"data-path": str(data), "site-id": site,
-                           "labels": ",".join(LABELS), **node_config}.items())
+                           "labels": ",".join(LABELS), "models": self.models,
+                           **node_config}.items())
         runtime, secret = free_port(), self.tmp / f"{name}.secret"
         secret.write_bytes(os.urandom(32))
         self.runtime_apis[name] = f"127.0.0.1:{runtime}"

@@ -165,7 +165,8 @@ class Federation:
 
     def finish(self, started: float) -> None:
         self.state.ledgers = self.accountant.state()
-        self.state.save(self.run.path)
+        reporting.publishable_state(self.state, self.accountant, self.planned,
+                                    self.secure).save(self.run.path)
         load_trainable_arrays(self.model, self.arrays, set(self.arrays))
         adapter = method_for(self.spec.method).exportable(self.model)
         log.info("final adapter: %s", self.run.save_adapter(adapter))

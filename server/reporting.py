@@ -3,6 +3,7 @@ the final report and summary, with what secret sampling keeps out of shared file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -94,6 +95,18 @@ def log_participation(row: dict) -> None:
     files it may share."""
     log.info("round %d participation (private): %s", row["round"], json.dumps(
         {k: row[k] for k in PARTICIPATION_FIELDS if k in row}, default=str))
+
+
+def publishable_state(state: Checkpoint, accountant: CentralAccountant, planned: Census,
+                      secure: bool) -> Checkpoint:
+    """The final checkpoint as the run folder keeps it. With secret sampling it tells
+    nobody who trained: each site's sample ledger as if drawn in every charged round
+    (the report's bound), and no per-site declines, exclusions or failure streaks."""
+    if not secure:
+        return state
+    rounds = state.round + len(state.lost_rounds)
+    return dataclasses.replace(state, ledgers=accountant.state_if_secret(planned.sites, rounds),
+                               pending=None, declined={}, excluded=[], failure_streaks={})
 
 
 def write_final(run: RunFolder, plan: PrivacyPlan, accountant: CentralAccountant,

@@ -9,10 +9,12 @@ from fed_dplora.data.demo import LABELS
 from server.federation import Federation
 
 
-def deployed_nodes(folder: Path, count: int, **extra) -> list[dict]:
-    """Node configs of `count` deployed sites, each declaring its own data file."""
+def deployed_nodes(folder: Path, count: int, model: str, **extra) -> list[dict]:
+    """Node configs of `count` deployed sites, each declaring its own data file and
+    allowing `model`."""
     return [{"data-path": str(write_site_csv(folder / f"site-{i}.csv", i)),
-             "site-id": f"partition-{i}", "labels": ",".join(LABELS), **extra}
+             "site-id": f"partition-{i}", "labels": ",".join(LABELS), "models": model,
+             **extra}
             for i in range(count)]
 
 

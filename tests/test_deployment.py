@@ -21,8 +21,8 @@ pytestmark = pytest.mark.deployment
 
 
 @pytest.fixture()
-def deployment(tmp_path):
-    running = Deployment(tmp_path)
+def deployment(tmp_path, tiny_bert):
+    running = Deployment(tmp_path, models=tiny_bert)
     yield running
     running.stop_all()
 

@@ -17,6 +17,7 @@ from helpers import Crash, crash_at, deployed_nodes, write_site_csv
 from experiments.local_grid import LocalGrid, run_federation
 from fed_dplora.config import ConfigError
 from fed_dplora.data.site import MAX_SHARED_LABELS
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.run.results import read_metrics
 from fed_dplora.site.ledger import SiteLedger, SiteLimits
 from strategies import wire as p
@@ -76,7 +77,7 @@ def test_a_run_config_naming_the_text_column_as_labels_sends_no_record(config, t
 def test_a_deployed_site_reads_the_columns_it_declared_whatever_the_run_config_says(
         config, tmp_path):
     config.update({"data.label-column": "text", "data.text-column": "label"})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
     seen = recording(grid)
     run_federation(config, NODES, grid)
     saved = json.loads((folder_of(config) / "config.json").read_text())
@@ -88,7 +89,7 @@ def test_a_deployed_site_reads_the_columns_it_declared_whatever_the_run_config_s
 
 
 def test_labels_outside_the_declared_set_are_not_sent(config, tmp_path):
-    nodes = deployed_nodes(tmp_path, NODES, labels="routine,urgent")  # not "emergency"
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], labels="routine,urgent")  # not "emergency"
     nodes[0]["labels"] = "emergency,routine,urgent"
     grid = LocalGrid(config, NODES, nodes, deployment=True)
     seen = recording(grid)
@@ -128,7 +129,7 @@ def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
         cfg = {**config, "run-name": name, "clients-per-round": NODES,
                "num-server-rounds": 2, "privacy.noise-multiplier": 1.0,
                "privacy.target-epsilon": 100.0, **overrides}
-        nodes = deployed_nodes(tmp_path, NODES, **{"share-metrics": "all"})
+        nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{"share-metrics": "all"})
         for node, ledger in zip(nodes, ledger_files):
             node["privacy-ledger"] = str(ledger)
             if limit is not None:
@@ -151,7 +152,7 @@ def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
 def test_a_deployed_site_declines_rounds_without_sample_level_noise(config, tmp_path, level):
     config.update({"privacy.level": level, "privacy.secure-noise": True,
                    "privacy.client-noise-multiplier": 1.0})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
     seen = recording(grid)
     run_federation(config, NODES, grid)
     train = [r for _, kind, r in seen if kind == "train"]
@@ -162,8 +163,11 @@ def test_a_deployed_site_declines_rounds_without_sample_level_noise(config, tmp_
 
 def test_a_site_that_opts_into_unnoised_rounds_is_charged_infinity_and_listed_void(
         config, tmp_path):
+    """Consent is allow-unnoised and no finite epsilon limit (a deployed site's
+    defaults are finite, and infinity passes any of them)."""
     config.update({"privacy.level": "none", "num-server-rounds": 1})
-    nodes = deployed_nodes(tmp_path, NODES, **{"allow-unnoised": True})
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{
+        "allow-unnoised": True, "max-epsilon": float("inf"), "max-run-epsilon": float("inf")})
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     assert len(read_metrics(folder_of(config))) == 1
     ledger = SiteLedger(Path(tmp_path / "flwr-home" / "fed-dplora" / "site-ledger.json"),
@@ -183,7 +187,7 @@ def test_no_sample_level_noise_lists_every_site_as_void(config):
 
 def test_seeded_client_level_dp_is_refused_outside_the_simulation(config, tmp_path):
     config.update({"privacy.level": "client", "privacy.secure-noise": False})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES), deployment=True)
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
     with pytest.raises(ConfigError, match="secure-noise=false.*no client-level guarantee"):
         run_federation(config, NODES, grid)
     run_federation(config, NODES)  # a simulation may seed it (reproducible research)
@@ -208,11 +212,18 @@ def test_with_secret_sampling_no_shared_file_tells_who_trained_or_how_often(conf
     assert isinstance(report["declined_sites"], str)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["epsilon_sample"] == report["sample"]["epsilon_rdp_max"]
+    # The final checkpoint too (mutant killed: `publishable_state` returning the run's
+    # own state, whose sample ledger counts each site's actual rounds).
+    saved = Checkpoint.load(folder)
+    counts = saved.ledgers["sample"]["counts"]
+    assert len(counts) == NODES and all(
+        [n for _, n in rows] == [2 * 3] for rows in counts.values())
+    assert not (saved.declined or saved.excluded or saved.failure_streaks or saved.pending)
 
 
 def test_a_dp_only_site_says_only_that_it_declines(config, tmp_path):
     config.update({"privacy.noise-multiplier": 1.0, "privacy.secure-noise": False})
-    nodes = deployed_nodes(tmp_path, NODES, **{"min-noise-multiplier": 2.0,
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{"min-noise-multiplier": 2.0,
                                                "max-epsilon": 3.0})
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     report = report_of(config)

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 @pytest.fixture()
-def hospitals(tmp_path):
+def hospitals(tmp_path, tiny_bert):
     lab = NetLab(HOSPITALS).create()
-    deployment = Deployment(tmp_path, lab=lab, sites=HOSPITALS)
+    deployment = Deployment(tmp_path, lab=lab, sites=HOSPITALS, models=tiny_bert)
     yield deployment
     deployment.stop_all()
     lab.destroy()

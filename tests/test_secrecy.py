@@ -50,7 +50,7 @@ def test_a_seeded_simulation_says_what_its_sampling_assumes(config):
 def test_a_deployed_site_draws_fresh_randomness_whatever_the_server_asks(config, tmp_path):
     """The server asks for seeded noise; outside the simulation every client refuses,
     except one that opted out itself: its epsilon is reported void."""
-    nodes = deployed_nodes(tmp_path, NODES)
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"])
     nodes[2]["secure-noise"] = False
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     report = report_of(config)
@@ -123,7 +123,7 @@ def test_every_release_is_charged_whatever_crashes_when(config, monkeypatch, met
 
 def test_a_deployed_site_shares_only_what_the_accountant_needs_unless_it_opts_in(
         config, tmp_path):
-    nodes = deployed_nodes(tmp_path, NODES)
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"])
     nodes[1]["share-metrics"] = "evaluation"
     grid = LocalGrid(config, NODES, nodes, deployment=True)
     sent = []  # (node, message type, metric names) of every reply
@@ -151,7 +151,7 @@ def test_an_error_leaves_a_site_as_its_type_alone_unless_it_shares_all(
         raise ValueError("record 17 reads 'Jane Roe, 1961-03-02'")
     monkeypatch.setattr(clients.local_site, "prepare", broken)
     config.update({"min-replies": 1, "max-lost-rounds": 1})
-    nodes = deployed_nodes(tmp_path, NODES, **{"share-metrics": mode})
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{"share-metrics": mode})
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
     (row,) = read_metrics(Path(config["output-dir"]) / "run")
     reasons = " ".join(row["failures"]["train"].values())

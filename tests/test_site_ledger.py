@@ -15,7 +15,7 @@ from dp_accounting import pld, rdp
 
 from fed_dplora.data.site import DataSource
 from fed_dplora.run.results import read_metrics
-from fed_dplora.site.ledger import RoundAsk, SiteDeclines, SiteLedger, SiteLimits
+from fed_dplora.site.ledger import ROUNDS, RoundAsk, SiteDeclines, SiteLedger, SiteLimits
 from experiments.local_grid import LocalGrid, run_federation
 
 NODES = 3
@@ -124,7 +124,9 @@ def test_concurrent_client_apps_never_lose_a_charge(tmp_path):
     for worker in workers:
         worker.join(timeout=120)
         assert worker.exitcode == 0
-    ((_, steps),) = only_account(Path(path))["runs"]["run"].items()
+    counts = only_account(Path(path))["runs"]["run"]
+    assert counts.pop(ROUNDS) == 40  # and each round's one step
+    ((_, steps),) = counts.items()
     assert steps == 40
 
 
@@ -154,10 +156,10 @@ def test_an_unnoised_round_is_charged_infinity_only_where_the_site_opts_in(tmp_p
 
 def test_a_coordinator_asking_for_almost_no_noise_is_declined_not_a_crash(tmp_path):
     """A hostile run config with sigma 0.0044 (PLD epsilon once took 23 GB to compute):
-    the site prices the round at infinity at once and its limit declines it, charging
-    nothing."""
+    below the site's floor it counts as un-noised, declined before any epsilon is
+    computed, charging nothing."""
     limited = SiteLedger(tmp_path / "site.json", SiteLimits(max_epsilon=50.0))
-    with pytest.raises(SiteDeclines, match="epsilon inf"):
+    with pytest.raises(SiteDeclines, match="without sample-level DP noise"):
         limited.charge_or_decline(SOURCE, RoundAsk("r", Q, 0.0044, 100))
     assert not limited.accounts() or not only_account(tmp_path / "site.json")["runs"]
     assert limited.charge_or_decline(SOURCE, RoundAsk("r", Q, SIGMA, 1)).replace_one < 10

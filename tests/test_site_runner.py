@@ -51,8 +51,8 @@ def run_config(tiny_bert: str, out: Path) -> str:
 
 
 @pytest.fixture()
-def one_hospital(tmp_path):
-    running = Deployment(tmp_path)
+def one_hospital(tmp_path, tiny_bert):
+    running = Deployment(tmp_path, models=tiny_bert)
     yield running
     running.stop_all()
 

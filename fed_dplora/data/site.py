@@ -74,13 +74,14 @@ class SitePlacement:
     text_column: str | None = None
     label_column: str | None = None
     own_split: OwnSplit | None = None  # a deployed site's; None: the run config's
+    account: str = ""  # node config `ledger-account`: its ledger account's name
 
 
 @dataclass(frozen=True)
 class DataSource:
     """What a site's ledger account is: its data source, whatever a run reads of it."""
 
-    key: str  # SHA-256 of the source (file contents; in simulation, also the partition)
+    key: str  # SHA-256 of the account's name (a site's own data) or of the source
     records: int  # records the site's source holds (the delta rule's n)
     description: str  # for `site_ledger show`: the path or dataset, and the partition
 
@@ -120,13 +121,18 @@ def load_simulated_sites(spec: RunSpec, sites: int
 
 
 def data_source(spec: RunSpec, placement: SitePlacement, splits: Splits) -> DataSource:
-    """The site's account: a deployed site's file (or every data file of its folder),
-    all of it, so runs with other seeds, record caps, validation fractions, tasks or
-    columns charge one account. In simulation: the partition of the run's source."""
+    """The site's account. A site's own data (node config `data-path`): named by its
+    node config's `ledger-account`, else by the data path (resolved), so runs with other
+    seeds, record caps, validation fractions, tasks or columns charge one account, and
+    so do the file's later versions (rows appended or changed never open a fresh
+    budget). In simulation without a data path: the partition of the run's source."""
     if placement.data_path:
-        path = Path(placement.data_path).expanduser()
-        return DataSource(_files_digest(path), _record_count(spec, placement),
-                          str(path.resolve()))
+        path = Path(placement.data_path).expanduser().resolve()
+        name = placement.account or f"path:{path}"
+        key = hashlib.sha256(f"account\x1f{name}".encode()).hexdigest()
+        return DataSource(key, _record_count(spec, placement),
+                          f"{path}" + (f" (account {placement.account})"
+                                       if placement.account else ""))
     data = spec.data
     if data.is_demo:
         source = f"{data.name}:{data.demo_records_per_site}"

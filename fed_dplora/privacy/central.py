@@ -127,6 +127,15 @@ class CentralAccountant:
     def state(self) -> dict[str, Any]:
         return {name: ledger.state() for name, ledger in self.ledgers.items()}
 
+    def state_if_secret(self, sites: list[str], rounds: int) -> dict[str, Any]:
+        """`state()` with the sample ledger as secret sampling reports it: every site
+        charged its planned steps in each of `rounds` (its actual counts would tell how
+        often it was drawn)."""
+        state = self.state()
+        if self.plan.sample:
+            state["sample"] = self._bound_if_every_round(sites, rounds).state()
+        return state
+
     def restore(self, state: dict[str, Any]) -> None:
         if sorted(state) != sorted(self.ledgers):
             raise ValueError(f"checkpoint holds ledgers {sorted(state)}, this run "

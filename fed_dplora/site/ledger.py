@@ -12,9 +12,13 @@ The site's n leaves it (census), so its guarantee is stated for replace-one neig
 supports Poisson sampling under replace-one; its RDP accountant does not), and the
 add/remove epsilon (RDP) is reported next to it. delta follows the plan's rule,
 min(max-delta, 1 / (10 n)) with n the source's records. Before a round the site
-computes its epsilon after that round and declines it if it would pass `max-epsilon`,
-if the server asks for less noise than `min-noise-multiplier`, or for no noise unless
-the site accepts un-noised rounds (`allow-unnoised`, then charged epsilon = infinity).
+computes its epsilon after that round and declines it if it would pass `max-epsilon`
+(lifetime) or `max-run-epsilon` (this run), or the run's `max-rounds`, if the server
+asks for less noise than `min-noise-multiplier`, or for no noise (or less than
+`fed_dplora.site.limits.UNNOISED_BELOW`) unless the site accepts un-noised rounds
+(`allow-unnoised`, then charged epsilon = infinity). A round that would take the account
+past `MAX_ACCOUNT_STEPS` steps or `MAX_ACCOUNT_EVENTS` distinct events is declined
+before any epsilon is computed, so no message holds the lock for long.
 A round is charged before it trains (a crash afterwards cannot leave a release
 uncharged). The file is written whole (temporary file, fsync, rename) under an exclusive
 lock: a SuperNode may run several ClientApps at once.
@@ -44,24 +48,18 @@ from fed_dplora.privacy.events import (NeighborRel, dp_sgd_step, event_from_json
 from fed_dplora.privacy.ledger import sample_level_ledger
 from fed_dplora.privacy.plan import MAX_AUTO_DELTA, auto_delta
 from fed_dplora.privacy.report import pld_epsilon
+from fed_dplora.site.limits import (MAX_ACCOUNT_EVENTS, MAX_ACCOUNT_STEPS, UNNOISED_BELOW,
+                                    SiteLimits, is_unnoised)
 
 log = logging.getLogger("fed_dplora.site.ledger")
-FILE_VERSION = 2
+FILE_VERSION = 3  # 3 adds each run's count of rounds; version 2 files are read as is
+READS_VERSIONS = (2, FILE_VERSION)
 UNNOISED = "unnoised-rounds"  # a run's count of rounds without sample-level noise
+ROUNDS = "rounds"  # a run's count of rounds charged
 
 
 class SiteDeclines(RuntimeError):
     """This round would pass a limit the site set for itself."""
-
-
-@dataclass(frozen=True)
-class SiteLimits:
-    """Set by the hospital in its node config, not by the coordinator."""
-
-    max_epsilon: float | None = None  # lifetime, replace-one, for this data source
-    max_delta: float = MAX_AUTO_DELTA  # cap on the delta of the site's epsilon
-    min_noise_multiplier: float | None = None
-    allow_unnoised: bool = False  # accept rounds without sample-level noise (eps = inf)
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,9 @@ class SiteLedger:
 
     def charge_or_decline(self, source: DataSource, ask: RoundAsk) -> Spend:
         """Charge the round to `source`'s account and return its spend after it, or
-        raise `SiteDeclines` (nothing charged) when it would pass a limit."""
+        raise `SiteDeclines` (nothing charged) when it would pass a limit. A round
+        that would take the account past the ledger's own bounds is refused before any
+        epsilon is computed."""
         with self._locked() as accounts:
             account = accounts.setdefault(source.key, {"source": source.description,
                                                        "records": source.records, "runs": {}})
@@ -99,40 +99,66 @@ class SiteLedger:
             account["records"] = max(account["records"], source.records)
             self._check(ask)
             counts = account["runs"].setdefault(ask.run, {})
-            key = (UNNOISED if ask.noise_multiplier is None else
-                   json.dumps(event_to_json(dp_sgd_step(ask.sampling_probability,
-                                                        ask.noise_multiplier))))
-            counts[key] = counts.get(key, 0) + (1 if key == UNNOISED else ask.steps)
-            spend, limit = self.spend(account), self.limits.max_epsilon
-            if limit is not None and spend.replace_one > limit:
+            self._count(account, counts, ask)
+            return self._checked_spend(account, ask.run)
+
+    def _count(self, account: dict, counts: dict, ask: RoundAsk) -> None:
+        """Add the round to its run's counts, within the run's rounds and the ledger's
+        bounds (`SiteDeclines` otherwise)."""
+        counts[ROUNDS] = counts.get(ROUNDS, 0) + 1
+        limit = self.limits.max_rounds
+        if limit is not None and counts[ROUNDS] > limit:
+            raise SiteDeclines(f"this run asks for round {counts[ROUNDS]} of this site, "
+                               f"past its max-rounds {limit}")
+        if is_unnoised(ask.noise_multiplier):
+            counts[UNNOISED] = counts.get(UNNOISED, 0) + 1
+            return
+        key = json.dumps(event_to_json(dp_sgd_step(ask.sampling_probability,
+                                                   ask.noise_multiplier)))
+        counts[key] = counts.get(key, 0) + ask.steps
+        events = _event_counts(account)
+        if sum(events.values()) > MAX_ACCOUNT_STEPS or len(events) > MAX_ACCOUNT_EVENTS:
+            raise SiteDeclines(
+                f"this round would take this site's ledger past {MAX_ACCOUNT_STEPS} DP-SGD "
+                f"steps or {MAX_ACCOUNT_EVENTS} distinct (q, sigma) pairs for its data, "
+                "more than the ledger accounts; it declines without computing epsilon")
+
+    def _checked_spend(self, account: dict, run: str) -> Spend:
+        """The account's spend, `SiteDeclines` past the lifetime or the run's limit."""
+        spend = self.spend(account)
+        for limit, key, of_run in ((self.limits.max_epsilon, "max-epsilon", False),
+                                   (self.limits.max_run_epsilon, "max-run-epsilon", True)):
+            if limit is None:
+                continue
+            value = (self.spend(account, run) if of_run and len(account["runs"]) > 1
+                     else spend).replace_one
+            if value > limit:
                 raise SiteDeclines(f"this round would take this site's data to epsilon "
-                                   f"{spend.replace_one:.4f} (replace-one) > its max-epsilon "
-                                   f"{limit:g} (delta {spend.delta:.3g}, over all its runs)")
-            return spend
+                                   f"{value:.4f} (replace-one) > its {key} {limit:g} "
+                                   f"(delta {spend.delta:.3g}, "
+                                   f"{'this run' if of_run else 'over all its runs'})")
+        return spend
 
     def accounts(self) -> dict[str, dict]:
         """{account key: {"source", "records", "runs": {run: {event JSON: steps}}}}."""
         if not self.path.exists():
             return {}
         state = json.loads(self.path.read_text())
-        if state.get("version") != FILE_VERSION:
+        if state.get("version") not in READS_VERSIONS:
             raise ValueError(f"{self.path}: a site ledger of another format (version "
                              f"{state.get('version')}, this fed-dplora reads "
-                             f"{FILE_VERSION}); keep it, and give this version another "
+                             f"versions {list(READS_VERSIONS)}); keep it, and give this version another "
                              "privacy-ledger file")
         return state["accounts"]
 
     def spend(self, account: dict, run: str | None = None) -> Spend:
         """Epsilon of the whole account, or of one `run` of it."""
-        delta = min(self.limits.max_delta, auto_delta([account["records"]]))
+        delta = min(self.limits.max_delta or MAX_AUTO_DELTA, auto_delta([account["records"]]))
         runs = account["runs"] if run is None else {run: account["runs"].get(run, {})}
-        counts: Counter = Counter()
-        for steps in runs.values():
-            counts.update(steps)
-        if counts.get(UNNOISED):
+        if any(steps.get(UNNOISED) for steps in runs.values()):
             return Spend(float("inf"), float("inf"), delta)
-        events = tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in counts.items()
-                               if n), key=repr))
+        events = tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in
+                               _event_counts({"runs": runs}).items() if n), key=repr))
         add_remove = _rdp_total(events, delta) if events else 0.0
         replace_one = (pld_epsilon(events, delta, NeighborRel.REPLACE_ONE,
                                    LIVE_PLD_DISCRETIZATION, rdp_epsilon=add_remove)
@@ -140,14 +166,18 @@ class SiteLedger:
         return Spend(replace_one, add_remove, delta)
 
     def _check(self, ask: RoundAsk) -> None:
-        """Raise `SiteDeclines` for a round the site refuses whatever its spend."""
+        """Raise `SiteDeclines` for a round the site refuses whatever its spend: one
+        without noise, or with less than `UNNOISED_BELOW` (un-noised), unless the site
+        accepts such rounds; one with less than its `min-noise-multiplier`."""
         limits = self.limits
-        if ask.noise_multiplier is None:
+        if is_unnoised(ask.noise_multiplier):
             if not limits.allow_unnoised:
                 raise SiteDeclines(
-                    "the server asks for a round without sample-level DP noise; this site "
-                    "declines it (a site that accepts such rounds sets allow-unnoised=true "
-                    "in its node config, and its epsilon becomes infinite)")
+                    f"the server asks for a round without sample-level DP noise (noise "
+                    f"multiplier {ask.noise_multiplier}, below {UNNOISED_BELOW} counts as "
+                    "none); this site declines it (a site that accepts such rounds sets "
+                    "allow-unnoised=true in its node config, and its epsilon becomes "
+                    "infinite)")
             return
         if (limits.min_noise_multiplier is not None
                 and ask.noise_multiplier < limits.min_noise_multiplier):
@@ -170,6 +200,14 @@ class SiteLedger:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+
+
+def _event_counts(account: dict) -> Counter:
+    """{event JSON: steps} over the account's runs (rounds and un-noised rounds apart)."""
+    counts: Counter = Counter()
+    for steps in account["runs"].values():
+        counts.update({k: n for k, n in steps.items() if k not in (ROUNDS, UNNOISED)})
+    return counts
 
 
 def _rdp_total(events: tuple[tuple[dpa.DpEvent, int], ...], delta: float) -> float:

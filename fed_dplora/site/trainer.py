@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -140,7 +140,8 @@ class LocalTrainer:
             raise ProbeFailed(f"the wiring check on a probe batch failed: {err}") from None
 
     def train(self, arrays: dict[str, np.ndarray], plan: RoundPlan, data: TokenizedData,
-              kept: dict[str, np.ndarray] | None = None, withhold: bool = False
+              kept: dict[str, np.ndarray] | None = None, withhold: bool = False,
+              stop: Callable[[], None] | None = None
               ) -> tuple[dict[str, np.ndarray], TrainReport]:
         """Load the global tensors (and the site's own, `kept`, where the method has
         them), take `plan.local_steps` DP-SGD steps, return the global ones trained.
@@ -148,14 +149,15 @@ class LocalTrainer:
         `withhold` (a deployed site, after `probe`): a guard that fires on private data
         raises `ReleaseWithheld` (one text whatever fired; the detail is logged here),
         the signal check is logged only, and non-finite per-sample gradients are zeroed
-        (counted in the log); otherwise each raises its own `GuardError`.
+        (counted in the log); otherwise each raises its own `GuardError`. `stop` is
+        called before each step and ends the round by raising (nothing is returned).
         The report's (q, sigma, steps) come from the code that sampled and noised."""
         if len(data) == 0:
             raise ValueError("this client has no training records")
         start = time.perf_counter()
         trained = self._prepare_round(arrays, plan, kept)
         try:
-            report = self._steps(plan, data, withhold)
+            report = self._steps(plan, data, withhold, stop or _never)
         except guards.GuardError:
             if not withhold:
                 raise
@@ -177,7 +179,8 @@ class LocalTrainer:
         self.model.train()
         return trained
 
-    def _steps(self, plan: RoundPlan, data: TokenizedData, withhold: bool) -> TrainReport:
+    def _steps(self, plan: RoundPlan, data: TokenizedData, withhold: bool,
+               stop: Callable[[], None]) -> TrainReport:
         """The round's DP-SGD steps on the private records (compute_s left at 0)."""
         optimizer = make_optimizer(self.model, plan.optimizer, plan.learning_rate)
         guards.check_optimizer_holds_model_params(optimizer, self.model)
@@ -186,6 +189,7 @@ class LocalTrainer:
                                              random_source(plan.secure_noise, plan.seed))
         loss_sum, seen, clipped, checked, used_sigma, nonfinite = 0.0, 0, 0, False, 0.0, 0
         for _ in range(plan.local_steps):
+            stop()
             stats, loss = self._logical_step(accumulator, sampling.draw(), plan, data)
             checked = self._apply(optimizer, stats, checked, strict_signal=not withhold)
             loss_sum += loss
@@ -278,6 +282,10 @@ class LocalTrainer:
         """Under the global tensors, and the site's own (`kept`, else their init)."""
         self._load(arrays, kept)
         return evaluate_model(self.model, self.task, data, batch_size, self.device)
+
+
+def _never() -> None:
+    """A stop check that never stops (simulation)."""
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
