@@ -21,6 +21,7 @@ from experiments.local_grid import run_federation, run_keeping_checkpoint
 from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.config import parse_run_config
 from fed_dplora.run.results import read_base_score, read_metrics
+from server import reporting
 from server.sites import SiteSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +138,10 @@ def test_secure_round_lost_in_flight_is_charged_on_resume(config, monkeypatch):
     before = read_metrics(run)
     in_flight.save(run)  # what SIGKILL during round 2 leaves
     (run / "privacy_report.json").unlink()
+    actual = []  # the run's own ledgers: its final checkpoint keeps only the bound
+    scrub = reporting.publishable_state
+    monkeypatch.setattr(reporting, "publishable_state",
+                        lambda state, *args: actual.append(state.ledgers) or scrub(state, *args))
     run_federation({**config, "resume": True}, NODES)
     rows, report = read_metrics(run), json.loads((run / "privacy_report.json").read_text())
     assert report["lost_rounds"] == [2] and [r["round"] for r in rows] == [1, 2]
@@ -145,9 +150,11 @@ def test_secure_round_lost_in_flight_is_charged_on_resume(config, monkeypatch):
     assert all("clients" not in r for r in before + rows)
     assert len(in_flight.pending["sample_charges"]) == 2
     steps = {s: sum(r[-1] for r in v)
-             for s, v in Checkpoint.load(run).ledgers["sample"]["counts"].items()}
+             for s, v in actual[0]["sample"]["counts"].items()}
     assert all(n % 2 == 0 and n <= 2 * 3 for n in steps.values())
     assert sum(steps.values()) == 2 * 2 * 3  # rounds 1, 2 (lost), 2 again; 2 sites each
+    published = Checkpoint.load(run).ledgers["sample"]["counts"]
+    assert [sum(r[-1] for r in v) for v in published.values()] == [2 * 3] * NODES
 
 
 def test_site_sampling_is_seeded_only_without_secure_noise():
@@ -180,6 +187,10 @@ def test_seeded_round_lost_after_its_metrics_line_replays_without_a_second_charg
                config["local-steps"]] for site in before[2]["clients"]}}
     crashed.save(run)
     (run / "privacy_report.json").unlink()
+    actual = []  # the run's own ledgers: its final checkpoint keeps only the bound
+    scrub = reporting.publishable_state
+    monkeypatch.setattr(reporting, "publishable_state",
+                        lambda state, *args: actual.append(state.ledgers) or scrub(state, *args))
     run_federation({**config, "resume": True}, NODES)
     after, report = read_metrics(run), json.loads((run / "privacy_report.json").read_text())
     assert [r["round"] for r in after] == [1, 2, 3]
