@@ -71,7 +71,10 @@ def test_unregistered_and_plain_supernodes_and_a_foreign_ca_are_refused(deployme
 
 def test_a_site_that_leaves_costs_rounds_not_the_run_and_rejoins(
         deployment, tiny_bert, tmp_path):
-    deployment.hospitals_online()
+    # Sites that agreed to this study's loose budget (their defaults, 16 lifetime and
+    # 10 per run, would decline its rounds past replace-one epsilon 10).
+    limits = {"max-epsilon": 100, "max-run-epsilon": 100}
+    deployment.hospitals_online(**limits)
     # A seeded coordinator (privacy.secure-noise=false) shows participation in its
     # metrics; each deployed site still draws fresh randomness itself.
     config = run_config(tiny_bert, tmp_path / "runs", "dropout", **{
@@ -85,7 +88,7 @@ def test_a_site_that_leaves_costs_rounds_not_the_run_and_rejoins(
     deployment.wait_for(lambda: rounds() >= 1, "round 1", 300)
     deployment.stop("site-b")
     deployment.wait_for(lambda: rounds() >= 2, "round 2", 300)
-    deployment.supernode("site-b", name="site-b-again")
+    deployment.supernode("site-b", name="site-b-again", **limits)
     assert run.wait(timeout=600) == 0
     assert deployment.statuses() == ["finished:completed"]
     rows = read_metrics(folder)
