@@ -19,10 +19,9 @@ from pathlib import Path
 
 from fed_dplora.config.specs import DEFAULT_MODEL
 from fed_dplora.data.site import OwnSplit, SitePlacement
-from fed_dplora.site.limits import (DEFAULT_MAX_EPSILON, DEFAULT_MAX_ROUNDS,
-                                    DEFAULT_MAX_RUN_EPSILON, SiteLimits, WorkLimits,
-                                    finite_or_none)
 from fed_dplora.data.sources import DataError
+from fed_dplora.site.limits import (DEFAULT_MAX_EPSILON, DEFAULT_MAX_ROUNDS,
+                                    DEFAULT_MAX_RUN_EPSILON, SiteLimits, WorkLimits)
 from strategies.wire import (
     FRESH,
     SEEDED,
@@ -109,7 +108,7 @@ def _epsilon_limit(node_config: Mapping, key: str, default: float, unnoised: boo
     if math.isinf(value) and not unnoised:
         raise ValueError(f"node config {key}=inf: no limit is allowed only where the site "
                          "also sets allow-unnoised=true; give a finite number > 0")
-    return finite_or_none(value)
+    return None if math.isinf(value) else value
 
 
 def work_limits(node_config: Mapping) -> WorkLimits:

@@ -10,10 +10,9 @@ would change what runs here), and calls the installed `clients.client_app.app`; 
 bundle is never installed or imported. Tasks run one at a time, in this process, so a
 site's model and data stay loaded across rounds. So one task must never hold up the
 next: a task revoked while it runs (its run ended, its token expired) stops at its next
-training step and fails alone, where
-Flower's task client would end the process (a SIGINT, or a BaseException), and a message
-whose download stops (`--stall-timeout`) is given up, where Flower's pull waits up to
-2 hours.
+training step and fails alone, where Flower's task client would end the process (a
+SIGINT, or a BaseException), and a message whose download stops (`--stall-timeout`) is
+given up, where Flower's pull waits up to 2 hours.
 
     fed-dplora-site run --runtime-api 127.0.0.1:9094 --superexec-auth-secret-file SECRET
     fed-dplora-site digest     # the installed release's digest, to compare and pin

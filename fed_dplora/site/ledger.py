@@ -1,11 +1,13 @@
 """A site's own privacy ledger and limits: the guarantee does not rest on the coordinator.
 
 Privacy: unit = one record of this site's data source, across every run that used it.
-One account per data source (`fed_dplora.data.site.DataSource`: the content of the
-site's file or folder, all records), whatever a run's seed, record cap, validation
-fraction, task or columns: every run reading the source charges the same account. The
-file holds, per account and per run, how many DP-SGD steps the site took with each
-(q, sigma), and rounds that carried no sample-level noise (their epsilon is infinite).
+One account per data source (`fed_dplora.data.site.DataSource`: named by the node
+config's `ledger-account`, else the site's data path, all records), whatever a run's
+seed, record cap, validation fraction, task or columns, and whatever rows the file gains
+later: every run reading the source charges the same account. The file holds, per
+account and per run, how many rounds it charged, how many DP-SGD steps the site took
+with each (q, sigma), and rounds that carried no sample-level noise (their epsilon is
+infinite).
 
 The site's n leaves it (census), so its guarantee is stated for replace-one neighbours:
 `max-epsilon` is checked against the replace-one epsilon (dp-accounting's PLD, which
@@ -116,7 +118,7 @@ class SiteLedger:
         key = json.dumps(event_to_json(dp_sgd_step(ask.sampling_probability,
                                                    ask.noise_multiplier)))
         counts[key] = counts.get(key, 0) + ask.steps
-        events = _event_counts(account)
+        events = _event_counts(account["runs"])
         if sum(events.values()) > MAX_ACCOUNT_STEPS or len(events) > MAX_ACCOUNT_EVENTS:
             raise SiteDeclines(
                 f"this round would take this site's ledger past {MAX_ACCOUNT_STEPS} DP-SGD "
@@ -146,9 +148,9 @@ class SiteLedger:
         state = json.loads(self.path.read_text())
         if state.get("version") not in READS_VERSIONS:
             raise ValueError(f"{self.path}: a site ledger of another format (version "
-                             f"{state.get('version')}, this fed-dplora reads "
-                             f"versions {list(READS_VERSIONS)}); keep it, and give this version another "
-                             "privacy-ledger file")
+                             f"{state.get('version')}, this fed-dplora reads versions "
+                             f"{list(READS_VERSIONS)}); keep it, and give this version "
+                             "another privacy-ledger file")
         return state["accounts"]
 
     def spend(self, account: dict, run: str | None = None) -> Spend:
@@ -158,7 +160,7 @@ class SiteLedger:
         if any(steps.get(UNNOISED) for steps in runs.values()):
             return Spend(float("inf"), float("inf"), delta)
         events = tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in
-                               _event_counts({"runs": runs}).items() if n), key=repr))
+                               _event_counts(runs).items() if n), key=repr))
         add_remove = _rdp_total(events, delta) if events else 0.0
         replace_one = (pld_epsilon(events, delta, NeighborRel.REPLACE_ONE,
                                    LIVE_PLD_DISCRETIZATION, rdp_epsilon=add_remove)
@@ -202,10 +204,10 @@ class SiteLedger:
             os.replace(tmp, self.path)
 
 
-def _event_counts(account: dict) -> Counter:
-    """{event JSON: steps} over the account's runs (rounds and un-noised rounds apart)."""
+def _event_counts(runs: dict[str, dict]) -> Counter:
+    """{event JSON: steps} over `runs` (their rounds and un-noised rounds left out)."""
     counts: Counter = Counter()
-    for steps in account["runs"].values():
+    for steps in runs.values():
         counts.update({k: n for k, n in steps.items() if k not in (ROUNDS, UNNOISED)})
     return counts
 

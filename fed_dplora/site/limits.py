@@ -10,7 +10,6 @@ Every default here is what a deployed site gets when its node config is silent
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,8 +86,3 @@ class WorkLimits:
 def is_unnoised(noise_multiplier: float | None) -> bool:
     """No sample-level noise, or too little to count (`UNNOISED_BELOW`)."""
     return noise_multiplier is None or not noise_multiplier >= UNNOISED_BELOW
-
-
-def finite_or_none(value: float) -> float | None:
-    """A limit as the ledger keeps it: infinity is no limit."""
-    return None if math.isinf(value) else value
