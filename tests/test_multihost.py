@@ -44,6 +44,13 @@ def ledger(deployment: Deployment, site: str) -> Path:
     return deployment.tmp / f"{site}-ledger.json"
 
 
+def declines(deployment: Deployment, site: str) -> list[str]:
+    """What `site`'s runner logged about the rounds it declined or stopped."""
+    log_file = deployment.tmp / f"{site}.runner.log"
+    lines = log_file.read_text().splitlines() if log_file.exists() else []
+    return [line for line in lines if "declin" in line or "stop" in line][-20:]
+
+
 def online(deployment: Deployment, database: Path | None = None, **proxies) -> None:
     """The SuperLink, every hospital registered, each SuperNode (through its proxy, if
     any) connected, reconnecting for ever, with its own site ledger."""
@@ -158,7 +165,7 @@ def test_a_superlink_killed_mid_run_restarts_on_its_database_and_the_run_resumes
         (account,) = SiteLedger(ledger(hospitals, site), SiteLimits()).accounts().values()
         site_steps = sum(n for run_steps in account["runs"].values()
                          for key, n in run_steps.items() if key != ROUNDS)
-        assert site_steps <= 2 * charged <= site_steps + 2
+        assert site_steps <= 2 * charged <= site_steps + 2, declines(hospitals, site)
         q, sigma = (report["sample"][k][site] for k in ("sampling_probability",
                                                          "noise_multiplier"))
         accountant = rdp.RdpAccountant()
