@@ -1,0 +1,17 @@
+"""The project's mutants: for each privacy or security guarantee, the patches that remove
+or weaken its fix and the tests that must then fail (`python -m tests.mutants`).
+
+A test added for a privacy or security guarantee registers its mutant in its group's
+module here; `tests/test_mutants.py` checks that every test of the guarded test files is
+named by one, and runs the groups CI runs."""
+
+from . import site_limits, site_rule
+from .mutant import Edit, Mutant, mutant
+
+GROUPS: dict[str, list[Mutant]] = {
+    "site-rule": site_rule.MUTANTS,
+    "site-limits": site_limits.MUTANTS,
+}
+ALL = [m for group in GROUPS.values() for m in group]
+
+__all__ = ["ALL", "GROUPS", "Edit", "Mutant", "mutant"]
