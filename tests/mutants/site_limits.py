@@ -30,8 +30,8 @@ MUTANTS = [
            "clients/site_runner.py", "            runtime.revoke_task()\n", ""),
     mutant("ledger unbounded",
            LIMITS + "test_the_ledger_refuses_a_pathological_plan_without_computing_it",
-           LEDGER, "if sum(events.values()) > MAX_ACCOUNT_STEPS or len(events) > MAX_ACCOUNT_EVENTS:",
-           "if False:"),
+           LEDGER, "if sum(events.values()) > MAX_ACCOUNT_STEPS or len(events) > "
+           "MAX_ACCOUNT_EVENTS:", "if False:"),
     mutant("rounds uncounted", LIMITS + "test_a_run_past_the_sites_max_rounds_is_declined",
            LEDGER, "if limit is not None and counts[ROUNDS] > limit:", "if False:"),
     mutant("charged before the data is prepared",

@@ -1,0 +1,37 @@
+"""The mutant registry (tests/mutants): every test of a guarded file names a mutant, and
+CI's groups are all killed (`python -m tests.mutants` runs every group)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mutants import GROUPS
+
+REPO = Path(__file__).resolve().parents[1]
+GUARDED = {"site-rule": "test_site_rule.py", "site-limits": "test_site_limits.py"}
+IN_CI = ("site-rule", "site-limits")
+
+
+def functions_of(file: str) -> set[str]:
+    tree = ast.parse((REPO / "tests" / file).read_text())
+    return {node.name for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+
+@pytest.mark.parametrize("group,file", sorted(GUARDED.items()))
+def test_every_test_of_a_guarded_file_is_named_by_a_mutant(group, file):
+    named = {kill.split("::")[1].split("[")[0] for m in GROUPS[group] for kill in m.kills
+             if kill.startswith(file + "::")}
+    assert functions_of(file) - named == set()
+
+
+def test_the_groups_ci_runs_have_every_mutant_killed():
+    groups = [arg for group in IN_CI for arg in ("--group", group)]
+    done = subprocess.run([sys.executable, "-m", "tests.mutants", *groups], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"{sum(len(GROUPS[g]) for g in IN_CI)} mutants: " in done.stderr
