@@ -209,9 +209,9 @@ class LoraFedAvg(FedAvg):
 
     def is_lost(self, screened: Screened) -> bool:
         """Fewer valid replies than `min_replies` (None: every node asked that did not
-        decline by its own limits, and at least one: a round nobody trained is lost)."""
-        needed = (max(1, len(screened.asked) - len(screened.declined))
-                  if self.min_replies is None else self.min_replies)
+        decline by its own privacy limits)."""
+        needed = (len(screened.asked) - len(screened.declined) if self.min_replies is None
+                  else self.min_replies)
         lost = len(screened.accepted) < needed
         if lost:
             log.warning("round lost: %d valid replies of %d asked, min-replies %d",
