@@ -29,9 +29,8 @@ class Mutant:
         originals: dict[Path, str] = {}
         for edit in self.edits:
             path = root / edit.file
-            text = originals.get(path) or path.read_text()
-            originals.setdefault(path, text)
             current = path.read_text()
+            originals.setdefault(path, current)
             if current.count(edit.old) != 1:
                 restore(originals)
                 raise StaleMutant(f"mutant {self.name!r}: {edit.file} holds its text "

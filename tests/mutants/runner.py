@@ -61,7 +61,8 @@ def outcomes(root: Path, tests: tuple[str, ...], timeout_s: float,
              output: Path) -> dict[str, str] | None:
     """{test id: "passed" | "failed" | "skipped"} for `tests` run from `root` in a forked
     child (its output to `output`); None when they ran past `timeout_s`."""
-    result = Path(tempfile.mkstemp(suffix=".json")[1])
+    result = output.with_suffix(".json")
+    result.write_text("")
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.setpgid(0, 0)
@@ -80,9 +81,7 @@ def outcomes(root: Path, tests: tuple[str, ...], timeout_s: float,
             os.waitpid(pid, 0)
             return None
         time.sleep(0.2)
-    found = json.loads(result.read_text() or "{}")
-    result.unlink()
-    return found
+    return json.loads(result.read_text() or "{}")
 
 
 def _run_in_child(root: Path, tests: tuple[str, ...], result: Path) -> int:
@@ -97,7 +96,7 @@ def _run_in_child(root: Path, tests: tuple[str, ...], result: Path) -> int:
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
     os.chdir(root)
     recorder = _Recorder()
-    pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--no-header",
+    pytest.main(["-q", "-p", "no:cacheprovider", "--no-header",
                  *(f"tests/{t}" for t in tests)], plugins=[recorder])
     result.write_text(json.dumps(recorder.outcomes))
     return 0
@@ -128,6 +127,12 @@ def selected(found: dict[str, str], test: str) -> list[str]:
     return [v for k, v in found.items() if k == test or k.startswith(test + "[")]
 
 
+def all_were(found: dict[str, str], test: str, outcome: str) -> bool:
+    """Whether `test` names at least one item and every one of them had `outcome`."""
+    items = selected(found, test)
+    return bool(items) and all(v == outcome for v in items)
+
+
 def judge(mutant: Mutant, root: Path, timeout_s: float) -> Verdict:
     start = time.monotonic()
     try:
@@ -142,8 +147,7 @@ def judge(mutant: Mutant, root: Path, timeout_s: float) -> Verdict:
     spent = time.monotonic() - start
     if found is None:
         return Verdict(mutant.name, mutant.kills, "timeout", f"past {timeout_s:g} s", spent)
-    alive = [t for t in mutant.kills if not selected(found, t)
-             or any(v != "failed" for v in selected(found, t))]
+    alive = [t for t in mutant.kills if not all_were(found, t, "failed")]
     if alive:
         tail = "\n".join(output.read_text().splitlines()[-15:])
         return Verdict(mutant.name, mutant.kills, "survived",
@@ -158,7 +162,7 @@ def baseline_problems(root: Path, mutants: list[Mutant], timeout_s: float) -> li
     if found is None:
         return [f"the unpatched tests ran past {timeout_s:g} s"]
     return [f"{t}: {selected(found, t) or 'not found'}" for t in tests
-            if not selected(found, t) or any(v != "passed" for v in selected(found, t))]
+            if not all_were(found, t, "passed")]
 
 
 def run(mutants: list[Mutant], timeout_s: float = 600) -> tuple[list[str], list[Verdict]]:
