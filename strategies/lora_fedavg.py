@@ -209,8 +209,11 @@ class LoraFedAvg(FedAvg):
 
     def is_lost(self, screened: Screened) -> bool:
         """Fewer valid replies than `min_replies` (None: every node asked that did not
-        decline by its own privacy limits)."""
-        needed = (len(screened.asked) - len(screened.declined) if self.min_replies is None
+        decline by its own limits, and at least one when any was asked: a round every
+        asked site declined trained nothing and is lost; one that asked nobody, as
+        Poisson sampling may, is not)."""
+        asked, declined = len(screened.asked), len(screened.declined)
+        needed = (max(min(asked, 1), asked - declined) if self.min_replies is None
                   else self.min_replies)
         lost = len(screened.accepted) < needed
         if lost:

@@ -17,6 +17,8 @@ from experiments.local_grid import LocalGrid, run_federation, run_keeping_checkp
 from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.run.results import read_metrics
 from strategies import wire as p
+from strategies.lora_fedavg import LoraFedAvg
+from strategies.screening import Accepted, Screened
 from strategies.wire import to_arrays, to_record
 
 NODES = 3
@@ -226,3 +228,12 @@ def test_a_site_that_fails_the_census_is_left_out_of_the_run(config):
     assert sorted(report["sample"]["epsilon_rdp"]) == ["partition-0", "partition-2"]
     assert all(r["clients"] == ["partition-0", "partition-2"] for r in rows)
     assert all(r["failures"] == {"train": {}, "declined": {}, "evaluate": {}} for r in rows)
+
+
+def test_a_round_every_asked_site_declined_is_lost_but_one_that_asked_nobody_is_not():
+    strategy = LoraFedAvg()
+    declined = {1: "WorkStopped: ...", 2: "SiteDeclines: ..."}
+    assert strategy.is_lost(Screened([1, 2], {}, {}, declined))
+    assert not strategy.is_lost(Screened([1, 2], {1: Accepted({"b": np.zeros(1)}, {})}, {},
+                                         {2: declined[2]}))
+    assert not strategy.is_lost(Screened([], {}, {}, {}))  # Poisson sampling chose nobody

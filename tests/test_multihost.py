@@ -51,6 +51,14 @@ def declines(deployment: Deployment, site: str) -> list[str]:
     return [line for line in lines if "declin" in line or "stop" in line][-20:]
 
 
+def why_rounds_failed(deployment: Deployment, folder: Path) -> dict:
+    """Each round's failures and declines as the run recorded them, and each site's
+    runner-log lines about declining or stopping."""
+    rows = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
+    return {"rounds": [(r["round"], r.get("failures")) for r in rows],
+            **{site: declines(deployment, site) for site in HOSPITALS}}
+
+
 def online(deployment: Deployment, database: Path | None = None, **proxies) -> None:
     """The SuperLink, every hospital registered, each SuperNode (through its proxy, if
     any) connected, reconnecting for ever, with its own site ledger."""
@@ -157,15 +165,16 @@ def test_a_superlink_killed_mid_run_restarts_on_its_database_and_the_run_resumes
     hospitals.superlink(database=database)
     hospitals.wait_for(lambda: hospitals.online() == len(HOSPITALS), "SuperNodes back", 180)
     out = hospitals.run(config + " resume=true")
-    assert "finished:completed" in hospitals.statuses(), out.stdout[-3000:]
+    why = why_rounds_failed(hospitals, folder)
+    assert "finished:completed" in hospitals.statuses(), (out.stdout[-3000:], why)
     report = json.loads((folder / "privacy_report.json").read_text())
     charged = report["rounds_completed"] + len(report["lost_rounds"])
-    assert report["rounds_completed"] == 4 and len(report["lost_rounds"]) <= 1
+    assert report["rounds_completed"] == 4 and len(report["lost_rounds"]) <= 1, why
     for site in HOSPITALS:  # each release charged: at least what the site itself spent
         (account,) = SiteLedger(ledger(hospitals, site), SiteLimits()).accounts().values()
         site_steps = sum(n for run_steps in account["runs"].values()
                          for key, n in run_steps.items() if key != ROUNDS)
-        assert site_steps <= 2 * charged <= site_steps + 2, declines(hospitals, site)
+        assert site_steps <= 2 * charged <= site_steps + 2, why
         q, sigma = (report["sample"][k][site] for k in ("sampling_probability",
                                                          "noise_multiplier"))
         accountant = rdp.RdpAccountant()
