@@ -52,8 +52,10 @@ class HostileCoordinator:
     def census(self) -> Message:
         return self.send("query", RecordDict({p.CONFIG: client_config(FEDERATION_LABELS)}))
 
-    def train(self, arrays: dict[str, np.ndarray], sigma: float | None = 1.0) -> Message:
-        config = client_config(FEDERATION_LABELS, noise_multiplier=sigma)
+    def train(self, arrays: dict[str, np.ndarray], sigma: float | None = 1.0,
+              secure_noise: bool = True) -> Message:
+        config = client_config(FEDERATION_LABELS, noise_multiplier=sigma,
+                               secure_noise=secure_noise)
         return self.send("train", RecordDict({p.ARRAYS: to_record(arrays), p.CONFIG: config}))
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> Message:

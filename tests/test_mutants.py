@@ -12,8 +12,9 @@ import pytest
 from mutants import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
-GUARDED = {"site-rule": "test_site_rule.py", "site-limits": "test_site_limits.py"}
-IN_CI = ("site-rule", "site-limits")
+GUARDED = {"site-rule": "test_site_rule.py", "site-limits": "test_site_limits.py",
+           "secrecy": "test_secrecy.py"}
+IN_CI = ("site-rule", "site-limits", "secrecy")
 
 
 def functions_of(file: str) -> set[str]:
