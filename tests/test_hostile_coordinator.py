@@ -102,14 +102,31 @@ def test_labels_outside_the_declared_set_are_not_sent(config, tmp_path):
         "emergency", "routine", "urgent"]
 
 
-def test_too_many_or_too_long_values_are_not_labels():
-    from fed_dplora.data.site import LabelsWithheld, shareable_labels
-    assert shareable_labels({"0", "1"}, ()) == ("0", "1")
-    with pytest.raises(LabelsWithheld, match="declines"):
-        shareable_labels({str(i) for i in range(MAX_SHARED_LABELS + 1)}, ())
-    with pytest.raises(LabelsWithheld, match="declines") as why:
-        shareable_labels({"a", "Jane Roe was admitted on 1961-03-02 with chest pain"}, ())
-    assert "Jane" not in str(why.value)
+LABEL_LIKE = {  # a column the run config names as labels, 300 records a site
+    "ids": lambda i: f"MRN{i:05d}",  # short, but one per record: more than any label set
+    "notes": lambda i: f"Jane Roe {i % 3} was admitted on 1961-03-02 with chest pain"}
+
+
+@pytest.mark.parametrize("kind", sorted(LABEL_LIKE))
+def test_a_label_column_of_ids_or_long_notes_is_withheld_at_the_census(config, tmp_path,
+                                                                       kind):
+    """Simulation, where the census reads a site's label values from its data: a column
+    of more than MAX_SHARED_LABELS values, or of values longer than a label, is withheld
+    whole and named by no value. Mutants killed: the census's count check, or its length
+    check, removed."""
+    data = write_site_csv(tmp_path / "notes.csv", 0, 300 * NODES)
+    lines = data.read_text().splitlines()
+    values = [LABEL_LIKE[kind](i) for i in range(len(lines) - 1)]
+    data.write_text("\n".join([lines[0] + ",tag", *(f"{line},{value}" for line, value
+                                                    in zip(lines[1:], values))]) + "\n")
+    config.update({"data.path": str(data), "data.label-column": "tag"})
+    grid = LocalGrid(config, NODES)
+    seen = recording(grid)
+    with pytest.raises(ClientFailure, match="census: no site answered") as failure:
+        run_federation(config, NODES, grid)
+    assert "LabelsWithheld" in str(failure.value)
+    told = [reply_text(r) for _, _, r in seen] + [str(failure.value)]
+    assert seen and not [v for v in values if any(v in text for text in told)]
 
 
 def test_a_deployed_supernode_without_a_data_path_is_never_trained(config, tmp_path):
@@ -122,7 +139,9 @@ def test_a_deployed_supernode_without_a_data_path_is_never_trained(config, tmp_p
 
 def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
         config, tmp_path):
-    """Budget reset: each run's training split differs, the account does not."""
+    """Budget reset: each run's training split and run-config columns differ, the
+    account does not, and it declines at its limit. Mutants killed: the account keyed
+    also by the run's seed, its record cap, or its label column."""
     ledger_files = [tmp_path / f"ledger-{i}.json" for i in range(NODES)]
 
     def run(name: str, run_id: int, limit: float | None = None, **overrides) -> dict:
@@ -139,7 +158,8 @@ def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
         return cfg
 
     run("seed-0", 1)
-    run("seed-1", 2, seed=1, **{"data.max-records": 100, "data.validation-fraction": 0.2})
+    run("seed-1", 2, seed=1, **{"data.max-records": 100, "data.validation-fraction": 0.2,
+                                "data.label-column": "text", "data.text-column": "label"})
     accounts = SiteLedger(ledger_files[0], SiteLimits()).accounts()
     assert len(accounts) == 1 and len(next(iter(accounts.values()))["runs"]) == 2
     spent = SiteLedger(ledger_files[0], SiteLimits()).spend(next(iter(accounts.values())))
@@ -150,22 +170,29 @@ def test_runs_with_other_seeds_caps_fractions_and_columns_charge_one_account(
 
 @pytest.mark.parametrize("level", ["none", "client"])
 def test_a_deployed_site_declines_rounds_without_sample_level_noise(config, tmp_path, level):
+    """Declined for that reason (shown: these sites share their reasons), before any
+    epsilon limit: infinity would pass one too. Mutant killed: the un-noised check."""
     config.update({"privacy.level": level, "privacy.secure-noise": True,
                    "privacy.client-noise-multiplier": 1.0})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{"share-metrics": "all"})
+    grid = LocalGrid(config, NODES, nodes, deployment=True)
     seen = recording(grid)
     run_federation(config, NODES, grid)
     train = [r for _, kind, r in seen if kind == "train"]
     assert 1 <= len(train) <= NODES  # each asked at most once: it declined, is not asked again
-    assert all(p.DECLINED in r.content[p.CONFIG] and not r.content.array_records
-               for r in train)
+    assert all("without sample-level DP noise" in r.content[p.CONFIG][p.DECLINED]
+               and not r.content.array_records for r in train)
 
 
 def test_a_site_that_opts_into_unnoised_rounds_is_charged_infinity_and_listed_void(
         config, tmp_path):
     """Consent is allow-unnoised and no finite epsilon limit (a deployed site's
-    defaults are finite, and infinity passes any of them)."""
-    config.update({"privacy.level": "none", "num-server-rounds": 1})
+    defaults are finite, and infinity passes any of them). Client-level DP only: each
+    site's ledger charges infinity and the report lists every site as void. Mutants
+    killed: an un-noised round charged nothing; the void list left to opted-out sites."""
+    config.update({"privacy.level": "client", "privacy.secure-noise": True,
+                   "privacy.client-sampling": "fixed", "privacy.client-noise-multiplier": 1.0,
+                   "privacy.client-target-epsilon": 100.0, "num-server-rounds": 1})
     nodes = deployed_nodes(tmp_path, NODES, config["model.name"], **{
         "allow-unnoised": True, "max-epsilon": float("inf"), "max-run-epsilon": float("inf")})
     run_federation(config, NODES, LocalGrid(config, NODES, nodes, deployment=True))
@@ -174,6 +201,9 @@ def test_a_site_that_opts_into_unnoised_rounds_is_charged_infinity_and_listed_vo
                         SiteLimits())
     spends = [ledger.spend(a).replace_one for a in ledger.accounts().values()]
     assert sorted(spends)[-2:] == [float("inf")] * 2  # the two sites asked to train
+    report = report_of(config)
+    assert report["epsilon_void_sites"] == [f"partition-{i}" for i in range(NODES)]
+    assert "no sample-level noise" in report["epsilon_void_note"]
 
 
 def test_no_sample_level_noise_lists_every_site_as_void(config):
