@@ -13,7 +13,8 @@ from mutants import GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 GUARDED = {"site-rule": "test_site_rule.py", "site-limits": "test_site_limits.py",
-           "secrecy": "test_secrecy.py", "coordinator": "test_hostile_coordinator.py"}
+           "secrecy": "test_secrecy.py", "coordinator": "test_hostile_coordinator.py",
+           "ledger": "test_site_ledger.py"}
 IN_CI = ("site-rule", "site-limits", "secrecy")
 
 

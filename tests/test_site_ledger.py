@@ -13,6 +13,7 @@ import dp_accounting as dpa
 import pytest
 from dp_accounting import pld, rdp
 
+from clients import runtime
 from fed_dplora.data.site import DataSource
 from fed_dplora.run.results import read_metrics
 from fed_dplora.site.ledger import ROUNDS, RoundAsk, SiteDeclines, SiteLedger, SiteLimits
@@ -154,15 +155,21 @@ def test_an_unnoised_round_is_charged_infinity_only_where_the_site_opts_in(tmp_p
         limited.charge_or_decline(SOURCE, RoundAsk("r2", Q, SIGMA, 1))
 
 
-def test_a_coordinator_asking_for_almost_no_noise_is_declined_not_a_crash(tmp_path):
-    """A hostile run config with sigma 0.0044 (PLD epsilon once took 23 GB to compute):
-    below the site's floor it counts as un-noised, declined before any epsilon is
-    computed, charging nothing."""
-    limited = SiteLedger(tmp_path / "site.json", SiteLimits(max_epsilon=50.0))
+@pytest.mark.parametrize("deployed", [False, True],
+                         ids=["ledger-default", "deployed-default"])
+def test_a_coordinator_asking_for_almost_no_noise_is_declined_by_default_not_a_crash(
+        tmp_path, monkeypatch, deployed):
+    """A hostile run config with sigma 0.0044 (PLD epsilon once took 23 GB to compute),
+    at a site with the ledger's or a deployed node's default limits: below the floor
+    it counts as un-noised, declined before any epsilon is computed, charging nothing.
+    Mutant killed: un-noised rounds accepted without allow-unnoised."""
+    monkeypatch.setattr(runtime, "in_simulation", lambda: False)
+    limits = runtime.site_limits({}) if deployed else SiteLimits()
+    ledger = SiteLedger(tmp_path / "site.json", limits)
     with pytest.raises(SiteDeclines, match="without sample-level DP noise"):
-        limited.charge_or_decline(SOURCE, RoundAsk("r", Q, 0.0044, 100))
-    assert not limited.accounts() or not only_account(tmp_path / "site.json")["runs"]
-    assert limited.charge_or_decline(SOURCE, RoundAsk("r", Q, SIGMA, 1)).replace_one < 10
+        ledger.charge_or_decline(SOURCE, RoundAsk("r", Q, 0.0044, 100))
+    assert not ledger.accounts()
+    assert ledger.charge_or_decline(SOURCE, RoundAsk("r", Q, SIGMA, 1)).replace_one < 10
 
 
 def test_delta_follows_the_plans_rule_for_the_sources_records(tmp_path):

@@ -5,7 +5,7 @@ A test added for a privacy or security guarantee registers its mutant in its gro
 module here; `tests/test_mutants.py` checks that every test of the guarded test files is
 named by one, and runs the groups CI runs."""
 
-from . import coordinator, secrecy, site_limits, site_rule
+from . import coordinator, ledger, secrecy, site_limits, site_rule
 from .mutant import Mutant
 
 GROUPS: dict[str, list[Mutant]] = {
@@ -13,4 +13,5 @@ GROUPS: dict[str, list[Mutant]] = {
     "site-limits": site_limits.MUTANTS,
     "secrecy": secrecy.MUTANTS,
     "coordinator": coordinator.MUTANTS,
+    "ledger": ledger.MUTANTS,
 }
