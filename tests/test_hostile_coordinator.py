@@ -77,7 +77,8 @@ def test_a_run_config_naming_the_text_column_as_labels_sends_no_record(config, t
 def test_a_deployed_site_reads_the_columns_it_declared_whatever_the_run_config_says(
         config, tmp_path):
     config.update({"data.label-column": "text", "data.text-column": "label"})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]),
+                     deployment=True)
     seen = recording(grid)
     run_federation(config, NODES, grid)
     saved = json.loads((folder_of(config) / "config.json").read_text())
@@ -89,7 +90,8 @@ def test_a_deployed_site_reads_the_columns_it_declared_whatever_the_run_config_s
 
 
 def test_labels_outside_the_declared_set_are_not_sent(config, tmp_path):
-    nodes = deployed_nodes(tmp_path, NODES, config["model.name"], labels="routine,urgent")  # not "emergency"
+    nodes = deployed_nodes(tmp_path, NODES, config["model.name"],
+                           labels="routine,urgent")  # not "emergency"
     nodes[0]["labels"] = "emergency,routine,urgent"
     grid = LocalGrid(config, NODES, nodes, deployment=True)
     seen = recording(grid)
@@ -217,7 +219,8 @@ def test_no_sample_level_noise_lists_every_site_as_void(config):
 
 def test_seeded_client_level_dp_is_refused_outside_the_simulation(config, tmp_path):
     config.update({"privacy.level": "client", "privacy.secure-noise": False})
-    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]), deployment=True)
+    grid = LocalGrid(config, NODES, deployed_nodes(tmp_path, NODES, config["model.name"]),
+                     deployment=True)
     with pytest.raises(ConfigError, match="secure-noise=false.*no client-level guarantee"):
         run_federation(config, NODES, grid)
     run_federation(config, NODES)  # a simulation may seed it (reproducible research)
