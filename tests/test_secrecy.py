@@ -13,14 +13,13 @@ import dp_accounting as dpa
 import numpy as np
 import pytest
 from dp_accounting import rdp
+from flwr.app import Message
 from helpers import Crash, crash_at, deployed_nodes
 from hostile import HostileCoordinator, site  # noqa: F401
 
-from flwr.app import Message
-
 from experiments.local_grid import LocalGrid, run_federation
-from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.dp.engine import PoissonSampling
+from fed_dplora.run.checkpoint import Checkpoint
 from fed_dplora.run.results import read_metrics
 from server.sites import SiteSampler
 from strategies import wire as p
@@ -83,9 +82,9 @@ def run_files_by_participants(config: dict, tmp_path: Path, secure: bool) -> lis
     files = []
     for name, chosen in (("first", slice(0, 2)), ("last", slice(1, 3))):
         run = {**config, "privacy.secure-noise": secure, "output-dir": str(tmp_path / name)}
-        sampler = lambda self, rnd, askable, chosen=chosen: sorted(askable)[chosen]  # noqa: E731
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(SiteSampler, "__call__", sampler)
+            patch.setattr(SiteSampler, "__call__",
+                          lambda self, rnd, askable: sorted(askable)[chosen])
             run_federation(run, NODES, ReplayingGrid(run, NODES))
         folder = tmp_path / name / config["run-name"]
         files.append({str(f.relative_to(folder)): readable(f)
@@ -98,8 +97,9 @@ def test_with_secret_sampling_no_run_file_tells_who_trained(config, tmp_path, se
     """Two runs alike but for which sites train (the model kept the same): with secret
     sampling every file the run folder holds, the checkpoint and adapter included, is
     the same but for the run's own timings; the seeded control shows the comparison
-    sees participation. Mutants killed: the metrics line not scrubbed; the final
-    checkpoint keeping each site's own ledger."""
+    sees participation. Mutants killed: the metrics line not scrubbed; site ids left
+    out of the participation fields; the final checkpoint keeping each site's own
+    ledger; the report giving each site's own epsilon."""
     found = run_files_by_participants(config, tmp_path, secure)
     if secure:
         assert found == []
