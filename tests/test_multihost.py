@@ -13,12 +13,14 @@ import json
 import logging
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import dp_accounting as dpa
 import psutil
 import pytest
 from dp_accounting import rdp
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from experiments.deployment_lab import Deployment
 from experiments.netlab import NetLab, unavailable
@@ -51,11 +53,13 @@ def declines(deployment: Deployment, site: str) -> list[str]:
     return [line for line in lines if "declin" in line or "stop" in line][-20:]
 
 
-def why_rounds_failed(deployment: Deployment, folder: Path) -> dict:
-    """Each round's failures and declines as the run recorded them, and each site's
-    runner-log lines about declining or stopping."""
-    rows = read_metrics(folder) if (folder / "metrics.jsonl").exists() else []
-    return {"rounds": [(r["round"], r.get("failures")) for r in rows],
+def why_rounds_failed(deployment: Deployment, folder: Path, coordinator_log: str) -> dict:
+    """What the coordinator logged about sites left out, failing or declining (secret
+    sampling keeps them out of the metrics), and each site's runner-log lines about
+    declining or stopping."""
+    said = [line for line in coordinator_log.splitlines()
+            if any(word in line for word in ("census", "WARNING", "ERROR", "declin"))]
+    return {"coordinator": said[-30:], "rounds": rounds(folder),
             **{site: declines(deployment, site) for site in HOSPITALS}}
 
 
@@ -163,9 +167,13 @@ def test_a_superlink_killed_mid_run_restarts_on_its_database_and_the_run_resumes
     assert not alive, f"processes of the old SuperLink still run: {alive}"  # one writer
     hospitals.processes.pop("superlink")
     hospitals.superlink(database=database)
-    hospitals.wait_for(lambda: hospitals.online() == len(HOSPITALS), "SuperNodes back", 180)
+    # Until a node's last heartbeat before the crash lapses, the database lists it as
+    # online, connected or not: a run started then can find it offline at its census
+    # and leave it out. After that, "online" means connected to the new SuperLink.
+    time.sleep(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+    hospitals.wait_for(lambda: hospitals.online() == len(HOSPITALS), "SuperNodes back", 240)
     out = hospitals.run(config + " resume=true")
-    why = why_rounds_failed(hospitals, folder)
+    why = why_rounds_failed(hospitals, folder, out.stdout)
     assert "finished:completed" in hospitals.statuses(), (out.stdout[-3000:], why)
     report = json.loads((folder / "privacy_report.json").read_text())
     charged = report["rounds_completed"] + len(report["lost_rounds"])
