@@ -28,6 +28,12 @@ class JobFailed(RuntimeError):
     """A `flwr run` job did not finish with status finished:completed."""
 
 
+def app_defaults() -> dict[str, Any]:
+    """The app's run config defaults, as pyproject.toml sets them."""
+    import tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

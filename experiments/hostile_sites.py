@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.flwr_job import app_defaults
 from experiments.local_grid import LocalGrid, run_federation
 from experiments.tuning import interval, t_half_width
 from fed_dplora.config import RunSpec, parse_run_config
@@ -97,10 +98,7 @@ def make_hostile(grid: LocalGrid, node: int, attack: Attack) -> None:
 
 
 def run_config(out: Path, name: str, seed: int, rule: str, model: str) -> dict:
-    import tomllib
-    defaults = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml")
-                             .read_text())["tool"]["flwr"]["app"]["config"]
-    return {**defaults, "model.name": model, "output-dir": str(out), "run-name": name,
+    return {**app_defaults(), "model.name": model, "output-dir": str(out), "run-name": name,
             "seed": seed, "clients-per-round": NODES, "num-server-rounds": 5,
             "min-replies": NODES - 1, "local-steps": 4, "batch-size": 64,
             "physical-batch-size": 64, "data.demo-records-per-site": 400,

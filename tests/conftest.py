@@ -2,56 +2,25 @@
 
 from __future__ import annotations
 
-import re
-import tomllib
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, GPT2Model,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,
+                          LlamaForCausalLM)
 
-from fed_dplora.data.demo import generate_site
+from experiments.flwr_job import app_defaults
+from experiments.tiny_models import demo_vocab, save_tiny_bert, word_tokenizer
 from flwr_cli import flwr_environment, stop_local_superlink
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
-DEFAULTS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-
-
-def _vocab() -> dict[str, int]:
-    words = set()
-    for site in range(3):
-        for text in generate_site(site, 300, 0)[0]:
-            words.update(re.findall(r"\w+|[^\w\s]", text))
-    return {w: i for i, w in enumerate(SPECIALS + sorted(words))}
-
-
-def _tokenizer(vocab: dict[str, int], bert: bool) -> PreTrainedTokenizerFast:
-    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    if bert:
-        return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
-                                       unk_token="[UNK]", cls_token="[CLS]",
-                                       sep_token="[SEP]")
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]",
-                                   eos_token="[SEP]")  # GPT-2 style: no pad token
+DEFAULTS = app_defaults()
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT with dropout off, as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = _vocab()
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    _tokenizer(vocab, bert=True).save_pretrained(folder)
-    return str(folder)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def _tiny_gpt2_config(vocab: dict[str, int]) -> GPT2Config:
@@ -62,7 +31,7 @@ def _tiny_gpt2_config(vocab: dict[str, int]) -> GPT2Config:
 def _model_folder(tmp_path_factory, name: str, model, bert_tokenizer: bool) -> str:
     folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
-    _tokenizer(_vocab(), bert=bert_tokenizer).save_pretrained(folder)
+    word_tokenizer(demo_vocab(), bert=bert_tokenizer).save_pretrained(folder)
     return str(folder)
 
 
@@ -70,20 +39,20 @@ def _model_folder(tmp_path_factory, name: str, model, bert_tokenizer: bool) -> s
 def tiny_gpt2(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random GPT-2 with dropout off, as a local model folder."""
     return _model_folder(tmp_path_factory, "tiny-gpt2",
-                         GPT2Model(_tiny_gpt2_config(_vocab())), bert_tokenizer=False)
+                         GPT2Model(_tiny_gpt2_config(demo_vocab())), bert_tokenizer=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_lm(tmp_path_factory) -> str:
     """The same GPT-2 as a language model (Conv1D layers, tied LM head)."""
     return _model_folder(tmp_path_factory, "tiny-gpt2-lm",
-                         GPT2LMHeadModel(_tiny_gpt2_config(_vocab())), bert_tokenizer=False)
+                         GPT2LMHeadModel(_tiny_gpt2_config(demo_vocab())), bert_tokenizer=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_lm(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random Llama language model (q_proj/v_proj, RoPE, RMSNorm)."""
-    config = LlamaConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(demo_vocab()), hidden_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=64, max_position_embeddings=128,
                          tie_word_embeddings=False, pad_token_id=0)

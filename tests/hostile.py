@@ -4,71 +4,26 @@ tests/test_site_limits.py)."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Message
 from helpers import deployed_nodes
 
-from clients import runtime
-from clients.client_app import app as client_app
-from fed_dplora.config import parse_run_config
-from fed_dplora.data.demo import LABELS
-from fed_dplora.lora.adapters import trainable_arrays
-from fed_dplora.lora.model import ModelRecipe
+from experiments import hostile_coordinator
+from experiments.hostile_coordinator import (AS_DEPLOYED, FEDERATION_LABELS,  # noqa: F401
+                                             head_bias)
 from fed_dplora.site.ledger import SiteLedger, SiteLimits
-from fed_dplora.site.trainer import LocalTrainer
 from strategies import wire as p
-from strategies.round_config import client_config
-from strategies.wire import to_record
-
-NODE = 100
-FEDERATION_LABELS = tuple(sorted(LABELS))  # the order the census would fix
 
 
-class HostileCoordinator:
-    """Sends crafted messages to one deployed site's real ClientApp, in process."""
+class HostileCoordinator(hostile_coordinator.HostileCoordinator):
+    """The experiments' hostile coordinator, this process a deployed site for the test."""
 
     def __init__(self, monkeypatch, node_config: dict, run_config: dict) -> None:
-        monkeypatch.setattr(runtime, "in_simulation", lambda: False)
-        for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", NODE)):
-            monkeypatch.setattr(TaskIdentity, attr, value)
-        self.context = Context(run_id=1, node_id=NODE, node_config=node_config,
-                               state=RecordDict(), run_config=run_config)
-
-    def send(self, kind: str, content: RecordDict) -> Message:
-        """The reply, or the error reply Flower sends when the ClientApp raises."""
-        message = Message(content, dst_node_id=NODE, message_type=kind)
-        message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-        try:
-            return client_app(message, self.context)
-        except Exception as exc:
-            return Message(Error(code=0, reason=repr(exc)), reply_to=message)
-
-    def census(self) -> Message:
-        return self.send("query", RecordDict({p.CONFIG: client_config(FEDERATION_LABELS)}))
-
-    def train(self, arrays: dict[str, np.ndarray], sigma: float | None = 1.0,
-              secure_noise: bool = True) -> Message:
-        config = client_config(FEDERATION_LABELS, noise_multiplier=sigma,
-                               secure_noise=secure_noise)
-        return self.send("train", RecordDict({p.ARRAYS: to_record(arrays), p.CONFIG: config}))
-
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> Message:
-        return self.send("evaluate", RecordDict({p.ARRAYS: to_record(arrays),
-                                                 p.CONFIG: client_config(FEDERATION_LABELS)}))
-
-    def global_arrays(self) -> dict[str, np.ndarray]:
-        """The run's global tensors at their init, as the server would send them."""
-        spec = parse_run_config(self.context.run_config)
-        trainer = LocalTrainer(ModelRecipe.from_spec(spec, len(FEDERATION_LABELS)),
-                               torch.device("cpu"), private=True)
-        return {n: a for n, a in trainable_arrays(trainer.model).items()
-                if n in trainer.global_names}
+        for owner, name, value in AS_DEPLOYED:
+            monkeypatch.setattr(owner, name, value)
+        super().__init__(node_config, run_config)
 
 
 def what_it_tells(reply: Message) -> tuple:
@@ -97,10 +52,3 @@ def site(tmp_path, config) -> dict:
     node["data-path"] = str(write_site_csv(tmp_path / "notes.csv", 0, 300))
     node["privacy-ledger"] = str(tmp_path / "ledger.json")
     return node
-
-
-def head_bias(arrays: dict[str, np.ndarray]) -> str:
-    names = [n for n, a in arrays.items() if n.endswith("bias") and "lora" not in n
-             and a.shape == (len(FEDERATION_LABELS),)]
-    assert len(names) == 1, names
-    return names[0]

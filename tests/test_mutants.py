@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 GUARDED = {"test_site_rule.py": "site-rule", "test_site_limits.py": "site-limits",
            "test_secrecy.py": "secrecy", "test_hostile_coordinator.py": "coordinator",
            "test_site_ledger.py": "ledger", "test_site_runner.py": "site-runner",
-           "test_site_runner_revoked.py": "site-runner", "test_hostile_site.py": "hostile-site"}
+           "test_site_runner_revoked.py": "site-runner", "test_hostile_site.py": "hostile-site",
+           "test_attack_site.py": "attack"}
 IN_CI = ("site-rule", "site-limits", "secrecy")
 
 

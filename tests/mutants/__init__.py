@@ -5,8 +5,8 @@ A test added for a privacy or security guarantee registers its mutant in its gro
 module here; `tests/test_mutants.py` checks that every test of the guarded test files is
 named by one, and runs the groups CI runs."""
 
-from . import (coordinator, hostile_site, ledger, secrecy, site_limits, site_rule,
-               site_runner)
+from . import (attack, coordinator, hostile_site, ledger, secrecy, site_limits,
+               site_rule, site_runner)
 from .mutant import Mutant
 
 GROUPS: dict[str, list[Mutant]] = {
@@ -17,4 +17,5 @@ GROUPS: dict[str, list[Mutant]] = {
     "ledger": ledger.MUTANTS,
     "site-runner": site_runner.MUTANTS,
     "hostile-site": hostile_site.MUTANTS,
+    "attack": attack.MUTANTS,
 }
