@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ class JobFailed(RuntimeError):
 
 def app_defaults() -> dict[str, Any]:
     """The app's run config defaults, as pyproject.toml sets them."""
-    import tomllib
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return pyproject["tool"]["flwr"]["app"]["config"]
 
 
 def toml_value(value: Any) -> str:

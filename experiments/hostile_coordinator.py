@@ -45,8 +45,8 @@ class HostileCoordinator:
     """Sends crafted messages to one deployed site's real ClientApp, in process (inside
     `as_deployed()`)."""
 
-    def __init__(self, node_config: dict, run_config: dict) -> None:
-        self.context = Context(run_id=1, node_id=NODE, node_config=node_config,
+    def __init__(self, node_config: dict, run_config: dict, run_id: int = 1) -> None:
+        self.context = Context(run_id=run_id, node_id=NODE, node_config=node_config,
                                state=RecordDict(), run_config=run_config)
 
     def send(self, kind: str, content: RecordDict) -> Message:

@@ -15,7 +15,9 @@ def test_a_hostile_coordinator_recovers_labels_only_as_far_as_the_sites_epsilon_
     # The attack has power: without noise it reads the label every time.
     assert rows["unnoised-opted-in"]["recovered"] == 12
     noised = rows["one-round-sigma6"]
-    assert 0 < noised["epsilon"] < 2 and noised["bound"] < 0.75, noised
+    assert 0 < noised["epsilon"] < 2 and noised["profile_bound"] < 0.5, noised
+    assert noised["profile_bound"] <= noised["point_bound"]
     assert rows["unnoised"]["epsilon"] == 0  # declined: nothing released, nothing charged
     assert result["violations"] == [], result["rows"]
-    assert (tmp_path / "table.md").read_text().count("\n") == 2 + 3 + 1  # and timing
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in rows)
