@@ -75,8 +75,9 @@ def _site_errors(handler: Callable[[Message, Context], Message]):
 @_site_errors
 def query(msg: Message, context: Context) -> Message:
     """Round 0: this client's stable site id, training-set size, label values (those it
-    declared, or found if they look like labels), and how it will draw its DP
-    randomness (the server's write-ahead record needs it)."""
+    declared, or found if they look like labels), how it will draw its DP randomness
+    (the server's write-ahead record needs it) and, where it shares evaluation, the
+    sizes of its test and validation splits."""
     placement = runtime.placement(context.node_config)
     spec = _run_spec(context)
     if spec.device == "cuda":  # fail before training; "auto" stays light (no torch here)
@@ -90,6 +91,10 @@ def query(msg: Message, context: Context) -> Message:
                           p.SHARE_METRICS: mode})
     if trained is not None:
         reply[p.TRAIN_LABEL_NAMES] = list(trained)
+    if mode != p.SHARE_DP_ONLY:  # what its evaluation replies' sizes must be
+        reply[p.NUM_TEST_EXAMPLES] = len(splits.test)
+        if splits.validation is not None:
+            reply[p.NUM_VALIDATION_EXAMPLES] = len(splits.validation)
     return Message(RecordDict({p.CONFIG: reply}), reply_to=msg)
 
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from flwr.app import MetricRecord
 
 from experiments.flwr_job import app_defaults
 from experiments.local_grid import LocalGrid, run_federation
@@ -65,6 +66,35 @@ ATTACKS: dict[str, Attack] = {
     "at-the-bound": lambda sent, honest, earlier, reply, bound: moved(
         sent, honest, 0.99 * bound / norm(sent, honest)),
 }
+
+
+def perfect_score(metrics, scale: int) -> None:
+    """A self-consistent evaluation reply: every test record correct, each class's
+    records `scale` times its own."""
+    true = [float(scale * c) for c in metrics[p.EVAL_CLASS_TRUE]]
+    metrics.update({p.NUM_EXAMPLES: sum(true), p.EVAL_WEIGHT: sum(true),
+                    p.EVAL_ACCURACY: 1.0, p.EVAL_LOSS: 0.0, p.EVAL_CLASS_TRUE: true,
+                    p.EVAL_CLASS_PREDICTED: true, p.EVAL_CLASS_CORRECT: true})
+
+
+# What a hostile site does to its evaluation reply's metrics (in place).
+EVALUATION_ATTACKS: dict[str, Callable[[dict], None]] = {
+    "perfect-at-1e7-times-its-size": lambda m: perfect_score(m, 10**7),
+    "perfect-at-its-size": lambda m: perfect_score(m, 1),
+}
+
+
+def make_evaluation_hostile(grid: LocalGrid, node: int, attack: Callable[[dict], None]
+                            ) -> None:
+    """Node `node` of `grid` answers every evaluate message with `attack` applied to its
+    honest reply's metrics."""
+    def tamper(kind, reply):
+        if kind == "evaluate" and not reply.has_error():
+            metrics = dict(reply.content[p.METRICS])
+            attack(metrics)
+            reply.content[p.METRICS] = MetricRecord(metrics)
+        return reply
+    grid.tamper[node] = tamper
 
 
 def make_hostile(grid: LocalGrid, node: int, attack: Attack) -> None:

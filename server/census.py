@@ -27,6 +27,9 @@ class Census:
     labels: tuple[str, ...]
     randomness: dict[str, str] = field(default_factory=dict)  # site -> protocol.FRESH ...
     share_metrics: dict[str, str] = field(default_factory=dict)  # site -> protocol.SHARE_*
+    # site -> records per evaluation split ("" test, protocol.VALIDATION), from the sites
+    # that share evaluation: what their evaluation replies must report
+    eval_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -48,7 +51,7 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool,
                         message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    node_of, sizes, labels, randomness, shares = {}, {}, set(), {}, {}
+    node_of, sizes, labels, randomness, shares, eval_sizes = {}, {}, set(), {}, {}, {}
     trained, failed = set(), {}
     for reply in replies:
         node = asked.pop(reply.metadata.reply_to_message_id, None)
@@ -68,11 +71,22 @@ def census(grid: Grid, nodes: list[int], timeout: float, secure: bool,
         trained |= set(config.get(p.TRAIN_LABEL_NAMES, config[p.LABEL_NAMES]))
         randomness[site] = str(config[p.RANDOMNESS])
         shares[site] = str(config[p.SHARE_METRICS])
+        if p.NUM_TEST_EXAMPLES in config:
+            eval_sizes[site] = split_sizes(config)
     for node in asked.values():
         failed[node] = f"no answer within {timeout:g} s"
         log.warning("census: node %d did not answer within %g s; left out", node, timeout)
-    census = Census(node_of, sizes, sorted_label_names(labels), randomness, shares)
+    census = Census(node_of, sizes, sorted_label_names(labels), randomness, shares,
+                    eval_sizes)
     return _checked(census, failed, labels - trained, labelled)
+
+
+def split_sizes(config) -> dict[str, int]:
+    """A census reply's evaluation split sizes, by the prefix its replies use."""
+    sizes = {"": int(config[p.NUM_TEST_EXAMPLES])}
+    if p.NUM_VALIDATION_EXAMPLES in config:
+        sizes[p.VALIDATION] = int(config[p.NUM_VALIDATION_EXAMPLES])
+    return sizes
 
 
 def _checked(census: Census, failed: dict, untrained: set[str], labelled: bool) -> Census:

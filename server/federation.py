@@ -338,6 +338,7 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
         node_config=SiteConfigs(spec, plan, site_of),
         evaluation_sampler=EvaluationSampler(spec, secure),
         sizes={node_of[s]: planned.sizes[s] for s in node_of},
+        eval_sizes={node_of[s]: n for s, n in planned.eval_sizes.items() if s in node_of},
         update_bounds={node_of[s]: b for s, b in bounds.items() if s in node_of} or None,
         aggregation=spec.aggregation, method=method)
     if not plan.client:

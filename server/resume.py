@@ -97,7 +97,7 @@ def planned_census(spec: RunSpec, census: Census, checkpoint: Checkpoint | None)
     if departed:
         log.warning("resume: site(s) %s are gone; the run goes on without them", departed)
     return Census(census.node_of, dict(sizes), tuple(checkpoint.census["labels"]),
-                  census.randomness, census.share_metrics)
+                  census.randomness, census.share_metrics, census.eval_sizes)
 
 
 def restore(checkpoint: Checkpoint, accountant: CentralAccountant, secure: bool

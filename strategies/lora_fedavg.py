@@ -74,6 +74,7 @@ class LoraFedAvg(FedAvg):
                  max_site_failures: int = 3, node_sampler: NodeSampler | None = None,
                  node_config: NodeConfig | None = None, nodes: set[int] | None = None,
                  evaluators: set[int] | None = None, sizes: dict[int, int] | None = None,
+                 eval_sizes: dict[int, dict[str, int]] | None = None,
                  update_bounds: dict[int, float] | None = None,
                  aggregation: AggregationSpec = AggregationSpec(),
                  evaluation_sampler: NodeSampler | None = None,
@@ -91,6 +92,9 @@ class LoraFedAvg(FedAvg):
         # node -> census training-set size: the weight, and what its reply must report
         # (None: each reply's own num-examples, as Flower's FedAvg weights)
         self.sizes = sizes
+        # node -> census records per evaluation split ("" test, wire.VALIDATION): what
+        # its evaluation replies must report (None, or a node missing: unchecked)
+        self.eval_sizes = eval_sizes
         self.update_bounds = update_bounds  # node -> DP-aware bound on its update norm
         self.aggregation = aggregation
         # (server round, evaluators that may be asked) -> those asked (None: FedAvg's
@@ -168,7 +172,7 @@ class LoraFedAvg(FedAvg):
             count = max(int(len(nodes) * self.fraction_evaluate), 1)
             nodes = sorted(random.SystemRandom().sample(nodes, count))
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
-                              Expected(None, EVALUATE_METRICS))
+                              Expected(None, EVALUATE_METRICS, eval_sizes=self.eval_sizes))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> ScreenedMetrics:

@@ -5,7 +5,8 @@ error reply may come from the SuperLink, e.g. after a node's heartbeat expired, 
 the node). A node fails the round when it answered with an error, did not answer before
 the timeout, or sent a reply that does not validate: missing or extra tensors, another
 shape or dtype than was sent, NaN/Inf, a foreign LoRA A (FFA), a missing or non-finite
-metric. Nothing that failed is ever averaged in.
+metric, an evaluation inconsistent with its census sizes or itself
+(`strategies.evaluation_screening`). Nothing that failed is ever averaged in.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from strategies import wire as p
+from strategies.evaluation_screening import evaluation_problem
 from strategies.wire import to_arrays
 
 log = logging.getLogger("fed_dplora.server")
@@ -41,6 +43,8 @@ class Expected:
     num_examples: dict[int, int] | None = None
     max_update_norm: dict[int, float] | None = None
     sent: dict[str, np.ndarray] | None = None
+    # Evaluation, per node where the census shared them: records per split prefix.
+    eval_sizes: dict[int, dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ def validate(content: RecordDict, expected: Expected, node: int | None = None
     if problem:
         return problem
     if expected.arrays is None:
-        return Accepted({}, metrics)
+        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node))
+        return problem or Accepted({}, metrics)
     if p.ARRAYS not in content.array_records:
         return "reply carries no tensors"
     arrays = to_arrays(content[p.ARRAYS])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-WIRE_VERSION = 2  # 2: evaluation replies carry EVAL_WEIGHT (causal-lm)
+WIRE_VERSION = 3  # 2: evaluation replies carry EVAL_WEIGHT; 3: the census, split sizes
 
 # Record keys
 ARRAYS = "arrays"
@@ -18,6 +18,9 @@ METRICS = "metrics"
 NUM_TRAIN_EXAMPLES = "num-train-examples"
 LABEL_NAMES = "label-names"
 TRAIN_LABEL_NAMES = "train-label-names"  # census: the labels of the training split alone
+# census, from a site that shares evaluation: its test and validation records
+NUM_TEST_EXAMPLES = "num-test-examples"
+NUM_VALIDATION_EXAMPLES = "num-validation-examples"
 SITE_ID = "site-id"  # stable across runs: the ledger's account for this client
 RANDOMNESS = "randomness"  # how the site draws DP sampling and noise (clients.runtime):
 FRESH = "fresh"  # OS CSPRNG: nobody can predict it

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from experiments.hostile_sites import ATTACKS, HOSTILE, NODES, make_hostile
+from experiments.hostile_sites import (ATTACKS, EVALUATION_ATTACKS, HOSTILE, NODES,
+                                      make_evaluation_hostile, make_hostile)
 from experiments.local_grid import LocalGrid, run_federation
 from experiments.update_bound_check import (
     CASES,
@@ -23,7 +26,8 @@ from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
 from fed_dplora.run.results import read_metrics
 from strategies import wire as p
 from strategies.lora_fedavg import LoraFedAvg
-from strategies.screening import Accepted, Screened
+from strategies.screening import Accepted, Screened, ScreenedMetrics
+from strategies.wire import to_record
 
 
 def grid_folder(config) -> Path:
@@ -159,3 +163,99 @@ def test_the_study_tables_pair_by_seed_and_say_not_shown_where_zero_is_inside():
     assert "+0.007 ± 0.057, not shown" in rows["sign-flipped"]  # t(0.975, 2) = 4.303
     assert "rejected in 45 of 45 rounds (update norm 9e+03 exceeds 33" in table(results)
     assert "| 3 | 0.7500 ± 0.1242 |" in table(results)
+
+
+# Evaluation replies: bounded by the census's split sizes and by their own numbers.
+HONEST = {p.NUM_EXAMPLES: 20, p.EVAL_WEIGHT: 20, p.EVAL_LOSS: 0.6, p.EVAL_ACCURACY: 0.75,
+          p.EVAL_CLASS_TRUE: [8, 7, 5], p.EVAL_CLASS_PREDICTED: [9, 6, 5],
+          p.EVAL_CLASS_CORRECT: [6, 5, 4]}
+CAUSAL_LM = {p.NUM_EXAMPLES: 20, p.EVAL_WEIGHT: 400, p.EVAL_LOSS: 2.5,
+             p.EVAL_ACCURACY: 0.3}
+
+
+class Nodes:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def evaluation_round(monkeypatch, replies: dict[int, dict], eval_sizes: dict | None
+                     ) -> ScreenedMetrics:
+    """One evaluation round of a LoraFedAvg over the nodes of `replies`, each answering
+    its metrics (outside a Flower run: a task identity for the replies)."""
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    strategy = LoraFedAvg(min_available_nodes=0, eval_sizes=eval_sizes,
+                          evaluation_sampler=lambda rnd, nodes: nodes)
+    messages = strategy.configure_evaluate(1, to_record({"b": np.zeros(2, np.float32)}),
+                                           ConfigRecord({}), Nodes(sorted(replies)))
+    answers = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        message.metadata.__dict__["_message_id"] = f"e-n{node}"
+        monkeypatch.setattr(TaskIdentity, "_node_id", node)  # the reply's source
+        answers.append(Message(RecordDict({p.METRICS: MetricRecord(replies[node])}),
+                               reply_to=message))
+    return strategy.aggregate_evaluate(1, answers)
+
+
+LIES = {
+    "inflated-weight": ({**HONEST, p.NUM_EXAMPLES: 10**9, p.EVAL_WEIGHT: 10**9},
+                        "census size"),
+    "accuracy-1-at-weight-1e9": ({**HONEST, p.NUM_EXAMPLES: 10**9, p.EVAL_WEIGHT: 10**9,
+                                    p.EVAL_ACCURACY: 1.0}, "census size"),
+    "accuracy-above-1": ({**HONEST, p.EVAL_ACCURACY: 1.5}, "outside [0, 1]"),
+    "counts-not-summing-to-records": (
+        {**HONEST, p.EVAL_CLASS_TRUE: [8, 7, 9]}, "sums to 24"),
+    "counts-crafted-to-raise-macro-f1": (
+        {**HONEST, p.EVAL_CLASS_CORRECT: [8, 7, 5]}, "exceeds a class's"),
+    "accuracy-not-its-hits": ({**HONEST, p.EVAL_ACCURACY: 0.95}, "is not its hits"),
+    "weight-not-its-records": ({**HONEST, p.EVAL_WEIGHT: 2000},
+                               "differs from its records"),
+    "causal-lm-perplexity-below-1": ({**CAUSAL_LM, p.EVAL_LOSS: -0.5}, "negative"),
+    "a-split-the-census-did-not-report": (
+        {**HONEST, **{p.VALIDATION + k: v for k, v in HONEST.items()}}, "census did not"),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_an_evaluation_reply_inconsistent_with_its_census_or_itself_is_a_failure(
+        monkeypatch, lie):
+    metrics, reason = LIES[lie]
+    honest = CAUSAL_LM if lie.startswith("causal-lm") else HONEST
+    pooled = evaluation_round(monkeypatch, {1: honest, 2: honest, 3: metrics},
+                              {n: {"": 20} for n in (1, 2, 3)})
+    assert reason in pooled.screened.failed[3], pooled.screened.failed
+    assert pooled["replies"] == 2
+    assert pooled[p.EVAL_ACCURACY] == pytest.approx(honest[p.EVAL_ACCURACY])
+
+
+def test_without_census_sizes_a_reply_is_still_checked_against_itself(monkeypatch):
+    """A ServerApp of the user's own, without the census: each reply's own consistency."""
+    pooled = evaluation_round(monkeypatch, {1: HONEST, 2: {**HONEST, p.EVAL_ACCURACY: 1.5}},
+                              None)
+    assert "outside [0, 1]" in pooled.screened.failed[2]
+    assert evaluation_round(monkeypatch, {1: HONEST, 2: HONEST}, None)["replies"] == 2
+
+
+def test_a_site_scaling_its_evaluation_to_a_perfect_score_fails_at_the_census_size(
+        five_sites):
+    """End to end: the census shares each site's test size; a perfect score at 1e7 times
+    it is a failure every round, and the reported accuracy is the honest sites'."""
+    grid = LocalGrid(five_sites, NODES)
+    make_evaluation_hostile(grid, HOSTILE, EVALUATION_ATTACKS["perfect-at-1e7-times-its-size"])
+    run_federation(five_sites, NODES, grid)
+    rows = read_metrics(grid_folder(five_sites))
+    for row in rows:
+        assert "census size" in row["failures"]["evaluate"]["partition-4"], row
+        assert row["eval_accuracy"] < 0.99
+
+
+def test_a_consistent_evaluation_lie_at_its_census_size_is_accepted(five_sites):
+    """Screening cannot tell a wrong but consistent score for the site's own test set."""
+    grid = LocalGrid(five_sites, NODES)
+    make_evaluation_hostile(grid, HOSTILE, EVALUATION_ATTACKS["perfect-at-its-size"])
+    run_federation(five_sites, NODES, grid)
+    assert all(not row["failures"]["evaluate"] for row in read_metrics(grid_folder(five_sites)))

@@ -12,8 +12,52 @@ ROBUST = (SITE_TESTS
           + "test_one_hostile_site_of_five_cannot_push_a_robust_rule_outside_the_honest_range")
 CENSUS_LIE = SITE_TESTS + "test_a_weight_cap_and_uniform_weights_bound_a_census_lie"
 NORM_CHECK = "    if norm > bound:\n"
+EVALUATION = "strategies/evaluation_screening.py"
+LIE = SITE_TESTS + "test_an_evaluation_reply_inconsistent_with_its_census_or_itself_is_a_failure"
+SCALED_TO_PERFECT = (SITE_TESTS + "test_a_site_scaling_its_evaluation_to_a_perfect_score_fails_"
+                     "at_the_census_size")
+SELF_CHECKED = SITE_TESTS + "test_without_census_sizes_a_reply_is_still_checked_against_itself"
+
+
+def unchecked(name: str, kills: str | tuple[str, ...], condition: str):
+    """The evaluation check whose `if` is `condition` removed."""
+    return mutant(name, kills, EVALUATION, f"    if {condition}:\n", "    if False:\n")
+
 
 MUTANTS = [
+    mutant("evaluation replies unscreened",
+           (LIE + "[accuracy-above-1]", SELF_CHECKED, SCALED_TO_PERFECT), SCREENING,
+           "        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node))\n",
+           "        problem = None\n"),
+    unchecked("an evaluation size other than the census's", (
+        LIE + "[inflated-weight]", LIE + "[accuracy-1-at-weight-1e9]", SCALED_TO_PERFECT),
+        "size is not None and records != size"),
+    unchecked("a split the census did not report", LIE + "[a-split-the-census-did-not-report]",
+              "size == -1"),
+    unchecked("a negative loss", LIE + "[causal-lm-perplexity-below-1]", "loss < 0"),
+    unchecked("an accuracy outside [0, 1]", (LIE + "[accuracy-above-1]", SELF_CHECKED),
+              "not 0 <= accuracy <= 1"),
+    unchecked("class counts that do not sum to the records",
+              LIE + "[counts-not-summing-to-records]",
+              "sum(true) != records or sum(predicted) != records"),
+    unchecked("hits above a class's count", LIE + "[counts-crafted-to-raise-macro-f1]",
+              "any(c > min(t, q) for t, q, c in zip(true, predicted, correct))"),
+    mutant("hits equal to a class's count rejected",
+           SITE_TESTS + "test_a_consistent_evaluation_lie_at_its_census_size_is_accepted",
+           EVALUATION, "    if any(c > min(t, q) for t, q, c in zip(true, predicted, correct)):\n",
+           "    if any(c >= min(t, q) for t, q, c in zip(true, predicted, correct)):\n"),
+    unchecked("a weight other than the records", LIE + "[weight-not-its-records]",
+              "metrics[prefix + p.EVAL_WEIGHT] != records"),
+    mutant("an accuracy other than the hits", LIE + "[accuracy-not-its-hits]", EVALUATION,
+           "    if abs(metrics[prefix + p.EVAL_ACCURACY] - sum(correct) / records) > "
+           "ACCURACY_TOLERANCE:\n", "    if False:\n"),
+    mutant("the census shares no split sizes", SCALED_TO_PERFECT, "clients/client_app.py",
+           "    if mode != p.SHARE_DP_ONLY:  # what its evaluation replies' sizes must be\n",
+           "    if False:\n"),
+    mutant("the strategy is not given the census's split sizes", SCALED_TO_PERFECT,
+           "server/federation.py",
+           "        eval_sizes={node_of[s]: n for s, n in planned.eval_sizes.items() "
+           "if s in node_of},\n", "        eval_sizes=None,\n"),
     mutant("the update bound unchecked",
            tuple(f"{OUTSIDE}[{attack}-exceeds]" for attack in ("scaled", "garbage")),
            SCREENING, NORM_CHECK, "    if False:\n"),
