@@ -39,7 +39,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,10 +52,10 @@ from experiments.hostile_coordinator import (FEDERATION_LABELS, HostileCoordinat
                                              as_deployed, head_bias)
 from experiments.tiny_models import save_tiny_bert
 from fed_dplora.data.demo import generate_site
-from fed_dplora.data.sources import TEST_FRACTION, LabelledText, split
+from fed_dplora.data.sources import TEST_FRACTION, LabelledText, Splits, split
 from fed_dplora.privacy.accountants import LIVE_PLD_DISCRETIZATION, make_pld_accountant
-from fed_dplora.privacy.events import NeighborRel, event_from_json
-from fed_dplora.site.ledger import ROUNDS, UNNOISED, SiteLedger, SiteLimits
+from fed_dplora.privacy.events import NeighborRel
+from fed_dplora.site.ledger import UNNOISED, SiteLedger, SiteLimits, run_events
 from strategies import wire as p
 from strategies.wire import to_arrays
 
@@ -81,6 +80,13 @@ def site_records() -> tuple[list[str], list[str]]:
 def _records() -> tuple[tuple[str, ...], tuple[str, ...]]:
     texts, labels = generate_site(0, RECORDS, 0)
     return tuple(texts), tuple(labels)
+
+
+@functools.cache
+def site_splits() -> Splits:
+    """The site's split of its notes (its own split seed), as the site draws it."""
+    texts, labels = _records()
+    return split(LabelledText(texts, labels), TEST_FRACTION, SPLIT_SEED)
 
 
 def run_config(model: str) -> dict:
@@ -138,14 +144,9 @@ class Trial:
         accounts = list(ledger.accounts().values())
         if not accounts:
             return 0.0, 0.0, ()
-        spend = ledger.spend(accounts[0])
-        counts = Counter()
-        for steps in accounts[0]["runs"].values():
-            counts.update({k: n for k, n in steps.items() if k not in (ROUNDS, UNNOISED)})
-        unnoised = any(steps.get(UNNOISED) for steps in accounts[0]["runs"].values())
-        events = () if unnoised else tuple((event_from_json(json.loads(k)), n)
-                                           for k, n in sorted(counts.items()))
-        return spend.replace_one, spend.delta, events
+        spend, runs = ledger.spend(accounts[0]), accounts[0]["runs"]
+        unnoised = any(steps.get(UNNOISED) for steps in runs.values())
+        return spend.replace_one, spend.delta, () if unnoised else run_events(runs)
 
     def guess(self, releases: list[dict], sent: dict) -> int:
         """The candidate whose noise-free reply to `sent` is nearest the releases."""
@@ -181,9 +182,8 @@ def released(reply: Message) -> dict | None:
 def new_trial(folder: Path, model: str, rng: random.Random, in_test: bool = False) -> Trial:
     """A target note of the site's training split (test split: `in_test`), unique in its
     file, with a uniformly drawn label."""
-    texts, labels = site_records()
-    splits = split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, SPLIT_SEED)
-    part = splits.test if in_test else splits.train
+    texts, _ = site_records()
+    part = site_splits().test if in_test else site_splits().train
     unique = [t for t in part.texts if texts.count(t) == 1]
     target = texts.index(rng.choice(unique))
     folder.mkdir(parents=True)
@@ -253,8 +253,8 @@ def evaluation(trial: Trial, share: str = p.SHARE_DP_ONLY) -> int:
     if reply.has_error() or p.EVAL_CLASS_TRUE not in reply.content[p.METRICS]:
         return trial.rng.randrange(K)
     counts = np.array(reply.content[p.METRICS][p.EVAL_CLASS_TRUE])
-    texts, labels = site_records()
-    test = split(LabelledText(tuple(texts), tuple(labels)), TEST_FRACTION, SPLIT_SEED).test
+    texts, _ = site_records()
+    test = site_splits().test
     target = texts[trial.target]
     known = [label for text, label in zip(test.texts, test.labels) if text != target]
     return int(np.argmax(counts - [known.count(name) for name in FEDERATION_LABELS]))

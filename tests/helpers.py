@@ -30,3 +30,13 @@ def crash_at(monkeypatch, method: str, rnd: int) -> None:
             raise Crash(method)
         return original(self, *args, **kwargs)
     monkeypatch.setattr(Federation, method, crashing)
+
+
+class NodesOnly:
+    """The part of a Grid that a strategy's `configure_train` / `configure_evaluate` use."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes

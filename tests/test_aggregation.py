@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import NodesOnly
 
 from fed_dplora.aggregation import aggregation_error, weighted_mean
 from fed_dplora.dp.noise import SeededRandom
@@ -53,16 +54,6 @@ def flower_task(monkeypatch):
     """Messages outside a Flower run need a task identity; the reply's src is node_id."""
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-
-
-class NodesOnly:
-    """The part of a Grid that `configure_train` uses."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
 
 
 def ffa(**kwargs) -> FfaFedAvg:

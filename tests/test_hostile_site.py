@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import NodesOnly
 
 from experiments.hostile_sites import (ATTACKS, EVALUATION_ATTACKS, HOSTILE, NODES,
                                       make_evaluation_hostile, make_hostile)
@@ -173,14 +174,6 @@ CAUSAL_LM = {p.NUM_EXAMPLES: 20, p.EVAL_WEIGHT: 400, p.EVAL_LOSS: 2.5,
              p.EVAL_ACCURACY: 0.3}
 
 
-class Nodes:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return self.nodes
-
-
 def evaluation_round(monkeypatch, replies: dict[int, dict], eval_sizes: dict | None
                      ) -> ScreenedMetrics:
     """One evaluation round of a LoraFedAvg over the nodes of `replies`, each answering
@@ -190,7 +183,7 @@ def evaluation_round(monkeypatch, replies: dict[int, dict], eval_sizes: dict | N
     strategy = LoraFedAvg(min_available_nodes=0, eval_sizes=eval_sizes,
                           evaluation_sampler=lambda rnd, nodes: nodes)
     messages = strategy.configure_evaluate(1, to_record({"b": np.zeros(2, np.float32)}),
-                                           ConfigRecord({}), Nodes(sorted(replies)))
+                                           ConfigRecord({}), NodesOnly(sorted(replies)))
     answers = []
     for message in messages:
         node = message.metadata.dst_node_id

@@ -19,7 +19,8 @@ from fed_dplora.run.results import read_metrics
 from fed_dplora.site.trainer import LocalTrainer
 from strategies import ClientLevelDpFedAvg, LoraFedAvg, to_arrays, to_record
 from strategies.wire import payload_bytes
-from test_aggregation import FINGERPRINT, NodesOnly, answer, flower_task  # noqa: F401 (fixture)
+from helpers import NodesOnly
+from test_aggregation import FINGERPRINT, answer, flower_task  # noqa: F401 (fixture)
 from test_model_factory import CPU, recipe
 from test_train import data, plan  # noqa: F401 (fixture)
 

@@ -159,8 +159,7 @@ class SiteLedger:
         runs = account["runs"] if run is None else {run: account["runs"].get(run, {})}
         if any(steps.get(UNNOISED) for steps in runs.values()):
             return Spend(float("inf"), float("inf"), delta)
-        events = tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in
-                               _event_counts(runs).items() if n), key=repr))
+        events = run_events(runs)
         add_remove = _rdp_total(events, delta) if events else 0.0
         replace_one = (pld_epsilon(events, delta, NeighborRel.REPLACE_ONE,
                                    LIVE_PLD_DISCRETIZATION, rdp_epsilon=add_remove)
@@ -202,6 +201,13 @@ class SiteLedger:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
+
+
+def run_events(runs: dict[str, dict]) -> tuple[tuple[dpa.DpEvent, int], ...]:
+    """The DP events of `runs` (an account's, or some of them) and their steps, composed
+    over the runs in a fixed order (their un-noised rounds left out)."""
+    return tuple(sorted(((event_from_json(json.loads(k)), n) for k, n in
+                         _event_counts(runs).items() if n), key=repr))
 
 
 def _event_counts(runs: dict[str, dict]) -> Counter:
