@@ -9,6 +9,12 @@ received; its honest update is reply - sent):
 - at-the-bound: sent + update scaled to 99% of the site's DP-aware bound (the largest
   lie the screening lets through).
 
+The evaluation attacks, applied to its honest evaluation reply (EVALUATION_ATTACKS): a
+perfect score at 1e7 times its test set (outside the census), and at its own size (a
+wrong but consistent score, which screening cannot tell). Each runs under the
+evaluation rules "median" and "trimmed-mean", each run keeping the pooled figure beside
+its own; the row is the final accuracy's shift from the same rule without the liar.
+
 Runs the real ServerApp and ClientApp in process (experiments.local_grid), sample-level
 DP at epsilon 8, the demo task, all-MiniLM-L6-v2 FFA. Writes `hostile_sites.md` and the
 run folders' metrics under --out.
@@ -41,6 +47,10 @@ from strategies.wire import to_arrays, to_record
 log = logging.getLogger("fed_dplora.hostile_sites")
 NODES, HOSTILE = 5, 104  # node 104 is partition-4
 RULES = ("mean", "trimmed-mean", "median")
+# Evaluation-rule runs, each keeping the pooled figure beside its own: "pooled" is read
+# from both, and must agree (the training, and so the pooled figure, is the same).
+EVALUATION_RULES = ("median", "trimmed-mean")
+REPORTED = ("pooled", *EVALUATION_RULES)
 Arrays = dict[str, np.ndarray]
 # (sent, honest arrays, the hostile site's earlier honest replies, reply, its bound)
 Attack = Callable[[Arrays, Arrays, list, object, float | None], Arrays | None]
@@ -136,21 +146,42 @@ def run_config(out: Path, name: str, seed: int, rule: str, model: str) -> dict:
 
 
 def one_run(out: Path, attack: str, seed: int, rule: str, model: str) -> dict:
-    """Final accuracy, and what the hostile site's replies became. A finished run is
-    read, not run again; an interrupted one continues from its checkpoint."""
+    """Final accuracy, and what the hostile site's replies became."""
     config = run_config(out, f"{attack}-{rule}-seed{seed}", seed, rule, model)
-    folder = out / config["run-name"]
-    if not (folder / "summary.json").exists():
-        config["resume"] = (folder / "config.json").exists()
-        grid = LocalGrid(config, NODES)
-        if attack != "none":
-            make_hostile(grid, HOSTILE, ATTACKS[attack])
-        run_federation(config, NODES, grid)
-    rows = read_metrics(folder)
+    rows = finished_rows(out, config, None if attack == "none" else
+                         lambda grid: make_hostile(grid, HOSTILE, ATTACKS[attack]))
     rejected = sum("partition-4" in r["failures"]["train"] for r in rows)
     reasons = {r["failures"]["train"].get("partition-4", "")[:40] for r in rows} - {""}
     return {"accuracy": rows[-1]["eval_accuracy"], "rejected_rounds": rejected,
             "reasons": sorted(reasons)}
+
+
+def evaluation_run(out: Path, attack: str, seed: int, rule: str, model: str) -> dict:
+    """The final figure by `rule` and the pooled one, and what the hostile site's
+    evaluation replies became."""
+    config = {**run_config(out, f"evaluation-{attack}-{rule}-seed{seed}", seed, "mean",
+                           model), "evaluation.rule": rule}
+    rows = finished_rows(out, config, None if attack == "none" else
+                         lambda grid: make_evaluation_hostile(grid, HOSTILE,
+                                                              EVALUATION_ATTACKS[attack]))
+    rejected = sum("partition-4" in r["failures"]["evaluate"] for r in rows)
+    reasons = {r["failures"]["evaluate"].get("partition-4", "")[:40] for r in rows} - {""}
+    return {"accuracy": rows[-1]["eval_accuracy"], "pooled": rows[-1]["pooled_eval_accuracy"],
+            "rejected_rounds": rejected, "reasons": sorted(reasons)}
+
+
+def finished_rows(out: Path, config: dict, hostile: Callable[[LocalGrid], None] | None
+                  ) -> list[dict]:
+    """The run's metrics rows. A finished run is read, not run again; an interrupted one
+    continues from its checkpoint."""
+    folder = out / config["run-name"]
+    if not (folder / "summary.json").exists():
+        config["resume"] = (folder / "config.json").exists()
+        grid = LocalGrid(config, NODES)
+        if hostile is not None:
+            hostile(grid)
+        run_federation(config, NODES, grid)
+    return read_metrics(folder)
 
 
 def _own_bound(spec: RunSpec, sent: dict, records: int) -> float | None:
@@ -180,14 +211,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _what_it_did(attack: str, runs: list[dict]) -> str:
+def _what_it_did(attack: str, runs: list[dict], what: str = "rounds") -> str:
     if attack == "none":
         return "(no hostile site)"
     rounds, rejected = 5 * len(runs), sum(r["rejected_rounds"] for r in runs)
     if not rejected:
-        return f"accepted in all {rounds} rounds"
+        return f"accepted in all {rounds} {what}"
     reasons = sorted({reason.split(",")[0] for r in runs for reason in r["reasons"]})
-    return f"rejected in {rejected} of {rounds} rounds ({reasons[0]}, ...)"
+    return f"rejected in {rejected} of {rounds} {what} ({reasons[0]}, ...)"
 
 
 def differences(results: dict) -> str:
@@ -205,8 +236,27 @@ def differences(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _paired(runs: list[dict], baseline: list[dict]) -> str:
-    pairs = list(zip([r["accuracy"] for r in runs], [b["accuracy"] for b in baseline]))
+def evaluation_table(results: dict) -> str:
+    """Per evaluation attack: what the run did with the liar's evaluation replies, and
+    the final accuracy's shift from the same rule without it, paired by seed."""
+    lines = ["| hostile site's evaluation | its replies, over all runs | seeds | "
+             + " | ".join(f"{rule}: shift" for rule in REPORTED) + " |",
+             "|---|---|---|" + "---|" * len(REPORTED)]
+    for attack, by_rule in results.items():
+        if attack == "none" or not all(by_rule[r] for r in EVALUATION_RULES):
+            continue
+        runs = [r for rule in EVALUATION_RULES for r in by_rule[rule]]
+        seeds = min(len(by_rule[rule]) for rule in EVALUATION_RULES)
+        cells = [_paired(by_rule[EVALUATION_RULES[0]], results["none"][EVALUATION_RULES[0]],
+                         "pooled")]
+        cells += [_paired(by_rule[rule], results["none"][rule]) for rule in EVALUATION_RULES]
+        lines.append(f"| {attack} | {_what_it_did(attack, runs, 'evaluations')} | {seeds} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired(runs: list[dict], baseline: list[dict], key: str = "accuracy") -> str:
+    pairs = list(zip([r[key] for r in runs], [b[key] for b in baseline]))
     gaps = [a - b for a, b in pairs]
     if len(gaps) < 2:
         return f"{gaps[0]:+.3f} (1 seed)" if gaps else "not run"
@@ -216,33 +266,59 @@ def _paired(runs: list[dict], baseline: list[dict]) -> str:
     return f"{mean:+.3f} ± {half:.3f}{shown}"
 
 
+def check_pooled_agrees(results: dict) -> None:
+    """The pooled figure of a seed's median and trimmed-mean runs is the same number:
+    the rule changes the report, never the training."""
+    for attack, by_rule in results.items():
+        for one, other in zip(*(by_rule[rule] for rule in EVALUATION_RULES)):
+            if not math.isclose(one["pooled"], other["pooled"], abs_tol=1e-9):
+                raise SystemExit(f"{attack}: pooled {one['pooled']} and {other['pooled']} "
+                                 "differ between evaluation rules at a seed")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.hostile_sites")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--attacks", nargs="*", default=["none", *ATTACKS])
+    parser.add_argument("--evaluation-attacks", nargs="*",
+                        default=["none", *EVALUATION_ATTACKS])
     parser.add_argument("--tables-only", action="store_true",
-                        help="rewrite hostile_sites.md from results.json, run nothing")
+                        help="rewrite hostile_sites.md from the results files, run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    saved = args.out / "results.json"  # runs of other invocations into --out are kept
+    # runs of other invocations into --out are kept
+    training, evaluation = args.out / "results.json", args.out / "evaluation_results.json"
+    if not args.tables_only:
+        run_cells(training, args.attacks, RULES, lambda attack, seed, rule: one_run(
+            args.out, attack, seed, rule, args.model), args.seeds)
+        run_cells(evaluation, args.evaluation_attacks, EVALUATION_RULES,
+                  lambda attack, seed, rule: evaluation_run(args.out, attack, seed, rule,
+                                                            args.model), args.seeds)
+    write_tables(args.out, *(json.loads(f.read_text()) if f.exists() else {}
+                             for f in (training, evaluation)))
+
+
+def run_cells(saved: Path, attacks: list[str], rules: tuple[str, ...],
+              run: Callable[[str, int, str], dict], seeds: int) -> None:
+    """Every attack under every rule at a seed before the next seed, each cell saved to
+    `saved` as it finishes."""
     results = json.loads(saved.read_text()) if saved.exists() else {}
-    if args.tables_only:
-        return write_tables(args.out, results)
-    for attack in args.attacks:
-        results[attack] = {r: [] for r in RULES}
-    for seed in range(args.seeds):  # every attack at a seed before the next seed
-        for attack in args.attacks:
-            for rule in RULES:
-                results[attack][rule].append(one_run(args.out, attack, seed, rule,
-                                                     args.model))
+    for attack in attacks:
+        results[attack] = {r: [] for r in rules}
+    for seed in range(seeds):
+        for attack in attacks:
+            for rule in rules:
+                results[attack][rule].append(run(attack, seed, rule))
                 saved.write_text(json.dumps(results, indent=1))
-    write_tables(args.out, results)
 
 
-def write_tables(out: Path, results: dict) -> None:
-    text = table(results) + "\n\n" + differences(results) + "\n"
+def write_tables(out: Path, training: dict, evaluation: dict) -> None:
+    text = table(training) + "\n\n" + differences(training) + "\n"
+    if evaluation.get("none"):
+        check_pooled_agrees(evaluation)
+        text += "\n" + evaluation_table(evaluation) + "\n"
     (out / "hostile_sites.md").write_text(text)
     log.info("%s", text)
 

@@ -41,13 +41,15 @@ from fed_dplora.privacy.central import CentralAccountant, plan_privacy
 from fed_dplora.privacy.plan import PrivacyPlan
 from fed_dplora.run.results import RunFolder, read_base_score
 from fed_dplora.seeds import derived_seed
+from fed_dplora.tasks import task_for
 from server import reporting, resume
 from server.census import Census
 from server.lm_outputs import LmOutputs
 from server.sites import EvaluationSampler, SiteConfigs, SiteSampler
 from strategies import wire as p
 from strategies.client_level_dp import ClientLevelDpFedAvg
-from strategies.lora_fedavg import MACRO_F1, RECALL, FfaFedAvg, LoraFedAvg
+from strategies.evaluation_pooling import MACRO_F1, POOLED, RECALL
+from strategies.lora_fedavg import FfaFedAvg, LoraFedAvg
 from strategies.screening import Screened, ScreenedMetrics
 from strategies.wire import payload_bytes, to_arrays, to_record
 
@@ -276,12 +278,23 @@ class Federation:
         }
 
     def _evaluation_fields(self, evaluation: MetricRecord | dict) -> dict:
-        """Pooled test metrics (classification: macro-F1, recall per label), validation
-        metrics where the sites hold a validation split, perplexity for causal-lm; the
-        same under each site's own tensors where the method keeps some (FedSA)."""
+        """The figure by `evaluation.rule` (named in `eval_rule`) and, under a rule other
+        than "pooled", the pooled figure beside it (`pooled_` + each field)."""
+        fields = {**self._figure_fields(evaluation), "eval_rule": self.spec.evaluation.rule}
+        if self.spec.evaluation.rule == "pooled":
+            return fields
+        pooled = {**evaluation, **{k.removeprefix(POOLED): v for k, v in evaluation.items()
+                                   if k.startswith(POOLED)}}
+        return {**fields, **{f"pooled_{k}": v for k, v in self._figure_fields(pooled).items()
+                             if k not in ("eval_sites", "eval_records")}}
+
+    def _figure_fields(self, evaluation: MetricRecord | dict) -> dict:
+        """Test metrics (classification: macro-F1, recall per label), validation metrics
+        where the sites hold a validation split, perplexity for causal-lm; the same
+        under each site's own tensors where the method keeps some (FedSA)."""
         fields = {"eval_loss": evaluation.get(p.EVAL_LOSS),
                   "eval_accuracy": evaluation.get(p.EVAL_ACCURACY),
-                  # what the pooled metrics cover (evaluation.sites may sample)
+                  # what the metrics cover (evaluation.sites may sample)
                   "eval_sites": evaluation.get("replies"),
                   "eval_records": evaluation.get(p.NUM_EXAMPLES)}
         for prefix, name in ((p.PERSONAL, "personal_eval"),
@@ -340,7 +353,9 @@ def _strategies(spec: RunSpec, plan: PrivacyPlan, planned: Census, site_of: dict
         sizes={node_of[s]: planned.sizes[s] for s in node_of},
         eval_sizes={node_of[s]: n for s, n in planned.eval_sizes.items() if s in node_of},
         update_bounds={node_of[s]: b for s, b in bounds.items() if s in node_of} or None,
-        aggregation=spec.aggregation, method=method)
+        max_eval_weight_per_record=task_for(spec.task).eval_weight_per_record(
+            spec.model.max_length),
+        aggregation=spec.aggregation, evaluation=spec.evaluation, method=method)
     if not plan.client:
         return lora, lora
     return lora, ClientLevelDpFedAvg(

@@ -72,6 +72,10 @@ def log_round(row: dict, rounds: int) -> None:
              f" | macro_f1 {num(row['eval_macro_f1'], '.4f')}")
     if "personal_eval_accuracy" in row:
         extra += f" | personal_acc {num(row['personal_eval_accuracy'], '.4f')}"
+    if "pooled_eval_accuracy" in row:  # a robust evaluation.rule made the figure
+        extra += (f" | by {row['eval_rule']} (pooled: loss "
+                  f"{num(row['pooled_eval_loss'], '.4f')}, acc "
+                  f"{num(row['pooled_eval_accuracy'], '.4f')})")
     sample = num(row["epsilon_sample"], ".3f")
     if row["epsilon_sample_replace_one"] is not None:
         sample += f" (replace-one {row['epsilon_sample_replace_one']:.3f})"

@@ -16,14 +16,18 @@ COUNTS = (p.EVAL_CLASS_TRUE, p.EVAL_CLASS_PREDICTED, p.EVAL_CLASS_CORRECT)
 ACCURACY_TOLERANCE = 1e-6
 
 
-def evaluation_problem(metrics: dict, census: dict[str, int] | None) -> str | None:
+def evaluation_problem(metrics: dict, census: dict[str, int] | None,
+                       max_weight_per_record: int | None = None) -> str | None:
     """Why the reply is not consistent, or None. `census`: the node's records per split
-    prefix ("" test, `p.VALIDATION`), as its census reported them (None: unknown)."""
+    prefix ("" test, `p.VALIDATION`), as its census reported them (None: unknown);
+    `max_weight_per_record`: the most one record can count in its weight (None: any)."""
     for prefix in SPLITS:
         if prefix + p.EVAL_WEIGHT not in metrics:
             continue
         size = None if census is None else census.get(prefix.removeprefix(p.PERSONAL), -1)
-        problem = (_size_problem(metrics, prefix, size) or _loss_problem(metrics, prefix)
+        problem = (_size_problem(metrics, prefix, size)
+                   or _weight_problem(metrics, prefix, max_weight_per_record)
+                   or _loss_problem(metrics, prefix)
                    or _counts_problem(metrics, prefix))
         if problem:
             return problem
@@ -40,6 +44,16 @@ def _size_problem(metrics: dict, prefix: str, size: int | None) -> str | None:
     if records < 1 or records != int(records) or weight < 1 or weight != int(weight):
         return (f"{prefix + p.NUM_EXAMPLES}={records:g} and {prefix + p.EVAL_WEIGHT}="
                 f"{weight:g} must be whole numbers of at least 1")
+    return None
+
+
+def _weight_problem(metrics: dict, prefix: str, per_record: int | None) -> str | None:
+    """A weight more than its records can count (causal-lm: predicted tokens, at most
+    model.max-length - 1 a record)."""
+    records, weight = metrics[prefix + p.NUM_EXAMPLES], metrics[prefix + p.EVAL_WEIGHT]
+    if per_record is not None and weight > records * per_record:
+        return (f"{prefix + p.EVAL_WEIGHT}={weight:g} exceeds what its {records:g} records "
+                f"can count ({per_record} each)")
     return None
 
 

@@ -36,11 +36,11 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 
 from fed_dplora.aggregation import aggregation_error, capped_weights, weighted_mean
-from fed_dplora.class_scores import ClassCounts, summed
-from fed_dplora.config import AggregationSpec
+from fed_dplora.config import AggregationSpec, EvaluationSpec
 from fed_dplora.methods.base import LoraMethod
 from fed_dplora.seeds import derived_seed
 from strategies import wire as p
+from strategies.evaluation_pooling import evaluation_figure
 from strategies.screening import (
     Expected,
     Screened,
@@ -57,8 +57,6 @@ log = logging.getLogger("fed_dplora.server")
 # only from sites that share them (node config share-metrics).
 TRAIN_METRICS = (p.NUM_EXAMPLES, p.STEPS, p.SAMPLING_PROBABILITY, p.NOISE_MULTIPLIER)
 EVALUATE_METRICS = (p.NUM_EXAMPLES, p.EVAL_LOSS, p.EVAL_ACCURACY, p.EVAL_WEIGHT)
-MACRO_F1 = "eval-macro-f1"  # pooled evaluation metrics computed by the server
-RECALL = "eval-recall"  # per class, label order; -1 for a class without test records
 
 # (server round, nodes that may be asked) -> the nodes asked to train this round
 NodeSampler = Callable[[int, list[int]], list[int]]
@@ -76,7 +74,9 @@ class LoraFedAvg(FedAvg):
                  evaluators: set[int] | None = None, sizes: dict[int, int] | None = None,
                  eval_sizes: dict[int, dict[str, int]] | None = None,
                  update_bounds: dict[int, float] | None = None,
+                 max_eval_weight_per_record: int | None = None,
                  aggregation: AggregationSpec = AggregationSpec(),
+                 evaluation: EvaluationSpec = EvaluationSpec(),
                  evaluation_sampler: NodeSampler | None = None,
                  method: LoraMethod | None = None, **fedavg_kwargs) -> None:
         super().__init__(weighted_by_key=p.NUM_EXAMPLES, arrayrecord_key=p.ARRAYS,
@@ -95,8 +95,12 @@ class LoraFedAvg(FedAvg):
         # node -> census records per evaluation split ("" test, wire.VALIDATION): what
         # its evaluation replies must report (None, or a node missing: unchecked)
         self.eval_sizes = eval_sizes
+        # the most an evaluation reply's weight may be per record: 1 (classification),
+        # the predicted tokens of a record at model.max-length (causal-lm); None: unchecked
+        self.max_eval_weight_per_record = max_eval_weight_per_record
         self.update_bounds = update_bounds  # node -> DP-aware bound on its update norm
         self.aggregation = aggregation
+        self.evaluation = evaluation  # its rule makes the reported figure
         # (server round, evaluators that may be asked) -> those asked (None: FedAvg's
         # fraction_evaluate of them, from the OS CSPRNG)
         self.evaluation_sampler = evaluation_sampler
@@ -172,25 +176,27 @@ class LoraFedAvg(FedAvg):
             count = max(int(len(nodes) * self.fraction_evaluate), 1)
             nodes = sorted(random.SystemRandom().sample(nodes, count))
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE,
-                              Expected(None, EVALUATE_METRICS, eval_sizes=self.eval_sizes))
+                              Expected(None, EVALUATE_METRICS, eval_sizes=self.eval_sizes,
+                                       max_eval_weight_per_record=(
+                                           self.max_eval_weight_per_record)))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> ScreenedMetrics:
-        """Loss, accuracy (and for classification macro-F1 and per-class recall) over the
-        union of the valid replies' test sets, and of their validation splits where every
-        reply has one (and the same under each site's own tensors, FedSA): each site weighted by what its means are over (records, or tokens
-        for causal-lm), class scores from the summed per-class counts; only the counts
-        where no reply evaluated anything."""
+        """Loss, accuracy (and for classification macro-F1 and per-class recall) of the
+        valid replies' test sets, and of their validation splits where every reply has
+        one (and the same under each site's own tensors, FedSA), by `evaluation.rule`
+        (`strategies.evaluation_pooling`); only the counts where no reply evaluated
+        anything."""
         screened = self._screen(server_round, MessageType.EVALUATE, replies)
         rows = [r.metrics for r in screened.accepted.values()]
         record = ScreenedMetrics({"replies": len(rows), "failures": len(screened.failed)},
                                  screened)
         if not sum(m[p.EVAL_WEIGHT] for m in rows):
             return record
-        record.update(pooled_evaluation(rows))
+        record.update(evaluation_figure(rows, self.evaluation))
         for split in (p.VALIDATION, p.PERSONAL, p.PERSONAL + p.VALIDATION):
             if all(split + p.EVAL_WEIGHT in m for m in rows):
-                record.update(pooled_evaluation(rows, split))
+                record.update(evaluation_figure(rows, self.evaluation, split))
         return record
 
     # Shared with the client-level DP wrapper.
@@ -319,22 +325,3 @@ def per_node_seed(server_round: int, node: int, config: ConfigRecord) -> ConfigR
     if p.ROUND_SEED in config:
         config[p.ROUND_SEED] = derived_seed(int(config[p.ROUND_SEED]), server_round, str(node))
     return config
-
-
-def pooled_evaluation(rows: list[dict], prefix: str = "") -> dict:
-    """One split's metrics pooled over sites (keys as the sites send them)."""
-    key = lambda name: prefix + name  # noqa: E731
-    total = sum(m[key(p.EVAL_WEIGHT)] for m in rows)
-    pooled = {key(p.NUM_EXAMPLES): int(sum(m[key(p.NUM_EXAMPLES)] for m in rows)),
-              key(p.EVAL_WEIGHT): int(total),
-              key(p.EVAL_LOSS): sum(m[key(p.EVAL_LOSS)] * m[key(p.EVAL_WEIGHT)]
-                                    for m in rows) / total,
-              key(p.EVAL_ACCURACY): sum(m[key(p.EVAL_ACCURACY)] * m[key(p.EVAL_WEIGHT)]
-                                        for m in rows) / total}
-    if all(key(p.EVAL_CLASS_TRUE) in m for m in rows):
-        counts = summed([ClassCounts(*(tuple(int(x) for x in m[key(name)]) for name in (
-            p.EVAL_CLASS_TRUE, p.EVAL_CLASS_PREDICTED, p.EVAL_CLASS_CORRECT)))
-            for m in rows])
-        pooled[key(MACRO_F1)] = counts.macro_f1()
-        pooled[key(RECALL)] = [-1.0 if r is None else r for r in counts.recalls()]
-    return pooled

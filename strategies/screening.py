@@ -45,6 +45,7 @@ class Expected:
     sent: dict[str, np.ndarray] | None = None
     # Evaluation, per node where the census shared them: records per split prefix.
     eval_sizes: dict[int, dict[str, int]] | None = None
+    max_eval_weight_per_record: int | None = None  # tokens a record can count (causal-lm)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def validate(content: RecordDict, expected: Expected, node: int | None = None
     if problem:
         return problem
     if expected.arrays is None:
-        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node))
+        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node),
+                                     expected.max_eval_weight_per_record)
         return problem or Accepted({}, metrics)
     if p.ARRAYS not in content.array_records:
         return "reply carries no tensors"

@@ -19,7 +19,7 @@ from fed_dplora.run.results import read_metrics
 from fed_dplora.tasks import task_for
 from fed_dplora.site.trainer import evaluate_model
 from experiments.local_grid import run_federation
-from strategies.lora_fedavg import pooled_evaluation
+from strategies.evaluation_pooling import pooled_evaluation
 from test_model_factory import CPU, recipe
 
 

@@ -3,11 +3,14 @@ DP-aware update bound, and robust rules bound what a lie inside the bound buys."
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import NodesOnly
@@ -22,10 +25,12 @@ from experiments.update_bound_check import (
     exceedance_check,
 )
 from fed_dplora.aggregation import capped_weights
-from fed_dplora.config import AggregationSpec, ConfigError, parse_run_config
+from fed_dplora.class_scores import ClassCounts
+from fed_dplora.config import AggregationSpec, ConfigError, EvaluationSpec, parse_run_config
 from fed_dplora.dp.update_bound import LocalUpdate, update_norm_bound
-from fed_dplora.run.results import read_metrics
+from fed_dplora.run.results import read_base_score, read_metrics
 from strategies import wire as p
+from strategies.evaluation_pooling import MACRO_F1, POOLED, RECALL
 from strategies.lora_fedavg import LoraFedAvg
 from strategies.screening import Accepted, Screened, ScreenedMetrics
 from strategies.wire import to_record
@@ -174,14 +179,14 @@ CAUSAL_LM = {p.NUM_EXAMPLES: 20, p.EVAL_WEIGHT: 400, p.EVAL_LOSS: 2.5,
              p.EVAL_ACCURACY: 0.3}
 
 
-def evaluation_round(monkeypatch, replies: dict[int, dict], eval_sizes: dict | None
-                     ) -> ScreenedMetrics:
+def evaluation_round(monkeypatch, replies: dict[int, dict], eval_sizes: dict | None,
+                     **strategy_kwargs) -> ScreenedMetrics:
     """One evaluation round of a LoraFedAvg over the nodes of `replies`, each answering
     its metrics (outside a Flower run: a task identity for the replies)."""
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
     strategy = LoraFedAvg(min_available_nodes=0, eval_sizes=eval_sizes,
-                          evaluation_sampler=lambda rnd, nodes: nodes)
+                          evaluation_sampler=lambda rnd, nodes: nodes, **strategy_kwargs)
     messages = strategy.configure_evaluate(1, to_record({"b": np.zeros(2, np.float32)}),
                                            ConfigRecord({}), NodesOnly(sorted(replies)))
     answers = []
@@ -205,9 +210,11 @@ LIES = {
     "counts-crafted-to-raise-macro-f1": (
         {**HONEST, p.EVAL_CLASS_CORRECT: [8, 7, 5]}, "exceeds a class's"),
     "accuracy-not-its-hits": ({**HONEST, p.EVAL_ACCURACY: 0.95}, "is not its hits"),
-    "weight-not-its-records": ({**HONEST, p.EVAL_WEIGHT: 2000},
+    "weight-not-its-records": ({**HONEST, p.EVAL_WEIGHT: 10},
                                "differs from its records"),
     "causal-lm-perplexity-below-1": ({**CAUSAL_LM, p.EVAL_LOSS: -0.5}, "negative"),
+    "causal-lm-more-tokens-than-its-records-hold": (
+        {**CAUSAL_LM, p.EVAL_WEIGHT: 10**9}, "can count"),
     "a-split-the-census-did-not-report": (
         {**HONEST, **{p.VALIDATION + k: v for k, v in HONEST.items()}}, "census did not"),
 }
@@ -217,9 +224,11 @@ LIES = {
 def test_an_evaluation_reply_inconsistent_with_its_census_or_itself_is_a_failure(
         monkeypatch, lie):
     metrics, reason = LIES[lie]
-    honest = CAUSAL_LM if lie.startswith("causal-lm") else HONEST
+    causal = lie.startswith("causal-lm")
+    honest = CAUSAL_LM if causal else HONEST
     pooled = evaluation_round(monkeypatch, {1: honest, 2: honest, 3: metrics},
-                              {n: {"": 20} for n in (1, 2, 3)})
+                              {n: {"": 20} for n in (1, 2, 3)},
+                              max_eval_weight_per_record=47 if causal else 1)
     assert reason in pooled.screened.failed[3], pooled.screened.failed
     assert pooled["replies"] == 2
     assert pooled[p.EVAL_ACCURACY] == pytest.approx(honest[p.EVAL_ACCURACY])
@@ -252,3 +261,87 @@ def test_a_consistent_evaluation_lie_at_its_census_size_is_accepted(five_sites):
     make_evaluation_hostile(grid, HOSTILE, EVALUATION_ATTACKS["perfect-at-its-size"])
     run_federation(five_sites, NODES, grid)
     assert all(not row["failures"]["evaluate"] for row in read_metrics(grid_folder(five_sites)))
+
+
+def consistent(correct: list[int], scale: int = 1) -> dict:
+    """A self-consistent classification reply: 20 x `scale` test records, true counts
+    [8, 7, 5] x scale predicted exactly as often, `correct` hits per class."""
+    true = [scale * t for t in (8, 7, 5)]
+    return {p.NUM_EXAMPLES: sum(true), p.EVAL_WEIGHT: sum(true),
+            p.EVAL_LOSS: 1.0 - sum(correct) / sum(true), p.EVAL_ACCURACY: sum(correct)
+            / sum(true), p.EVAL_CLASS_TRUE: true, p.EVAL_CLASS_PREDICTED: true,
+            p.EVAL_CLASS_CORRECT: correct}
+
+
+# Four honest sites of 20 test records, and one of 200 that claims a perfect score: a
+# wrong but consistent lie at its census size, which screening cannot tell.
+HONEST_SITES = {1: consistent([6, 5, 4]), 2: consistent([5, 5, 4]),
+                3: consistent([6, 6, 4]), 4: consistent([4, 5, 4])}
+PERFECT_LIAR = consistent([80, 70, 50], scale=10)
+SITE_STATISTIC = {"median": statistics.median,
+                  "trimmed-mean": lambda xs: float(scipy.stats.trim_mean(xs, 0.2))}
+
+
+@pytest.mark.parametrize("rule", sorted(SITE_STATISTIC))
+def test_a_robust_evaluation_rule_keeps_one_consistent_liar_inside_the_honest_range(
+        monkeypatch, rule):
+    """Pooled, the 200-record liar sets the figure (0.92, above every honest site's);
+    the median or trimmed mean of the sites' own scores stays inside the honest range,
+    and the pooled figure is kept beside it. Checked against statistics / scipy."""
+    replies = {**HONEST_SITES, 5: PERFECT_LIAR}
+    sizes = {n: {"": int(m[p.NUM_EXAMPLES])} for n, m in replies.items()}
+    figure = evaluation_round(monkeypatch, replies, sizes,
+                              evaluation=EvaluationSpec(rule=rule))
+    honest = [m[p.EVAL_ACCURACY] for m in HONEST_SITES.values()]
+    assert figure["replies"] == 5
+    assert figure[POOLED + p.EVAL_ACCURACY] == pytest.approx((58 + 200) / 280)
+    assert figure[POOLED + p.EVAL_ACCURACY] > max(honest)
+    assert min(honest) <= figure[p.EVAL_ACCURACY] <= max(honest)
+    statistic = SITE_STATISTIC[rule]
+    counts = [ClassCounts(*(tuple(m[k]) for k in (p.EVAL_CLASS_TRUE, p.EVAL_CLASS_PREDICTED,
+                                                    p.EVAL_CLASS_CORRECT)))
+              for m in replies.values()]
+    assert figure[p.EVAL_ACCURACY] == pytest.approx(statistic(
+        [m[p.EVAL_ACCURACY] for m in replies.values()]))
+    assert figure[p.EVAL_LOSS] == pytest.approx(statistic(
+        [m[p.EVAL_LOSS] for m in replies.values()]))
+    assert figure[MACRO_F1] == pytest.approx(statistic([c.macro_f1() for c in counts]))
+    assert figure[RECALL] == pytest.approx([statistic(list(r)) for r in zip(
+        *(c.recalls() for c in counts))])
+    pooled = evaluation_round(monkeypatch, replies, sizes)
+    assert pooled[p.EVAL_ACCURACY] == pytest.approx(figure[POOLED + p.EVAL_ACCURACY])
+    assert POOLED + p.EVAL_ACCURACY not in pooled
+
+
+def test_a_run_under_the_median_reports_it_and_keeps_the_pooled_figure(five_sites, caplog):
+    """End to end: metrics.jsonl and the round line name the rule; against a site
+    claiming a perfect score, the pooled figure it lifts stays beside the median."""
+    config = {**five_sites, "evaluation.rule": "median"}
+    grid = LocalGrid(config, NODES)
+    make_evaluation_hostile(grid, HOSTILE, EVALUATION_ATTACKS["perfect-at-its-size"])
+    with caplog.at_level(logging.INFO, logger="fed_dplora"):
+        run_federation(config, NODES, grid)
+    for row in read_metrics(grid_folder(config)):
+        assert row["eval_rule"] == "median"
+        assert row["pooled_eval_accuracy"] > row["eval_accuracy"], row
+        assert row["pooled_eval_macro_f1"] is not None
+    assert "by median (pooled: loss" in caplog.text
+
+
+def test_the_server_bounds_a_causal_lm_evaluation_weight_by_max_length(tiny_llama_lm,
+                                                                        config):
+    """End to end, causal-lm: honest token counts pass; a site claiming more predicted
+    tokens than its records can hold at model.max-length fails every round."""
+    run_config = {**config, "task": "causal-lm", "model.name": tiny_llama_lm,
+                  "num-server-rounds": 1, "clients-per-round": 3, "min-replies": 2,
+                  "generation.max-new-tokens": 2, "generation.prompts": "the patient"}
+    grid = LocalGrid(run_config, 3)
+    tokens = run_config["model.max-length"]
+    make_evaluation_hostile(grid, 102, lambda m: m.update(
+        {p.EVAL_WEIGHT: m[p.NUM_EXAMPLES] * tokens}))
+    run_federation(run_config, 3, grid)
+    rows = [read_base_score(grid_folder(run_config)), *read_metrics(grid_folder(run_config))]
+    for row in rows:
+        assert list(row["failures"]["evaluate"]) == ["partition-2"], row
+        assert "can count" in row["failures"]["evaluate"]["partition-2"]
+        assert row["eval_sites"] == 2

@@ -12,8 +12,8 @@ from typing import Any, get_args
 from fed_dplora.config.methods import METHODS
 from fed_dplora.config.specs import (DEMO_DATASET, SECTIONS, TEXT_ONLY_TASKS,
                                      AggregationRule, AggregationWeights, ClientSampling,
-                                     ConfigError, Device, Optimizer, Partitioner, Pooling,
-                                     PrivacyLevel, RunSpec, TaskName)
+                                     ConfigError, Device, EvaluationRule, Optimizer,
+                                     Partitioner, Pooling, PrivacyLevel, RunSpec, TaskName)
 
 # The largest per-sample clip norm C a run may set: noise is sigma * C per coordinate, and
 # near float32's range (1e30 was accepted before) norms and noise overflow to inf / NaN.
@@ -79,6 +79,8 @@ _KEYS: dict[str, tuple[str | None, str]] = {
     "evaluation.sites": ("evaluation", "sites"),
     "evaluation.every": ("evaluation", "every"),
     "evaluation.final-all": ("evaluation", "final_all"),
+    "evaluation.rule": ("evaluation", "rule"),
+    "evaluation.trim-fraction": ("evaluation", "trim_fraction"),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -91,6 +93,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.client-sampling": get_args(ClientSampling),
     "aggregation.rule": get_args(AggregationRule),
     "aggregation.weights": get_args(AggregationWeights),
+    "evaluation.rule": get_args(EvaluationRule),
 }
 
 _POSITIVE_INT = (
@@ -141,7 +144,8 @@ def _convert(key: str, value: Any, default: Any) -> Any:
         raise ConfigError(f"{key}={value!r}: must be >= 0 (0: every record)")
     if key == "data.validation-fraction" and not 0.0 <= value < 1.0:
         raise ConfigError(f"{key}={value!r}: must be in [0, 1) (0: no validation split)")
-    if key == "aggregation.trim-fraction" and not 0.0 <= value < 0.5:
+    if key in ("aggregation.trim-fraction", "evaluation.trim-fraction") and not (
+            0.0 <= value < 0.5):
         raise ConfigError(f"{key}={value!r}: must be in [0, 0.5) (cut from each side)")
     if key == "aggregation.max-weight-share" and not 0.0 < value <= 1.0:
         raise ConfigError(f"{key}={value!r}: must be in (0, 1] (1: no cap)")

@@ -16,6 +16,7 @@ Optimizer = Literal["sgd", "adam"]
 ClientSampling = Literal["fixed", "poisson"]
 AggregationRule = Literal["mean", "trimmed-mean", "median"]
 AggregationWeights = Literal["census", "uniform"]
+EvaluationRule = Literal["pooled", "median", "trimmed-mean"]
 
 DEMO_DATASET = "synthetic-triage"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -139,12 +140,17 @@ class EvaluationSpec:
 
     `sites` > 0: that many sites a round, drawn independently of who trained (from the
     OS CSPRNG under secret sampling); `every` k: rounds k, 2k, ... evaluate; the last
-    planned round evaluates every site if `final_all`.
+    planned round evaluates every site if `final_all`. `rule`: how the sites' replies make
+    the reported figure (`strategies.evaluation_pooling`): "pooled" over the union of
+    their test sets, or the "median" or "trimmed-mean" (`trim_fraction` from each side)
+    of their own scores, with the pooled figure beside it.
     """
 
     sites: int = 0  # 0: every site that shares evaluation
     every: int = 1
     final_all: bool = True
+    rule: EvaluationRule = "pooled"
+    trim_fraction: float = 0.2
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,11 @@ class Task(ABC):
         that record alone (what per-sample clipping needs)."""
 
     @abstractmethod
+    def eval_weight_per_record(self, max_length: int) -> int:
+        """The most one record can count in `EvalSums.weight` at `max_length` tokens (what
+        the server bounds a site's evaluation weight by)."""
+
+    @abstractmethod
     def eval_sums(self, logits: torch.Tensor, input_ids: torch.Tensor,
                   mask: torch.Tensor, labels: torch.Tensor | None) -> EvalSums:
         """Summed loss and correct predictions of one evaluation batch."""

@@ -36,6 +36,9 @@ class CausalLm(Task):
         per_record = losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
         return per_record.sum()
 
+    def eval_weight_per_record(self, max_length: int) -> int:
+        return max_length - 1  # every token but the first is a target
+
     def eval_sums(self, logits, input_ids, mask, labels) -> EvalSums:
         losses, valid = _token_losses(logits, input_ids, mask)
         hits = (logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:]) & valid.bool()

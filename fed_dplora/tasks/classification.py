@@ -58,6 +58,9 @@ class SequenceClassification(Task):
     def loss_sum(self, logits, input_ids, mask, labels) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
+    def eval_weight_per_record(self, max_length: int) -> int:
+        return 1  # a record is one prediction
+
     def eval_sums(self, logits, input_ids, mask, labels) -> EvalSums:
         logits = logits.float()
         predicted = logits.argmax(dim=-1)

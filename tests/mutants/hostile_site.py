@@ -17,6 +17,10 @@ LIE = SITE_TESTS + "test_an_evaluation_reply_inconsistent_with_its_census_or_its
 SCALED_TO_PERFECT = (SITE_TESTS + "test_a_site_scaling_its_evaluation_to_a_perfect_score_fails_"
                      "at_the_census_size")
 SELF_CHECKED = SITE_TESTS + "test_without_census_sizes_a_reply_is_still_checked_against_itself"
+ROBUST_EVALUATION = (SITE_TESTS + "test_a_robust_evaluation_rule_keeps_one_consistent_liar_"
+                     "inside_the_honest_range")
+RULE_REPORTED = SITE_TESTS + "test_a_run_under_the_median_reports_it_and_keeps_the_pooled_figure"
+POOLING = "strategies/evaluation_pooling.py"
 
 
 def unchecked(name: str, kills: str | tuple[str, ...], condition: str):
@@ -27,11 +31,27 @@ def unchecked(name: str, kills: str | tuple[str, ...], condition: str):
 MUTANTS = [
     mutant("evaluation replies unscreened",
            (LIE + "[accuracy-above-1]", SELF_CHECKED, SCALED_TO_PERFECT), SCREENING,
-           "        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node))\n",
+           "        problem = evaluation_problem(metrics, (expected.eval_sizes or {}).get(node),\n"
+           "                                     expected.max_eval_weight_per_record)\n",
            "        problem = None\n"),
     unchecked("an evaluation size other than the census's", (
         LIE + "[inflated-weight]", LIE + "[accuracy-1-at-weight-1e9]", SCALED_TO_PERFECT),
         "size is not None and records != size"),
+    unchecked("more tokens than its records hold",
+              LIE + "[causal-lm-more-tokens-than-its-records-hold]",
+              "per_record is not None and weight > records * per_record"),
+    mutant("evaluation.rule ignored", (ROBUST_EVALUATION + "[median]",
+                                       ROBUST_EVALUATION + "[trimmed-mean]"), POOLING,
+           '    if spec.rule == "pooled":\n', "    if True:\n"),
+    mutant("the evaluation's trimmed mean trims nothing", ROBUST_EVALUATION + "[trimmed-mean]",
+           POOLING, "                                          spec.trim_fraction))",
+           "                                          0.0))"),
+    mutant("the server's evaluation rule not passed to the strategy", RULE_REPORTED,
+           "server/federation.py", "evaluation=spec.evaluation, ", ""),
+    mutant("the server bounds no evaluation weight by the task",
+           SITE_TESTS + "test_the_server_bounds_a_causal_lm_evaluation_weight_by_max_length",
+           "server/federation.py", "        max_eval_weight_per_record=task_for(spec.task)"
+           ".eval_weight_per_record(\n            spec.model.max_length),\n", ""),
     unchecked("a split the census did not report", LIE + "[a-split-the-census-did-not-report]",
               "size == -1"),
     unchecked("a negative loss", LIE + "[causal-lm-perplexity-below-1]", "loss < 0"),
