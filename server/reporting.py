@@ -72,16 +72,15 @@ def log_round(row: dict, rounds: int) -> None:
              f" | macro_f1 {num(row['eval_macro_f1'], '.4f')}")
     if "personal_eval_accuracy" in row:
         extra += f" | personal_acc {num(row['personal_eval_accuracy'], '.4f')}"
-    if "pooled_eval_accuracy" in row:  # a robust evaluation.rule made the figure
-        extra += (f" | by {row['eval_rule']} (pooled: loss "
-                  f"{num(row['pooled_eval_loss'], '.4f')}, acc "
-                  f"{num(row['pooled_eval_accuracy'], '.4f')})")
+    rule = ("" if "pooled_eval_accuracy" not in row else  # a robust evaluation.rule
+            f" by {row['eval_rule']} (pooled: loss {num(row['pooled_eval_loss'], '.4f')}, "
+            f"acc {num(row['pooled_eval_accuracy'], '.4f')})")
     sample = num(row["epsilon_sample"], ".3f")
     if row["epsilon_sample_replace_one"] is not None:
         sample += f" (replace-one {row['epsilon_sample_replace_one']:.3f})"
-    log.info("round %d/%d | eval_loss %s%s | eval_acc %s | eps_sample %s | eps_client %s | "
+    log.info("round %d/%d | eval_loss %s%s | eval_acc %s%s | eps_sample %s | eps_client %s | "
              "up %.1f KB | down %.1f KB | agg_err %s | %.1f s", row["round"], rounds,
-             num(row["eval_loss"], ".4f"), extra, num(row["eval_accuracy"], ".4f"),
+             num(row["eval_loss"], ".4f"), extra, num(row["eval_accuracy"], ".4f"), rule,
              sample, num(row["epsilon_client"], ".3f"),
              row["bytes_up"] / 1e3, row["bytes_down"] / 1e3,
              num(row["aggregation_error"], ".2e"), row["wall_s"])
