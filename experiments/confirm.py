@@ -24,7 +24,8 @@ from typing import Any
 from scipy import stats
 
 from experiments.predictions import PREDICTIONS
-from experiments.preregistration import PREREGISTRATION, arms, hypothesis_seeds, registered
+from experiments.preregistration import (PREREGISTRATION, arms, descriptive, hypothesis_seeds,
+                                         registered)
 from experiments.tuning import (LAST_ROUNDS, LAST_ROUNDS_KEY, TUNED_RANK, cell_rows, choose,
                                setting_by_seed)
 
@@ -194,9 +195,18 @@ def verdict(missing: list[int], bounds: tuple[float, float] | None, alpha: float
     return "not yet: Holm p depends on " + ", ".join(unfinished)
 
 
+def standing(verdict_said: str, amended: str | None) -> str:
+    """What a document may call the hypothesis: "confirmed" only for a Holm verdict of
+    yes that no amendment marks descriptive."""
+    if amended:
+        return f"descriptive ({amended})"
+    return {"yes": "confirmed", "no": "not confirmed"}.get(verdict_said, "pending")
+
+
 def confirmation(study: Path) -> str:
     plan = registered(study)
     family, hypotheses = plan["family"], plan["hypothesis"]
+    amended = descriptive(study, {h["id"] for h in hypotheses})
     rows = study_rows(study, family)
     chosen = choose(rows)
     diffs = {h["id"]: registered_differences(rows, chosen, h, family) for h in hypotheses}
@@ -213,9 +223,12 @@ def confirmation(study: Path) -> str:
              f"{len(hypotheses)} hypotheses; alpha {family['alpha']}. While some hypotheses "
              "wait for seeds, a finished one's Holm p is the range the others' outcomes "
              "leave it, and its verdict waits unless the whole range is on one side.", "",
+             "The Holm verdict is as registered; the standing is what the documents may "
+             "call it: a hypothesis a dated amendment (amendment-*.md) marks descriptive "
+             "was formed on the data that tests it, and is no confirmatory evidence.", "",
              "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed | "
-             f"last {LAST_ROUNDS} rounds' mean: difference (points), not tested |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"standing | last {LAST_ROUNDS} rounds' mean: difference (points), not "
+             "tested |", "|---|---|---|---|---|---|---|---|---|"]
     for h in hypotheses:
         hid = h["id"]
         values = diffs[hid]
@@ -223,7 +236,7 @@ def confirmation(study: Path) -> str:
         secondary = registered_differences(rows, chosen, h, family, LAST_ROUNDS_SCORES)
         lines.append(f"| {hid} | {h['claim']} | {sorted(values)} | {_points(values)} | "
                      f"{_p(raw[hid])} | {_p_range(bounds[hid])} | {said} | "
-                     f"{_points(secondary)} |")
+                     f"{standing(said, amended.get(hid))} | {_points(secondary)} |")
     return "\n".join(lines + record_section(rows, chosen, hypotheses)) + "\n"
 
 

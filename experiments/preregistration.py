@@ -10,15 +10,33 @@ from pathlib import Path
 from typing import Any
 
 PREREGISTRATION = "preregistration.md"
+AMENDMENTS = "amendment-*.md"  # dated, beside the pre-registration, read in name order
 INTERACTION_ARMS = "ffa - vanilla"  # an interaction's gap unless it names its `arms`
 
 
 def registered(study: Path) -> dict[str, Any]:
     """The pre-registration's TOML block."""
-    text = (study / PREREGISTRATION).read_text()
-    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    return _toml_block(study / PREREGISTRATION)
+
+
+def descriptive(study: Path, ids: set[str]) -> dict[str, str]:
+    """Hypothesis id -> "amendment <date>: <reason>" for each one a dated amendment
+    marks descriptive (formed on the data that tests it); an unknown id is refused."""
+    marked = {}
+    for path in sorted(study.glob(AMENDMENTS)):
+        amendment = _toml_block(path)
+        for entry in amendment.get("descriptive", []):
+            if entry["id"] not in ids:
+                raise SystemExit(f"{path}: descriptive id {entry['id']!r} is not a "
+                                 f"hypothesis of {PREREGISTRATION} ({sorted(ids)})")
+            marked[entry["id"]] = f"amendment {amendment['date']}: {entry['reason']}"
+    return marked
+
+
+def _toml_block(path: Path) -> dict[str, Any]:
+    block = re.search(r"```toml\n(.*?)```", path.read_text(), re.S)
     if block is None:
-        raise SystemExit(f"{study / PREREGISTRATION}: no ```toml block to read")
+        raise SystemExit(f"{path}: no ```toml block to read")
     return tomllib.loads(block.group(1))
 
 
