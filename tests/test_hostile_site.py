@@ -3,6 +3,7 @@ DP-aware update bound, and robust rules bound what a lie inside the bound buys."
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -169,6 +170,53 @@ def test_the_study_tables_pair_by_seed_and_say_not_shown_where_zero_is_inside():
     assert "+0.007 ± 0.057, not shown" in rows["sign-flipped"]  # t(0.975, 2) = 4.303
     assert "rejected in 45 of 45 rounds (update norm 9e+03 exceeds 33" in table(results)
     assert "| 3 | 0.7500 ± 0.1242 |" in table(results)
+
+
+
+def _evaluation_runs(accuracies, pooled, rejected=0):
+    return [{"accuracy": a, "pooled": q, "rejected_rounds": rejected,
+             "reasons": ["reports num-examples=8e+08, not its census size 80"] * bool(rejected)}
+            for a, q in zip(accuracies, pooled)]
+
+
+def test_the_evaluation_table_pairs_each_rule_with_its_own_run_without_the_liar():
+    from experiments.hostile_sites import evaluation_table
+    results = {"none": {"median": _evaluation_runs([0.70, 0.80, 0.75], [0.72, 0.82, 0.70]),
+                        "trimmed-mean": _evaluation_runs([0.71, 0.79, 0.76],
+                                                         [0.72, 0.82, 0.70])},
+               "perfect": {"median": _evaluation_runs([0.72, 0.82, 0.77], [0.77, 0.87, 0.75]),
+                           "trimmed-mean": _evaluation_runs([0.71, 0.80, 0.74],
+                                                            [0.77, 0.87, 0.75], rejected=5)}}
+    (row,) = [line for line in evaluation_table(results).splitlines()
+              if line.startswith("| perfect |")]
+    cells = row.split(" | ")
+    assert cells[1].startswith("rejected in 15 of 30 evaluations (reports num-examples")
+    assert cells[3] == "+0.050 ± 0.000"  # pooled: +0.05 at every seed
+    assert cells[4] == "+0.020 ± 0.000"  # median against median
+    half = scipy.stats.t.ppf(0.975, 2) * statistics.stdev([0.0, 0.01, -0.02]) / 3 ** 0.5
+    assert cells[5] == f"-0.003 ± {half:.3f}, not shown |"  # trimmed mean against its own
+
+
+def test_a_study_whose_rules_disagree_on_the_pooled_figure_stops():
+    from experiments.hostile_sites import check_pooled_agrees
+    agreeing = {"none": {rule: _evaluation_runs([0.7], [0.72])
+                         for rule in ("median", "trimmed-mean")}}
+    check_pooled_agrees(agreeing)
+    agreeing["none"]["trimmed-mean"][0]["pooled"] = 0.73
+    with pytest.raises(SystemExit, match="differ between evaluation rules"):
+        check_pooled_agrees(agreeing)
+
+
+def test_the_guide_shows_the_committed_evaluation_rows():
+    """docs/deployment.md 4b and the study's own table are what the committed
+    evaluation runs give (experiments/results/hostile_sites/evaluation_results.json)."""
+    from experiments.hostile_sites import evaluation_table
+    root = Path(__file__).resolve().parents[1]
+    study = root / "experiments" / "results" / "hostile_sites"
+    rows = evaluation_table(json.loads((study / "evaluation_results.json").read_text()))
+    assert rows.count("\n| perfect") == 2
+    for document in (root / "docs" / "deployment.md", study / "hostile_sites.md"):
+        assert rows in document.read_text(), document
 
 
 # Evaluation replies: bounded by the census's split sizes and by their own numbers.
