@@ -37,6 +37,10 @@ from fed_dplora.config.methods import METHODS  # noqa: E402
 log = logging.getLogger("fed_dplora.compare_methods")
 COMPARISON, FIGURE = "comparison.md", "accuracy_vs_upload.png"
 REFERENCE = "ffa"  # every method's paired difference is taken against it
+# What a method's test-accuracy row scores, where its name alone would mislead: FedSA's
+# global model has B = 0 (each site's B stays at the site), so its adapters add nothing
+# and it is the base encoder with the federated head.
+LABELS = {"fedsa": "fedsa shared (B = 0)"}
 COLUMNS = ["method", "chosen", "seeds", "test accuracy", "test macro-F1",
            "personal accuracy", "upload KB/round", "download KB/round",
            f"accuracy − {REFERENCE} (paired)"]
@@ -79,7 +83,7 @@ def paired_against(rows: list[dict], chosen: dict, method: str, privacy: str,
 def method_row(method: str, runs: list[dict], paired: str) -> list[str]:
     best = runs[0]
     personal = [r["personal_accuracy"] for r in runs if r["personal_accuracy"] is not None]
-    return [method, f"{best['optimizer']} {best['learning_rate']:g}",
+    return [LABELS.get(method, method), f"{best['optimizer']} {best['learning_rate']:g}",
             ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
             interval([r["accuracy"] for r in runs]),
             interval([r["macro_f1"] for r in runs]),
@@ -140,7 +144,8 @@ def figure(points: list[tuple], path: Path) -> Path:
                                                              if p[0] == partition):
             ax.errorbar(upload, mean, yerr=half, marker=markers[method], capsize=3,
                         color=f"C{privacies.index(privacy)}", linestyle="none",
-                        label=f"{method}, {privacy_label(privacy)} (n={seeds})")
+                        label=f"{LABELS.get(method, method)}, {privacy_label(privacy)} "
+                              f"(n={seeds})")
         ax.set_xscale("log")
         ax.set_xlabel("upload bytes per round (all sites)")
         ax.set_title(partition)

@@ -28,6 +28,7 @@ from experiments.preregistration import (PREREGISTRATION, arms, descriptive, hyp
                                          registered)
 from experiments.tuning import (LAST_ROUNDS, LAST_ROUNDS_KEY, TUNED_RANK, cell_rows, choose,
                                setting_by_seed)
+from fed_dplora.config.methods import RENAMED
 
 log = logging.getLogger("fed_dplora.confirm")
 CONFIRMATION = "confirmation.md"
@@ -226,6 +227,7 @@ def confirmation(study: Path) -> str:
              "The Holm verdict is as registered; the standing is what the documents may "
              "call it: a hypothesis a dated amendment (amendment-*.md) marks descriptive "
              "was formed on the data that tests it, and is no confirmatory evidence.", "",
+             *renamed_note(hypotheses),
              "| id | claim | seeds | mean difference (points) | p | Holm p | confirmed | "
              f"standing | last {LAST_ROUNDS} rounds' mean: difference (points), not "
              "tested |", "|---|---|---|---|---|---|---|---|---|"]
@@ -238,6 +240,16 @@ def confirmation(study: Path) -> str:
                      f"{_p(raw[hid])} | {_p_range(bounds[hid])} | {said} | "
                      f"{standing(said, amended.get(hid))} | {_points(secondary)} |")
     return "\n".join(lines + record_section(rows, chosen, hypotheses)) + "\n"
+
+
+def renamed_note(hypotheses: list[dict]) -> list[str]:
+    """A line naming each method the registered claims call by an earlier name."""
+    text = " ".join(h["claim"] + " " + h["difference"] for h in hypotheses).lower()
+    named = [(old, new, why) for old, (new, why) in RENAMED.items() if old in text]
+    if not named:
+        return []
+    return ["Claims as registered; renamed since: " + "; ".join(
+        f"`{old}` is now `{new}` ({why})" for old, new, why in named) + ".", ""]
 
 
 def _points(values: dict[int, float]) -> str:

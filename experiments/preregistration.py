@@ -9,6 +9,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fed_dplora.config.methods import current_name
+
 PREREGISTRATION = "preregistration.md"
 AMENDMENTS = "amendment-*.md"  # dated, beside the pre-registration, read in name order
 INTERACTION_ARMS = "ffa - vanilla"  # an interaction's gap unless it names its `arms`
@@ -41,14 +43,21 @@ def _toml_block(path: Path) -> dict[str, Any]:
 
 
 def arms(hypothesis: dict) -> tuple[str, str]:
-    """The two arms of `difference = "a - b"` (an interaction: of its `arms`)."""
+    """The two arms of `difference = "a - b"` (an interaction: of its `arms`), each
+    method by its current name (`fed_dplora.config.methods.RENAMED`)."""
     text = (hypothesis.get("arms", INTERACTION_ARMS)
             if hypothesis["difference"] == "interaction" else hypothesis["difference"])
     parts = [part.strip() for part in text.split(" - ")]
     if len(parts) != 2 or not all(parts):
         raise SystemExit(f"{PREREGISTRATION}: hypothesis {hypothesis['id']}: "
                          f"{text!r} is not of the form \"a - b\"")
-    return parts[0], parts[1]
+    return _current(parts[0]), _current(parts[1])
+
+
+def _current(arm: str) -> str:
+    """"method[:score]" with the method's current name."""
+    method, colon, score = arm.partition(":")
+    return current_name(method) + colon + score
 
 
 def hypothesis_seeds(hypothesis: dict, family: dict[str, Any]) -> list[int]:

@@ -6,7 +6,7 @@
 For each method, plain and DP-hooks steps (`experiments.bench_dp_step`'s `Stepper`) run
 interleaved; the table gives their median step times and, inside the DP step, the
 seconds per step spent in Opacus' per-sample gradient einsums (LoRA A, LoRA B, the
-rest: head, Fed-SB's R), in Opacus' copy of each into its per-sample buffer, in our
+rest: head, Frozen-AB-R's R), in Opacus' copy of each into its per-sample buffer, in our
 clipping and clipped sum (`DpSgdAccumulator.add_physical_batch`) and in the noise
 (`finish`). What is left of the DP step's excess over plain is the activation capture
 and the hooks' own Python.

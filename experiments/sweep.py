@@ -45,6 +45,7 @@ from typing import Any
 from experiments.flwr_job import LocalFederation
 from experiments.predictions import PREDICTIONS, PredictionMismatch, save_predictions
 from fed_dplora.config import ConfigError, RunSpec, parse_run_config
+from fed_dplora.config.methods import RENAMED, current_name
 
 log = logging.getLogger("fed_dplora.sweep")
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,10 @@ def cells(sweep: dict[str, Any], folder: Path) -> list[Cell]:
         keys = list(grid)
         for values in itertools.product(*(_as_list(k, grid[k]) for k in keys)):
             params = dict(zip(keys, values))
-            config, clients = expand(params, base, int(sweep.get("clients", 2)))
+            # a cell's name keeps the method as the study wrote it; its run, the name now
+            config, clients = expand({**params, **({"method": current_name(params["method"])}
+                                                   if "method" in params else {})},
+                                     base, int(sweep.get("clients", 2)))
             name = "__".join(f"{k}={v}" for k, v in sorted(params.items())).replace("/", "-")
             if name in seen:
                 continue
@@ -130,7 +134,7 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
     output = output if output.is_absolute() else (path.parent / output).resolve()
     todo = cells(sweep, path.parent)
     runs = output / CELLS
-    done = [c for c in todo if _finished(runs / c.name)]
+    done = [c for c in todo if _finished(cell_folder(runs, c))]
     log.info("%s: %d cells, %d already finished", sweep["name"], len(todo), len(done))
     if dry_run:
         for cell in todo:
@@ -139,7 +143,7 @@ def run_sweep(path: Path, dry_run: bool = False) -> Path:
         return output
     runs.mkdir(parents=True, exist_ok=True)
     for cell in done:
-        _predict(cell, runs / cell.name)
+        _predict(cell, cell_folder(runs, cell))
     _run_cells(sweep, [c for c in todo if c not in done], len(todo), runs)
     return output
 
@@ -156,13 +160,25 @@ def _run_cells(sweep: dict[str, Any], cells_left: list[Cell], total: int, runs: 
                              float(sweep.get("gpus-per-client", 0.0))) as federation:
             for cell in (c for c in cells_left if c.clients == clients):
                 progress.set_postfix_str(cell.name[-60:])
-                folder = runs / cell.name
+                folder = cell_folder(runs, cell)
                 resume = (folder / "config.json").exists()
                 federation.run({**cell.run_config, "output-dir": str(runs),
-                                "run-name": cell.name, "resume": resume})
+                                "run-name": folder.name, "resume": resume})
                 _predict(cell, folder)
                 progress.update(1)
     progress.close()
+
+
+def cell_folder(runs: Path, cell: Cell) -> Path:
+    """A cell's run folder: under its name, or, where a study ran it before its method
+    was renamed, under the name with the method's earlier name."""
+    folder = runs / cell.name
+    method = cell.params.get("method")
+    for old, (new, _why) in RENAMED.items():
+        earlier = runs / cell.name.replace(f"method={new}", f"method={old}")
+        if method == new and not folder.exists() and earlier.exists():
+            return earlier
+    return folder
 
 
 def _predict(cell: Cell, folder: Path) -> None:

@@ -43,6 +43,7 @@ from scipy import stats
 
 from experiments.preregistration import PREREGISTRATION, registered, seeds_by_setting
 from experiments.sweep import REPO, cells, finished_cells, partition_label
+from fed_dplora.config.methods import current_name
 from fed_dplora.run.results import read_metrics
 
 log = logging.getLogger("fed_dplora.tuning")
@@ -60,7 +61,8 @@ LAST_ROUNDS_KEY = "last_rounds_"  # a row's column of that mean: this + the fina
 def describe(config: dict[str, Any]) -> dict[str, Any]:
     """A run's setting, seed and tuned hyper-parameters, from its config.json."""
     privacy = config["privacy"]
-    return {"method": config["method"], "partition": partition_label(config["data"]),
+    return {"method": current_name(config["method"]),
+            "partition": partition_label(config["data"]),
             "privacy": ("none" if privacy["level"] == "none"
                         else float(privacy["target_epsilon"])),
             "rank": config["lora"]["rank"], "seed": config["seed"],

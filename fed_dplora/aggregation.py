@@ -47,10 +47,10 @@ def aggregation_error(updates: list[dict[str, np.ndarray]], weights: list[float]
                       shared: dict[str, np.ndarray],
                       aggregate: dict[str, np.ndarray] | None = None) -> float | None:
     """||mean_i(B_i R_i A_i) - B R A||_F / ||mean_i(B_i R_i A_i)||_F over all LoRA
-    modules (R, Fed-SB's, where there is one), where (B, R, A) is the `aggregate`
+    modules (R, Frozen-AB-R's, where there is one), where (B, R, A) is the `aggregate`
     released (default: the weighted means).
 
-    `shared` holds tensors that did not travel (A under FFA, A and B under Fed-SB, the
+    `shared` holds tensors that did not travel (A under FFA, A and B under Frozen-AB-R, the
     held half of a RoLoRA round), identical on every client; the error of an exact
     method is then 0 up to float rounding, computed the same way as vanilla's. None
     where no module has both factors among them (FedSA: B never leaves the site).
@@ -84,7 +84,7 @@ def _product(tensors: dict[str, np.ndarray], chain: tuple[str, ...]) -> np.ndarr
 
 def lora_chains(names: list[str]) -> list[tuple[str, ...]]:
     """(B, R, A) or (B, A) names of every LoRA module among `names` that carries B and
-    A; R is Fed-SB's, inside A's module (`<A's module>.lora_R.weight`)."""
+    A; R is Frozen-AB-R's, inside A's module (`<A's module>.lora_R.weight`)."""
     present = set(names)
     chains = []
     for a in sorted(n for n in present if ".lora_A." in n and ".lora_R." not in n):

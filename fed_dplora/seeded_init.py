@@ -26,7 +26,7 @@ def seed_lora_a(model: nn.Module, seed: int, trainable: bool) -> None:
 
 
 def seed_lora_b(model: nn.Module, seed: int) -> None:
-    """Set every `lora_B` from the run seed, frozen (Fed-SB: B stays at its init), with
+    """Set every `lora_B` from the run seed, frozen (Frozen-AB-R: B stays at its init), with
     the same rule as A: U(-1, 1) / sqrt(fan-in), fan-in being the rank."""
     _seed_factor(model, seed, ".lora_B.", trainable=False)
 

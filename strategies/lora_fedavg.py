@@ -112,7 +112,7 @@ class LoraFedAvg(FedAvg):
     @classmethod
     def for_model(cls, model, **kwargs) -> "LoraFedAvg":
         """A strategy for `model` (built by `fed_dplora.lora.model.build_lora_model`):
-        its frozen LoRA factors for the aggregation error and, for FFA and Fed-SB,
+        its frozen LoRA factors for the aggregation error and, for FFA and Frozen-AB-R,
         their fingerprint."""
         from fed_dplora.lora.adapters import frozen_lora_factors, frozen_lora_fingerprint
         shared = frozen_lora_factors(model)
@@ -302,7 +302,7 @@ class FfaFedAvg(LoraFedAvg):
     """FFA-LoRA: every A frozen at the same seeded init, only B (and the head) travel
     and are averaged, which is exact; a reply whose fingerprint of the frozen factors
     differs from `a_fingerprint` is rejected. Build it with
-    `FfaFedAvg.for_model(model, ...)`; it serves Fed-SB too (A and B frozen, R travels)."""
+    `FfaFedAvg.for_model(model, ...)`; it serves Frozen-AB-R too (A and B frozen, R travels)."""
 
     def __init__(self, *, a_fingerprint: str, shared_arrays: dict[str, np.ndarray],
                  **kwargs) -> None:

@@ -21,15 +21,15 @@ def _study(tmp_path):
                               (2, 0.81, 0.85, 0.72)]:
         fake_cell(regime, f"ffa{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa,
                   bytes_up=600)
-        fake_cell(study, f"sb{seed}", "fed-sb", 1.0, 0.1, "sgd", seed, val=0.8, test=sb,
+        fake_cell(study, f"sb{seed}", "frozen-ab-r", 1.0, 0.1, "sgd", seed, val=0.8, test=sb,
                   bytes_up=20)
         fake_cell(study, f"sa{seed}", "fedsa", 1.0, 0.1, "sgd", seed, val=0.8,
                   test=sa + 0.1, personal=sa + 0.2, bytes_up=300)
     # a worse seed-0 candidate on validation, better on test: never chosen
-    fake_cell(study, "sb-other", "fed-sb", 1.0, 0.3, "sgd", 0, val=0.7, test=0.99)
+    fake_cell(study, "sb-other", "frozen-ab-r", 1.0, 0.3, "sgd", 0, val=0.7, test=0.99)
     # the baseline study ran a seed this study did not register: left out of every row
     fake_cell(regime, "ffa3", "ffa", 1.0, 0.1, "sgd", 3, val=0.8, test=0.99, bytes_up=600)
-    _preregister(study, [{"id": "M1", "claim": "c", "difference": "fed-sb - ffa",
+    _preregister(study, [{"id": "M1", "claim": "c", "difference": "frozen-ab-r - ffa",
                           "at": {"privacy": "1.0", "partition": "iid"}}],
                  {"../regime": ["ffa"]}, seeds=(0, 1, 2))
     return study
@@ -38,15 +38,17 @@ def _study(tmp_path):
 def test_each_method_is_scored_at_its_choice_and_paired_with_ffa_by_seed(tmp_path):
     study = _study(tmp_path)
     rows = compare_methods.family_rows(study)
-    table = compare_methods.comparison(rows, tuning.choose(rows), {"fed-sb", "fedsa"})
-    (sb,) = [line for line in table.splitlines() if line.startswith("| fed-sb |")]
+    table = compare_methods.comparison(rows, tuning.choose(rows), {"frozen-ab-r", "fedsa"})
+    (sb,) = [line for line in table.splitlines() if line.startswith("| frozen-ab-r |")]
     gaps = [0.03, 0.04, 0.04]  # by hand, seed by seed
     half = 100 * stats.t.ppf(0.975, 2) * statistics.stdev(gaps) / 3 ** 0.5
     assert f"| +{100 * statistics.fmean(gaps):.2f} ± {half:.2f} (n=3) |" in sb
     assert "| sgd 0.1 | 0, 1, 2 | 0.8467 ± " in sb and "| 0.0 | 0.0 |" in sb  # 20 B
-    (sa,) = [line for line in table.splitlines() if line.startswith("| fedsa |")]
+    # FedSA's test row scores its shared model (B = 0), and its label says so
+    (sa,) = [line for line in table.splitlines()
+             if line.startswith("| fedsa shared (B = 0) |")]
     assert "| 0.9100 ± " in sa and "not shown" in sa  # personal; +0.00 ± 0.02 vs FFA
-    assert table.index("| ffa |") < table.index("| fed-sb |")  # the registry's order
+    assert table.index("| ffa |") < table.index("| frozen-ab-r |")  # the registry's order
     (ffa,) = [line for line in table.splitlines() if line.startswith("| ffa |")]
     assert "| sgd 0.1 | 0, 1, 2 | 0.8100 ± " in ffa  # seed 3 (0.99) not registered
 
@@ -54,10 +56,10 @@ def test_each_method_is_scored_at_its_choice_and_paired_with_ffa_by_seed(tmp_pat
 def test_the_figure_plots_each_method_at_its_upload_bytes_with_its_interval(tmp_path):
     study = _study(tmp_path)
     rows = compare_methods.family_rows(study)
-    points = compare_methods.figure_points(rows, tuning.choose(rows), {"fed-sb", "fedsa"})
+    points = compare_methods.figure_points(rows, tuning.choose(rows), {"frozen-ab-r", "fedsa"})
     half = lambda v: stats.t.ppf(0.975, 2) * statistics.stdev(v) / 3 ** 0.5  # noqa: E731
     expected = [("iid", "1.0", "ffa", 600, 0.81, half([0.80, 0.82, 0.81])),
-                ("iid", "1.0", "fed-sb", 20, 0.8467, half([0.83, 0.86, 0.85])),
+                ("iid", "1.0", "frozen-ab-r", 20, 0.8467, half([0.83, 0.86, 0.85])),
                 ("iid", "1.0", "fedsa", 300, 0.81, half([0.80, 0.81, 0.82]))]
     assert [p[:4] for p in points] == [e[:4] for e in expected]
     for point, (*_, mean, width) in zip(points, expected):

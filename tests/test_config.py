@@ -43,7 +43,9 @@ def test_privacy_levels_and_client_level_keys():
 
 @pytest.mark.parametrize("flat,pattern", [
     ({"privacy.epsilon": 3.0}, r"unknown run-config key.*privacy.epsilon.*privacy.target-epsilon"),
-    ({"method": "fedprox"}, r"method='fedprox'.*\['fed-sb', 'fedsa', 'ffa', 'rolora', 'vanilla'\]"),
+    ({"method": "fedprox"}, r"method='fedprox'.*\['fedsa', 'ffa', 'frozen-ab-r', 'rolora', 'vanilla'\]"),
+    # a renamed method: the new name, and why (LoRA-SB's initialisation is not here)
+    ({"method": "fed-sb"}, r"method='fed-sb' is now method='frozen-ab-r'.*LoRA-SB"),
     ({"local-steps": 2.5}, r"local-steps=2.5: expected int"),
     ({"local-steps": True}, r"local-steps=True: expected int"),
     ({"batch-size": 0}, r"batch-size=0: must be > 0"),

@@ -18,8 +18,8 @@ from fed_dplora.methods.base import LoraMethod
 
 
 def test_an_unknown_method_is_refused_by_name_with_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"method='lora-xs': valid values are \['fed-sb', "
-                                          r"'fedsa', 'ffa', 'rolora', 'vanilla'\]"):
+    with pytest.raises(ConfigError, match=r"method='lora-xs': valid values are \['fedsa', "
+                                          r"'ffa', 'frozen-ab-r', 'rolora', 'vanilla'\]"):
         parse_run_config({"method": "lora-xs"})
 
 

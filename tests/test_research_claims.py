@@ -153,3 +153,19 @@ def test_ffa_is_ahead_in_28_of_the_30_private_seed_pairs():
               for seed, g in seeds.items() if g <= 0}
     assert sum(len(s) for s in gaps.values()) == 30
     assert behind == {(("iid", "8.0"), 5): -0.85, (("iid", "8.0"), 6): -0.35}
+
+
+def test_the_epsilon_1_membership_audit_is_called_void_as_its_model_diverged():
+    """The MIA's eps-1 model's mean loss is about 18 on members and non-members alike
+    (a uniform guess over SST-2's 2 classes scores ln 2 = 0.69) and its accuracy is at
+    chance: an attack at chance on it says nothing, and the documents say so."""
+    import json
+    rows = {r["setting"]: r for r in json.loads(
+        (RESULTS / "audit_mia" / "results.json").read_text())}
+    diverged = rows["sample-eps1"]
+    assert min(diverged["mean_loss_members"], diverged["mean_loss_non_members"]) > 10
+    assert abs(diverged["held_out_accuracy"] - 0.5) < 0.05
+    assert rows["sample-eps8"]["mean_loss_members"] < 2  # the eps-8 model trained
+    assert "**The ε = 1 row is void**" in (REPO / "docs" / "privacy.md").read_text()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "The membership-inference audit's ε = 1 model diverged: that row is void" in readme

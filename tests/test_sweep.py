@@ -10,7 +10,7 @@ import pytest
 
 from experiments.flwr_job import LocalFederation
 from experiments.report import COLUMNS, plots, report
-from experiments.sweep import SweepError, run_sweep
+from experiments.sweep import SweepError, cell_folder, cells, run_sweep
 from fed_dplora.config import parse_run_config
 from fed_dplora.data.site import SitePlacement, load_site
 from fed_dplora.run.results import read_metrics
@@ -127,3 +127,20 @@ def test_bad_sweep_files_name_the_problem(tiny_bert, tmp_path):
     ids=lambda p: p.stem)
 def test_committed_sweep_configs_expand_to_valid_cells(config):
     run_sweep(config, dry_run=True)  # every cell's run config parses; nothing runs
+
+
+def test_a_cell_run_under_its_methods_earlier_name_is_found_not_rerun(tmp_path):
+    """The methods study ran Frozen-AB-R as "fed-sb": a follow-up naming "frozen-ab-r"
+    finds those folders, and its run config uses the current name."""
+    study = {"name": "s", "clients": 2, "base": {"num-server-rounds": 1},
+             "grid": {"method": ["frozen-ab-r", "ffa"], "seed": [0]}}
+    renamed, ffa = cells(study, tmp_path)
+    (tmp_path / "method=fed-sb__seed=0").mkdir()
+    assert renamed.run_config["method"] == "frozen-ab-r"
+    assert cell_folder(tmp_path, renamed) == tmp_path / "method=fed-sb__seed=0"
+    assert cell_folder(tmp_path, ffa) == tmp_path / "method=ffa__seed=0"
+    (tmp_path / "method=frozen-ab-r__seed=0").mkdir()  # its own folder, once it has one
+    assert cell_folder(tmp_path, renamed) == tmp_path / "method=frozen-ab-r__seed=0"
+    written = {**study, "grid": {"method": ["fed-sb"], "seed": [0]}}
+    (old,) = cells(written, tmp_path)
+    assert old.name == "method=fed-sb__seed=0" and old.run_config["method"] == "frozen-ab-r"

@@ -353,13 +353,13 @@ def test_a_registered_difference_of_any_two_methods_reads_baselines_and_personal
     study, baseline = tmp_path / "methods", tmp_path / "regime"
     for seed, ffa, sb, personal in [(0, 0.80, 0.83, 0.90), (1, 0.82, 0.86, 0.91)]:
         fake_cell(baseline, f"ffa{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa)
-        fake_cell(study, f"sb{seed}", "fed-sb", 1.0, 0.1, "sgd", seed, val=0.8, test=sb)
+        fake_cell(study, f"sb{seed}", "frozen-ab-r", 1.0, 0.1, "sgd", seed, val=0.8, test=sb)
         fake_cell(study, f"sa{seed}", "fedsa", 1.0, 0.1, "sgd", seed, val=0.8, test=0.7,
                   personal=personal)
     # a baseline cell of a method not named for that folder must not join the study
-    fake_cell(baseline, "sb-old", "fed-sb", 1.0, 0.3, "sgd", 0, val=0.99, test=0.1)
+    fake_cell(baseline, "sb-old", "frozen-ab-r", 1.0, 0.3, "sgd", 0, val=0.99, test=0.1)
     at = {"privacy": "1.0", "partition": "iid"}
-    hypotheses = [{"id": "M1", "claim": "c", "difference": "fed-sb - ffa", "at": at},
+    hypotheses = [{"id": "M1", "claim": "c", "difference": "frozen-ab-r - ffa", "at": at},
                   {"id": "M2", "claim": "c", "difference": "fedsa:personal - fedsa", "at": at}]
     _preregister(study, hypotheses, {"../regime": ["ffa"]})
     rows = study_rows(study, {"baselines": {"../regime": ["ffa"]}})
@@ -370,6 +370,23 @@ def test_a_registered_difference_of_any_two_methods_reads_baselines_and_personal
     report = confirmation(study)
     assert "| M1 | c | [0, 1] | +3.50 |" in report and "| M2 | c | [0, 1] | +20.50 |" in report
 
+
+def test_cells_and_hypotheses_written_under_a_methods_earlier_name_read_as_its_current(
+        tmp_path):
+    """The methods study ran and registered Frozen-AB-R as "fed-sb": its cells' rows and
+    its hypothesis's arm read "frozen-ab-r", and the difference is as before."""
+    from experiments.confirm import confirmation, differences, study_rows
+    for seed, ffa, sb in [(0, 0.80, 0.83), (1, 0.82, 0.86)]:
+        fake_cell(tmp_path, f"ffa{seed}", "ffa", 1.0, 0.1, "sgd", seed, val=0.8, test=ffa)
+        fake_cell(tmp_path, f"sb{seed}", "fed-sb", 1.0, 0.1, "sgd", seed, val=0.8, test=sb)
+    hypothesis = {"id": "M1", "claim": "c", "difference": "fed-sb - ffa",
+                  "at": {"privacy": "1.0", "partition": "iid"}}
+    _preregister(tmp_path, [hypothesis])
+    rows = study_rows(tmp_path, {})
+    assert {r["method"] for r in rows} == {"ffa", "frozen-ab-r"}
+    assert differences(rows, tuning.choose(rows), hypothesis) == pytest.approx(
+        {0: 0.03, 1: 0.04})
+    assert "`fed-sb` is now `frozen-ab-r`" in confirmation(tmp_path)  # the claim as written
 
 def test_the_secondary_score_is_the_last_three_rounds_mean_difference_beside_the_test(
         tmp_path):
@@ -404,12 +421,12 @@ def test_a_hypothesis_is_tested_at_its_registered_seeds_and_no_others(tmp_path):
     p = stats.t.sf(0.115 / (statistics.stdev([0.10, 0.13]) / 2 ** 0.5), 1)
     row = next(line for line in confirmation(tmp_path).splitlines()
                if line.startswith("| H1 |"))
-    assert row == f"| H1 | c | [0, 1] | +11.50 | {p:.3g} | {p:.3g} | yes | +11.50 |"
+    assert row == f"| H1 | c | [0, 1] | +11.50 | {p:.3g} | {p:.3g} | yes | confirmed | +11.50 |"
 
 
 @pytest.mark.parametrize("hypothesis, named", [
-    ({"difference": "fed-sb minus ffa"}, "is not of the form"),
-    ({"difference": "fed-sb - ffa", "sided": "less"}, "only sided"),
+    ({"difference": "frozen-ab-r minus ffa"}, "is not of the form"),
+    ({"difference": "frozen-ab-r - ffa", "sided": "less"}, "only sided"),
     ({"difference": "fedsa:global - fedsa"}, "the score after ':'")])
 def test_a_malformed_hypothesis_is_refused_by_name(tmp_path, hypothesis, named):
     from experiments.confirm import confirmation

@@ -9,7 +9,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, get_args
 
-from fed_dplora.config.methods import METHODS
+from fed_dplora.config.methods import METHODS, RENAMED
 from fed_dplora.config.specs import (DEMO_DATASET, SECTIONS, TEXT_ONLY_TASKS,
                                      AggregationRule, AggregationWeights, ClientSampling,
                                      ConfigError, Device, EvaluationRule, Optimizer,
@@ -197,6 +197,9 @@ def _target_modules(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _method(key: str, value: Any) -> str:
+    if value in RENAMED:
+        new, why = RENAMED[value]
+        raise ConfigError(f"{key}={value!r} is now {key}={new!r}, renamed {why}")
     if value not in METHODS:
         raise ConfigError(f"{key}={value!r}: valid values are {sorted(METHODS)} (the "
                           "methods registered in fed_dplora/config/methods.py)")

@@ -2,7 +2,7 @@
 
 What travels is defined by what trains: every parameter with `requires_grad` (LoRA `B`,
 `A` under vanilla, the classifier head), never by attribute names. Under FFA `A` is
-frozen (under Fed-SB `A` and `B`), so it stays home and only its fingerprint is sent. A method that alternates
+frozen (under Frozen-AB-R `A` and `B`), so it stays home and only its fingerprint is sent. A method that alternates
 (RoLoRA) freezes a part of its global tensors in a round: that part is loaded (by
 name), does not train, and does not travel back.
 """
@@ -69,7 +69,7 @@ def frozen_lora_fingerprint(model: nn.Module) -> str:
 
 
 def frozen_lora_factors(model: nn.Module) -> dict[str, np.ndarray]:
-    """The frozen LoRA A and B tensors (FFA's A; Fed-SB's A and B), which stay home,
+    """The frozen LoRA A and B tensors (FFA's A; Frozen-AB-R's A and B), which stay home,
     as float32 CPU arrays."""
     return {name: param.detach().to("cpu", torch.float32).numpy().copy()
             for name, param in model.named_parameters()

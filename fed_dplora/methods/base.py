@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-# The kinds of tensor: LoRA A and B, Fed-SB's R between them, the task's trained head.
+# The kinds of tensor: LoRA A and B, Frozen-AB-R's R between them, the task's trained head.
 KINDS = ("A", "B", "R", "head")
 
 
@@ -34,8 +34,8 @@ class LoraMethod:
     what the built model trains (`fed_dplora.lora.adapters`): every LoRA B and the
     task's head always; A where `a_trains`. Where A does not train it holds the seeded
     init on every party, and `shared_a` makes the server reject a reply whose
-    fingerprint of the frozen LoRA factors (A; B too under Fed-SB) differs from its own
-    (the exactness of FFA and Fed-SB rests on it).
+    fingerprint of the frozen LoRA factors (A; B too under Frozen-AB-R) differs from its own
+    (the exactness of FFA and Frozen-AB-R rests on it).
 
     `alternation` (empty: every global tensor trains every round) gives, round after
     round and then again, the kinds of global tensor that train and travel back; the
@@ -62,7 +62,7 @@ class LoraMethod:
         seed_lora_a(model, seed, trainable=self.a_trains)
 
     def exportable(self, model: nn.Module) -> nn.Module:
-        """The model as a standard PEFT adapter saves it (Fed-SB folds its R in)."""
+        """The model as a standard PEFT adapter saves it (Frozen-AB-R folds its R in)."""
         return model
 
     def global_names(self, trainable: Iterable[str]) -> set[str]:

@@ -1,4 +1,4 @@
-"""Fed-SB: A and B frozen at a seeded, identical init, only R (r x r) between them and
+"""Frozen-AB-R: A and B frozen at a seeded, identical init, only R (r x r) between them and
 the head train and travel; averaging R is exact; the saved adapter is standard LoRA."""
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from test_model_factory import CPU, recipe
 from test_rolora import exchange
 from test_train import data, plan  # noqa: F401 (fixture)
 
-FED_SB = method_for("fed-sb")
+FED_SB = method_for("frozen-ab-r")
 
 
 def model(tiny_bert, seed=0):
-    return build_lora_model(recipe(tiny_bert, "fed-sb", seed), CPU)
+    return build_lora_model(recipe(tiny_bert, "frozen-ab-r", seed), CPU)
 
 
 def test_only_r_and_the_head_train_and_the_frozen_factors_are_the_seeds(tiny_bert):
@@ -45,7 +45,7 @@ def test_only_r_and_the_head_train_and_the_frozen_factors_are_the_seeds(tiny_ber
 def test_a_site_round_moves_r_and_the_head_and_never_a_or_b(tiny_bert, data):
     """Under DP-SGD: the accumulator refuses a trained tensor without per-sample
     gradients; the guard checks that exactly R and the head moved."""
-    trainer = LocalTrainer(recipe(tiny_bert, "fed-sb"), CPU, private=True)
+    trainer = LocalTrainer(recipe(tiny_bert, "frozen-ab-r"), CPU, private=True)
     frozen = frozen_lora_factors(trainer.model)
     sent = trainable_arrays(trainer.model)
     out, report = trainer.train(sent, plan(), data)
@@ -98,7 +98,7 @@ def test_the_saved_adapter_is_standard_lora_with_the_same_outputs(tiny_bert, tmp
     built.eval()
     folded = FED_SB.exportable(built)
     folded.save_pretrained(str(tmp_path / "adapter"))
-    loaded = load_adapter(recipe(tiny_bert, "fed-sb"), tmp_path / "adapter", CPU)
+    loaded = load_adapter(recipe(tiny_bert, "frozen-ab-r"), tmp_path / "adapter", CPU)
     assert not any(kind_of(n) == "R" for n, _ in loaded.named_parameters())
     ids = torch.randint(5, 30, (3, 12))
     mask = torch.ones_like(ids)
@@ -110,8 +110,8 @@ def test_the_saved_adapter_is_standard_lora_with_the_same_outputs(tiny_bert, tmp
 
 
 @pytest.mark.parametrize("level", ["sample", "both"])
-def test_a_fed_sb_federation_is_exact_and_sends_only_r_and_the_head(config, level):
-    run = {**config, "method": "fed-sb", "num-server-rounds": 2, "privacy.level": level}
+def test_a_frozen_ab_r_federation_is_exact_and_sends_only_r_and_the_head(config, level):
+    run = {**config, "method": "frozen-ab-r", "num-server-rounds": 2, "privacy.level": level}
     run_federation(run, 2)
     rows = read_metrics(f"{run['output-dir']}/{run['run-name']}")
     assert [r["round"] for r in rows] == [1, 2]

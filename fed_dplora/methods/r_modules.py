@@ -1,4 +1,4 @@
-"""Fed-SB's torch half: an r x r matrix R between each frozen A and B, and its folding
+"""Frozen-AB-R's torch half: an r x r matrix R between each frozen A and B, and its folding
 into a standard PEFT adapter (A' = R A) for saving. Imported only where a model is built
 (the strategies read a method's rounds without torch)."""
 
