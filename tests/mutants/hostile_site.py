@@ -125,4 +125,19 @@ MUTANTS = [
            SITE_TESTS + "test_the_study_tables_pair_by_seed_and_say_not_shown_where_zero_is_"
            "inside", "experiments/hostile_sites.py",
            '    shown = "" if abs(mean) > half else ", not shown"', '    shown = ""'),
+    mutant("each robust rule paired with the median's runs without the liar",
+           SITE_TESTS + "test_the_evaluation_table_pairs_each_rule_with_its_own_run_without_"
+           "the_liar", "experiments/hostile_sites.py",
+           'results["none"][rule]) for rule in EVALUATION_RULES]',
+           'results["none"][EVALUATION_RULES[0]]) for rule in EVALUATION_RULES]'),
+    mutant("the rules' pooled figures not compared",
+           SITE_TESTS + "test_a_study_whose_rules_disagree_on_the_pooled_figure_stops",
+           "experiments/hostile_sites.py",
+           "            if not math.isclose(one[\"pooled\"], other[\"pooled\"], abs_tol=1e-9):",
+           "            if False:"),
+    mutant("the evaluation table counts its attacks' rounds, not evaluations",
+           (SITE_TESTS + "test_the_guide_shows_the_committed_evaluation_rows",
+            SITE_TESTS + "test_the_evaluation_table_pairs_each_rule_with_its_own_run_without_"
+            "the_liar"), "experiments/hostile_sites.py",
+           "_what_it_did(attack, runs, 'evaluations')", "_what_it_did(attack, runs)"),
 ]
