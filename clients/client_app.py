@@ -291,8 +291,27 @@ def _randomness(config: ConfigRecord, context: Context) -> str:
 
 def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
     placement = runtime.placement(context.node_config)
-    return _local_site().prepare(spec, placement, _site(spec, placement),
-                                 tuple(config[p.LABEL_NAMES]))
+    label_names = tuple(config[p.LABEL_NAMES])
+    if uses_labels(spec.task) and not runtime.in_simulation():
+        _check_declared_labels(context, label_names, _site(spec, placement))
+    return _local_site().prepare(spec, placement, _site(spec, placement), label_names)
+
+
+def _check_declared_labels(context: Context, label_names: tuple[str, ...],
+                           splits: Splits) -> None:
+    """A deployed site's records carry only labels it declared, and a message must name
+    all of them: otherwise whether its data failed to tokenize would tell which labels
+    its records hold. Both refusals depend on no message-chosen record."""
+    declared = set(runtime.declared_labels(context.node_config))
+    held = {label for split in (splits.train, splits.validation, splits.test)
+            if split is not None for label in split.labels}
+    if not held <= declared:
+        raise PublicRefusal("this site's data holds labels its node config does not "
+                            "declare (labels=\"a,b,...\" must list every label it holds)")
+    missing = sorted(declared - set(label_names))
+    if missing:
+        raise PublicRefusal(f"the message's label names leave out {missing}, which this "
+                            "site declares (node config labels): it works only with all of them")
 
 
 def _local_site() -> ModuleType:

@@ -13,7 +13,10 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from flwr.app import Message, RecordDict
 from hostile import (FEDERATION_LABELS, HostileCoordinator, head_bias, site,  # noqa: F401
                      spent_runs, what_it_tells)
 
@@ -25,6 +28,8 @@ from fed_dplora.dp import guards
 from fed_dplora.dp.engine import DpSgdAccumulator
 from fed_dplora.refusals import MAX_ARRAY_ABS, WITHHELD
 from strategies import wire as p
+from strategies.round_config import client_config
+from strategies.wire import to_arrays, to_record
 
 
 def test_a_guard_cannot_be_aimed_at_a_label(monkeypatch, config, site):
@@ -50,6 +55,44 @@ def test_a_guard_cannot_be_aimed_at_a_label(monkeypatch, config, site):
     assert len(told) == 1, told
     assert json.loads(told.pop())[0] == "reply"
 
+
+
+def _train_with_labels(coordinator, names) -> Message:
+    content = RecordDict({p.ARRAYS: to_record(coordinator.global_arrays()),
+                          p.CONFIG: client_config(tuple(names), noise_multiplier=1.0)})
+    return coordinator.send("train", content)
+
+
+def test_label_names_cannot_ask_which_labels_a_sites_records_hold(monkeypatch, config,
+                                                                   site):
+    """A message that leaves out one declared label once failed to tokenize exactly when
+    the site held a record of it (a DataError), and trained otherwise. Now each such
+    message is declined with the same text, whichever label it leaves out (the site
+    declares one label, "unseen", that none of its records has). Mutant killed: the
+    message's label names unchecked against the declared set."""
+    declared = sorted((*FEDERATION_LABELS, "unseen"))
+    site["labels"] = ",".join(declared)
+    coordinator = HostileCoordinator(monkeypatch, site, config)
+    told = set()
+    for left_out in declared:
+        reply = _train_with_labels(coordinator, [x for x in declared if x != left_out])
+        told.add(json.dumps(what_it_tells(reply)).replace(repr(left_out), "LABEL"))
+    assert len(told) == 1, told
+    assert "leave out [LABEL]" in told.pop()
+    assert spent_runs(Path(site["privacy-ledger"])) == 0
+
+
+def test_a_site_holding_an_undeclared_label_declines_whatever_the_message_names(
+        monkeypatch, config, site):
+    """Its records' labels outside its declared set would fail to tokenize only when the
+    message leaves them out: it declines every message alike instead. Mutant killed: the
+    records' labels unchecked against the declared set."""
+    site["labels"] = ",".join(FEDERATION_LABELS[1:])
+    coordinator = HostileCoordinator(monkeypatch, site, config)
+    replies = {json.dumps(what_it_tells(_train_with_labels(coordinator, names)))
+               for names in (FEDERATION_LABELS, FEDERATION_LABELS[1:])}
+    assert len(replies) == 1 and "does not declare" in replies.pop()
+    assert spent_runs(Path(site["privacy-ledger"])) == 0
 
 def test_the_run_config_cannot_choose_a_deployed_sites_split(monkeypatch, config, site):
     """The attack's other half: `seed`, `data.max-records` and
@@ -143,6 +186,32 @@ def test_a_message_with_non_finite_or_huge_tensors_is_declined_before_any_charge
                                    config).evaluate(arrays)
     assert evaluated.has_error() and "PublicRefusal" in evaluated.error.reason
 
+
+
+def test_a_record_with_a_nan_gradient_leaves_the_release_finite(monkeypatch, config, site):
+    """Through the real ClientApp: after the public probe, the first record of every
+    private batch gets a NaN loss, so its per-sample gradient is NaN (clamp(nan) is NaN);
+    the deployed site zeroes it and releases finite tensors. Mutant killed: non-finite
+    per-sample gradients kept."""
+    from fed_dplora.tasks.classification import SequenceClassification
+    honest_loss, honest_probe = SequenceClassification.loss_sum, trainer_module.LocalTrainer.probe
+    probed = []
+
+    def probe(self, *args, **kwargs):
+        honest_probe(self, *args, **kwargs)
+        probed.append(True)
+
+    def poisoned(self, logits, input_ids, mask, labels):
+        first = torch.zeros_like(logits)
+        first[0] = float("nan") if probed else 0.0
+        return honest_loss(self, logits + first, input_ids, mask, labels)
+    monkeypatch.setattr(trainer_module.LocalTrainer, "probe", probe)
+    monkeypatch.setattr(SequenceClassification, "loss_sum", poisoned)
+    reply = HostileCoordinator(monkeypatch, site, config).train(
+        HostileCoordinator(monkeypatch, site, config).global_arrays())
+    assert not reply.has_error() and p.DECLINED not in reply.content[p.CONFIG]
+    released = to_arrays(reply.content[p.ARRAYS])
+    assert released and all(np.isfinite(a).all() for a in released.values())
 
 @pytest.mark.parametrize("key,value", [("privacy.max-grad-norm", float("nan")),
                                        ("privacy.max-grad-norm", float("inf")),

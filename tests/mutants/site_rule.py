@@ -10,6 +10,13 @@ DECLINE = ("    declined = _site_declines(spec, context, plan)\n    if declined:
            "        return _declined(msg, declined)\n")
 
 MUTANTS = [
+    mutant("message label names unchecked against the declared set",
+           RULE + "test_label_names_cannot_ask_which_labels_a_sites_records_hold",
+           APP, "    if missing:\n        raise PublicRefusal(f\"the message's",
+           "    if False:\n        raise PublicRefusal(f\"the message's"),
+    mutant("records' labels unchecked against the declared set",
+           RULE + "test_a_site_holding_an_undeclared_label_declines_whatever_the_message_"
+           "names", APP, "    if not held <= declared:\n", "    if False:\n"),
     mutant("guards raise at a deployed site", RULE + "test_a_guard_cannot_be_aimed_at_a_label",
            APP, "kept, withhold=deployed, stop=stop)",
            "kept, withhold=False, stop=stop)"),
@@ -57,7 +64,8 @@ MUTANTS = [
            "fed_dplora/site/trainer.py", "            if not withhold:\n                raise",
            "            raise"),
     mutant("non-finite per-sample gradients kept",
-           "test_dp_engine.py::test_a_non_finite_per_sample_gradient_is_zeroed_at_a_deployed_site",
+           ("test_dp_engine.py::test_a_non_finite_per_sample_gradient_is_zeroed_at_a_deployed_"
+            "site", RULE + "test_a_record_with_a_nan_gradient_leaves_the_release_finite"),
            "fed_dplora/dp/engine.py",
            "        grad_samples, norms = self._finite(grad_samples, norms)\n", ""),
     mutant("accumulator takes infinite sigma",
