@@ -291,10 +291,10 @@ def _randomness(config: ConfigRecord, context: Context) -> str:
 
 def _prepare(spec: RunSpec, context: Context, config: ConfigRecord):
     placement = runtime.placement(context.node_config)
-    label_names = tuple(config[p.LABEL_NAMES])
+    label_names, splits = tuple(config[p.LABEL_NAMES]), _site(spec, placement)
     if uses_labels(spec.task) and not runtime.in_simulation():
-        _check_declared_labels(context, label_names, _site(spec, placement))
-    return _local_site().prepare(spec, placement, _site(spec, placement), label_names)
+        _check_declared_labels(context, label_names, splits)
+    return _local_site().prepare(spec, placement, splits, label_names)
 
 
 def _check_declared_labels(context: Context, label_names: tuple[str, ...],
