@@ -108,9 +108,8 @@ def cells(sweep: dict[str, Any], folder: Path) -> list[Cell]:
         for values in itertools.product(*(_as_list(k, grid[k]) for k in keys)):
             params = dict(zip(keys, values))
             # a cell's name keeps the method as the study wrote it; its run, the name now
-            config, clients = expand({**params, **({"method": current_name(params["method"])}
-                                                   if "method" in params else {})},
-                                     base, int(sweep.get("clients", 2)))
+            run_params = {k: current_name(v) if k == "method" else v for k, v in params.items()}
+            config, clients = expand(run_params, base, int(sweep.get("clients", 2)))
             name = "__".join(f"{k}={v}" for k, v in sorted(params.items())).replace("/", "-")
             if name in seen:
                 continue

@@ -23,7 +23,7 @@ from test_model_factory import CPU, recipe
 from test_rolora import exchange
 from test_train import data, plan  # noqa: F401 (fixture)
 
-FED_SB = method_for("frozen-ab-r")
+FROZEN_AB_R = method_for("frozen-ab-r")
 
 
 def model(tiny_bert, seed=0):
@@ -61,7 +61,7 @@ def test_the_server_averages_r_exactly_and_refuses_other_frozen_factors(tiny_ber
     B mean(R_i) A = mean(B R_i A) (aggregation error 0); a site whose frozen A or B
     differ (another seed) is rejected by their fingerprint."""
     built = model(tiny_bert)
-    strategy = FfaFedAvg.for_model(built, method=FED_SB, min_available_nodes=0,
+    strategy = FfaFedAvg.for_model(built, method=FROZEN_AB_R, min_available_nodes=0,
                                    node_sampler=lambda rnd, nodes: nodes, sizes={1: 30, 2: 10})
     sent = trainable_arrays(built)
     rng = np.random.default_rng(5)
@@ -96,7 +96,7 @@ def test_the_saved_adapter_is_standard_lora_with_the_same_outputs(tiny_bert, tmp
             if kind_of(name) == "R":
                 param.normal_(0, 0.5)
     built.eval()
-    folded = FED_SB.exportable(built)
+    folded = FROZEN_AB_R.exportable(built)
     folded.save_pretrained(str(tmp_path / "adapter"))
     loaded = load_adapter(recipe(tiny_bert, "frozen-ab-r"), tmp_path / "adapter", CPU)
     assert not any(kind_of(n) == "R" for n, _ in loaded.named_parameters())
