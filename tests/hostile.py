@@ -13,7 +13,7 @@ from helpers import deployed_nodes
 from experiments import hostile_coordinator
 from experiments.hostile_coordinator import (AS_DEPLOYED, FEDERATION_LABELS,  # noqa: F401
                                              head_bias)
-from fed_dplora.site.ledger import SiteLedger, SiteLimits
+from fed_dplora.site.ledger import ROUNDS, SiteLedger, SiteLimits
 from strategies import wire as p
 
 
@@ -36,11 +36,17 @@ def what_it_tells(reply: Message) -> tuple:
             sorted(content.array_records), sorted(content.metric_records))
 
 
-def spent_runs(ledger: Path) -> int:
+def charged_steps(ledger: Path) -> list[int]:
+    """The steps charged to each run of each account of the site's ledger."""
     if not ledger.exists():
-        return 0
-    accounts = SiteLedger(ledger, SiteLimits()).accounts()
-    return sum(len(a["runs"]) for a in accounts.values())
+        return []
+    return [sum(n for key, n in counts.items() if key != ROUNDS)
+            for account in SiteLedger(ledger, SiteLimits()).accounts().values()
+            for counts in account["runs"].values()]
+
+
+def spent_runs(ledger: Path) -> int:
+    return len(charged_steps(ledger))
 
 
 @pytest.fixture()

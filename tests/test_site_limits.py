@@ -17,10 +17,11 @@ import dp_accounting as dpa
 import huggingface_hub.constants
 import pytest
 from flwr.app import RecordDict
-from hostile import HostileCoordinator, site, spent_runs  # noqa: F401
+from helpers import Crash
+from hostile import HostileCoordinator, charged_steps, site, spent_runs  # noqa: F401
 
 import fed_dplora.site.ledger as ledger_module
-from clients import bundle_check, runtime, site_runner
+from clients import bundle_check, client_app, local_site, runtime, site_runner
 from clients.bundle_check import BundleRefused, check_bundle
 from fed_dplora.config.specs import DEFAULT_MODEL
 from fed_dplora.data.site import DataSource
@@ -165,6 +166,33 @@ def test_a_round_that_fails_before_its_first_step_is_not_charged(monkeypatch, co
     off_list = HostileCoordinator(monkeypatch, {**site, "models": DEFAULT_MODEL}, config)
     assert "allow-list" in declined(off_list.train(coordinator.global_arrays()))
     assert spent_runs(Path(site["privacy-ledger"])) == 0
+
+
+# Where the site's process dies in a round, and whether its charge was written by then.
+SITE_CRASHES = [(local_site, "prepare", False),  # model built, data being tokenized
+                (LocalTrainer, "probe", False),  # the public probe's wiring checks
+                (LocalTrainer, "_apply", True),  # the first noised step applied
+                (client_app, "to_record", True)]  # the release being packed
+
+
+@pytest.mark.parametrize("owner, name, charged", SITE_CRASHES,
+                         ids=[name for _, name, _ in SITE_CRASHES])
+def test_a_site_killed_mid_round_has_charged_exactly_what_it_could_have_released(
+        monkeypatch, config, site, owner, name, charged):
+    """The write-ahead charge: nothing before the first noised step, the whole round
+    from it on, on disk whatever dies after. Mutants killed: the charge made before
+    the data is prepared (the first two points), the charge made after training
+    (the first noised step)."""
+    coordinator = HostileCoordinator(monkeypatch, site, config)
+    arrays = coordinator.global_arrays()
+
+    def killed(*args, **kwargs):
+        raise Crash(name)
+    monkeypatch.setattr(owner, name, killed)
+    with pytest.raises(Crash):
+        coordinator.train(arrays)
+    assert charged_steps(Path(site["privacy-ledger"])) == (
+        [config["local-steps"]] if charged else [])
 
 
 @pytest.mark.parametrize("name", ["/etc", "/no/such/folder", "bert-base-uncased"])

@@ -6,6 +6,7 @@ from .mutant import mutant
 LIMITS = "test_site_limits.py::"
 APP = "clients/client_app.py"
 LEDGER = "fed_dplora/site/ledger.py"
+KILLED = "test_a_site_killed_mid_round_has_charged_exactly_what_it_could_have_released"
 
 MUTANTS = [
     mutant("no floor under weak noise",
@@ -35,7 +36,8 @@ MUTANTS = [
     mutant("rounds uncounted", LIMITS + "test_a_run_past_the_sites_max_rounds_is_declined",
            LEDGER, "if limit is not None and counts[ROUNDS] > limit:", "if False:"),
     mutant("charged before the data is prepared",
-           LIMITS + "test_a_round_that_fails_before_its_first_step_is_not_charged",
+           (LIMITS + "test_a_round_that_fails_before_its_first_step_is_not_charged",
+            LIMITS + KILLED + "[prepare]", LIMITS + KILLED + "[probe]"),
            APP, "    trainer, (train_data, _, _) = _prepare(spec, context, config)\n",
            "    _site_declines(spec, context, plan)\n"
            "    trainer, (train_data, _, _) = _prepare(spec, context, config)\n"),
@@ -60,4 +62,12 @@ MUTANTS = [
     mutant("the unnoised floor raised to real noise",
            LIMITS + "test_the_unnoised_floor_is_a_weak_guarantee",
            "fed_dplora/site/limits.py", "UNNOISED_BELOW = 0.3", "UNNOISED_BELOW = 1.0"),
+    mutant("charged after training", LIMITS + KILLED + "[_apply]",
+           APP, "    declined = _site_declines(spec, context, plan)\n"
+           "    if declined:\n        return _declined(msg, declined)\n"
+           "    arrays, report = trainer.train(sent, plan, train_data, kept, withhold=deployed, "
+           "stop=stop)\n",
+           "    arrays, report = trainer.train(sent, plan, train_data, kept, withhold=deployed, "
+           "stop=stop)\n    declined = _site_declines(spec, context, plan)\n"
+           "    if declined:\n        return _declined(msg, declined)\n"),
 ]
