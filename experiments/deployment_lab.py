@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +30,11 @@ from fed_dplora.ops.trial_certs import write_trial_certs
 
 SITES = ("site-a", "site-b")
 LAB_PORT = 9093  # in namespaces every party has its own ports
+RUN_TIMEOUT_S = 900
+STREAM_GRACE_S = 60  # flwr 1.42's log stream may outlive its run: closed this long after
+POLL_S = 10  # between checks of a run's status (each one a `flwr ls`)
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
+log = logging.getLogger(__name__)
 
 
 def write_site_csv(path: Path, site: int, records: int = 150) -> Path:
@@ -142,13 +149,48 @@ class Deployment:
         return sum(node.get("status") == "online" for node in json.loads(out)["nodes"])
 
     def run(self, config: str, app: Path = REPO) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(self.command(COORDINATOR, "flwr", "run", str(app),
-                                               "hospitals", "--stream", "--run-config", config),
-                                  env=self.env, cwd=self.tmp, capture_output=True, text=True,
-                                  timeout=900)
-        except subprocess.TimeoutExpired as hung:
-            raise TimeoutError(f"flwr run did not end in 900 s; {self.ended_runners()}") from hung
+        """`flwr run --stream` until its run ends (stdout and stderr as one `stdout`). The
+        run's status decides, not the stream: a stream still open `STREAM_GRACE_S` after
+        `flwr ls` shows its run finished is closed (logged); a run unfinished after
+        `RUN_TIMEOUT_S` raises with the end of every log."""
+        out = self.tmp / f"flwr-run-{time.monotonic_ns()}.log"
+        with out.open("w") as sink:
+            process = subprocess.Popen(
+                self.command(COORDINATOR, "flwr", "run", str(app), "hospitals", "--stream",
+                             "--run-config", config),
+                env=self.env, cwd=self.tmp, stdout=sink, stderr=subprocess.STDOUT, text=True)
+            try:
+                self._await_run(process, out)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=30)
+        return subprocess.CompletedProcess(process.args, process.returncode,
+                                           out.read_text(), "")
+
+    def _await_run(self, process: subprocess.Popen, out: Path) -> None:
+        deadline, finished_at = time.monotonic() + RUN_TIMEOUT_S, None
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flwr run did not end in {RUN_TIMEOUT_S} s; "
+                                   f"{self.ended_runners()}\n{self.log_tails(out)}")
+            started = STARTED_RUN.search(out.read_text())
+            if started and self.status(started.group(1)).startswith("finished"):
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at > STREAM_GRACE_S:
+                    log.warning("run %s finished %g s ago, its log stream still open: "
+                                "closed", started.group(1), STREAM_GRACE_S)
+                    return
+            time.sleep(POLL_S)
+
+    def log_tails(self, out: Path) -> str:
+        """What a hung run leaves to read: the end of its streamed output, its status,
+        and the end of each process's log (SuperLink, SuperNodes, site runners)."""
+        tails = [f"--- flwr run --stream (runs: {self.statuses()})\n"
+                 f"{out.read_text()[-3000:]}"]
+        tails += [f"--- {name}.log\n{self.log(name)[-1500:]}" for name in self.processes
+                  if (self.tmp / f"{name}.log").exists()]
+        return "\n".join(tails)
 
     def ended_runners(self) -> str:
         """Which site runners have exited (a SuperNode without one waits for ever on its
@@ -161,6 +203,11 @@ class Deployment:
     def statuses(self) -> list[str]:
         out = self.cli("ls", "hospitals", "--format", "json").stdout
         return [run["status"] for run in json.loads(out)["runs"]]
+
+    def status(self, run_id: str) -> str:
+        out = self.cli("ls", "hospitals", "--format", "json").stdout
+        return next((run["status"] for run in json.loads(out)["runs"]
+                     if run["run-id"] == run_id), "")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(COORDINATOR, "flwr", *args), env=self.env,
