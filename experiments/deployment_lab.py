@@ -201,13 +201,14 @@ class Deployment:
             f"\n--- {name}.log\n{self.log(name)[-2000:]}" for name in ended)
 
     def statuses(self) -> list[str]:
-        out = self.cli("ls", "hospitals", "--format", "json").stdout
-        return [run["status"] for run in json.loads(out)["runs"]]
+        return [run["status"] for run in self.runs()]
 
     def status(self, run_id: str) -> str:
-        out = self.cli("ls", "hospitals", "--format", "json").stdout
-        return next((run["status"] for run in json.loads(out)["runs"]
-                     if run["run-id"] == run_id), "")
+        return next((run["status"] for run in self.runs() if run["run-id"] == run_id), "")
+
+    def runs(self) -> list[dict]:
+        """The SuperLink's runs, as `flwr ls --format json` lists them."""
+        return json.loads(self.cli("ls", "hospitals", "--format", "json").stdout)["runs"]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(COORDINATOR, "flwr", *args), env=self.env,
