@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from helpers import deployed_nodes
 
 from experiments import hostile_coordinator
@@ -15,6 +15,8 @@ from experiments.hostile_coordinator import (AS_DEPLOYED, FEDERATION_LABELS,  # 
                                              head_bias)
 from fed_dplora.site.ledger import ROUNDS, SiteLedger, SiteLimits
 from strategies import wire as p
+from strategies.round_config import client_config
+from strategies.wire import to_record
 
 
 class HostileCoordinator(hostile_coordinator.HostileCoordinator):
@@ -34,6 +36,14 @@ def what_it_tells(reply: Message) -> tuple:
     content = reply.content
     return ("reply", content.config_records.get(p.CONFIG, {}).get(p.DECLINED),
             sorted(content.array_records), sorted(content.metric_records))
+
+
+def train_with_labels(coordinator: HostileCoordinator, names) -> Message:
+    """A train message of the coordinator's global tensors that names `names` as the
+    federation's labels (sigma 1)."""
+    content = RecordDict({p.ARRAYS: to_record(coordinator.global_arrays()),
+                          p.CONFIG: client_config(tuple(names), noise_multiplier=1.0)})
+    return coordinator.send("train", content)
 
 
 def charged_steps(ledger: Path) -> list[int]:

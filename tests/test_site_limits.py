@@ -16,9 +16,9 @@ from pathlib import Path
 import dp_accounting as dpa
 import huggingface_hub.constants
 import pytest
-from flwr.app import RecordDict
 from helpers import Crash
-from hostile import HostileCoordinator, charged_steps, site, spent_runs  # noqa: F401
+from hostile import (HostileCoordinator, charged_steps, site,  # noqa: F401
+                     spent_runs, train_with_labels)
 
 import fed_dplora.site.ledger as ledger_module
 from clients import bundle_check, client_app, local_site, runtime, site_runner
@@ -29,8 +29,6 @@ from fed_dplora.site.ledger import RoundAsk, SiteDeclines, SiteLedger
 from fed_dplora.site.limits import MAX_ACCOUNT_EVENTS, UNNOISED_BELOW, SiteLimits
 from fed_dplora.site.trainer import LocalTrainer
 from strategies import wire as p
-from strategies.round_config import client_config
-from strategies.wire import to_record
 
 SOURCE = DataSource("a" * 64, 300, "notes.csv")
 
@@ -160,9 +158,7 @@ def test_a_round_that_fails_before_its_first_step_is_not_charged(monkeypatch, co
     prepared); a model off the allow-list. Mutant killed: the charge made before the
     model and data are ready."""
     coordinator = HostileCoordinator(monkeypatch, site, config)
-    content = RecordDict({p.ARRAYS: to_record(coordinator.global_arrays()),
-                          p.CONFIG: client_config(("nope", "none"), noise_multiplier=1.0)})
-    assert "leave out" in declined(coordinator.send("train", content))
+    assert "leave out" in declined(train_with_labels(coordinator, ("nope", "none")))
     off_list = HostileCoordinator(monkeypatch, {**site, "models": DEFAULT_MODEL}, config)
     assert "allow-list" in declined(off_list.train(coordinator.global_arrays()))
     assert spent_runs(Path(site["privacy-ledger"])) == 0

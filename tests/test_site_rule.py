@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
 from hostile import (FEDERATION_LABELS, HostileCoordinator, head_bias, site,  # noqa: F401
-                     spent_runs, what_it_tells)
+                     spent_runs, train_with_labels, what_it_tells)
 
 import fed_dplora.site.trainer as trainer_module
 from clients import runtime
@@ -28,8 +27,7 @@ from fed_dplora.dp import guards
 from fed_dplora.dp.engine import DpSgdAccumulator
 from fed_dplora.refusals import MAX_ARRAY_ABS, WITHHELD
 from strategies import wire as p
-from strategies.round_config import client_config
-from strategies.wire import to_arrays, to_record
+from strategies.wire import to_arrays
 
 
 def test_a_guard_cannot_be_aimed_at_a_label(monkeypatch, config, site):
@@ -57,12 +55,6 @@ def test_a_guard_cannot_be_aimed_at_a_label(monkeypatch, config, site):
 
 
 
-def _train_with_labels(coordinator, names) -> Message:
-    content = RecordDict({p.ARRAYS: to_record(coordinator.global_arrays()),
-                          p.CONFIG: client_config(tuple(names), noise_multiplier=1.0)})
-    return coordinator.send("train", content)
-
-
 def test_label_names_cannot_ask_which_labels_a_sites_records_hold(monkeypatch, config,
                                                                    site):
     """A message that leaves out one declared label once failed to tokenize exactly when
@@ -75,7 +67,7 @@ def test_label_names_cannot_ask_which_labels_a_sites_records_hold(monkeypatch, c
     coordinator = HostileCoordinator(monkeypatch, site, config)
     told = set()
     for left_out in declared:
-        reply = _train_with_labels(coordinator, [x for x in declared if x != left_out])
+        reply = train_with_labels(coordinator, [x for x in declared if x != left_out])
         told.add(json.dumps(what_it_tells(reply)).replace(repr(left_out), "LABEL"))
     assert len(told) == 1, told
     assert "leave out [LABEL]" in told.pop()
@@ -89,10 +81,11 @@ def test_a_site_holding_an_undeclared_label_declines_whatever_the_message_names(
     records' labels unchecked against the declared set."""
     site["labels"] = ",".join(FEDERATION_LABELS[1:])
     coordinator = HostileCoordinator(monkeypatch, site, config)
-    replies = {json.dumps(what_it_tells(_train_with_labels(coordinator, names)))
+    replies = {json.dumps(what_it_tells(train_with_labels(coordinator, names)))
                for names in (FEDERATION_LABELS, FEDERATION_LABELS[1:])}
     assert len(replies) == 1 and "does not declare" in replies.pop()
     assert spent_runs(Path(site["privacy-ledger"])) == 0
+
 
 def test_the_run_config_cannot_choose_a_deployed_sites_split(monkeypatch, config, site):
     """The attack's other half: `seed`, `data.max-records` and
@@ -187,7 +180,6 @@ def test_a_message_with_non_finite_or_huge_tensors_is_declined_before_any_charge
     assert evaluated.has_error() and "PublicRefusal" in evaluated.error.reason
 
 
-
 def test_a_record_with_a_nan_gradient_leaves_the_release_finite(monkeypatch, config, site):
     """Through the real ClientApp: after the public probe, the first record of every
     private batch gets a NaN loss, so its per-sample gradient is NaN (clamp(nan) is NaN);
@@ -207,11 +199,12 @@ def test_a_record_with_a_nan_gradient_leaves_the_release_finite(monkeypatch, con
         return honest_loss(self, logits + first, input_ids, mask, labels)
     monkeypatch.setattr(trainer_module.LocalTrainer, "probe", probe)
     monkeypatch.setattr(SequenceClassification, "loss_sum", poisoned)
-    reply = HostileCoordinator(monkeypatch, site, config).train(
-        HostileCoordinator(monkeypatch, site, config).global_arrays())
+    coordinator = HostileCoordinator(monkeypatch, site, config)
+    reply = coordinator.train(coordinator.global_arrays())
     assert not reply.has_error() and p.DECLINED not in reply.content[p.CONFIG]
     released = to_arrays(reply.content[p.ARRAYS])
     assert released and all(np.isfinite(a).all() for a in released.values())
+
 
 @pytest.mark.parametrize("key,value", [("privacy.max-grad-norm", float("nan")),
                                        ("privacy.max-grad-norm", float("inf")),
